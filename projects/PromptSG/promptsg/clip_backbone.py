@@ -1,0 +1,188 @@
+"""CLIP's visual encoder as a FastReID backbone (PromptSG Sec. 4, CLIP-ReID style).
+
+`CLIPVisualBackbone` runs an open_clip visual tower (VisionTransformer or ModifiedResNet) and
+returns, besides CLIP's global image embedding v, the patch embeddings in the same joint space
+(keys/values of PromptSG's multimodal interaction module) and the three global states the
+triplet loss uses.
+"""
+from typing import List, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from fastreid.modeling.backbones import BACKBONE_REGISTRY
+from open_clip.modified_resnet import ModifiedResNet
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+from .clip_weights import create_clip_model, set_visual_resolution
+
+
+class CLIPVisualOutput(NamedTuple):
+    """What the visual encoder gives PromptSG.
+
+    embedding: (B, E) global image embedding v in CLIP's joint space (= CLIP encode_image).
+    tokens: (B, M, E) one embedding per spatial position, in the same joint space.
+    states: three global states for the triplet loss, as CLIP-ReID's [x11, x12, proj]:
+        ViT: [CLS after the second-to-last block (B, C), ln_post(CLS) (B, C), embedding (B, E)];
+        RN:  [GAP of layer3 (B, C/2), GAP of layer4 (B, C), embedding (B, E)].
+    """
+    embedding: torch.Tensor
+    tokens: torch.Tensor
+    states: List[torch.Tensor]
+
+
+class CLIPVisualBackbone(nn.Module):
+    """open_clip visual tower at a re-ID resolution, with overlapping patches and SIE.
+
+    Args:
+        visual: open_clip VisionTransformer or ModifiedResNet; modified in place (patch stride,
+            positional-embedding grid) and owned by this module from then on.
+        image_size: (H, W) of the input images.
+        stride: ViT patch stride; None = patch size, smaller = overlapping patches (CLIP-ReID).
+            ModifiedResNet has a fixed output stride of 32 and ignores it.
+        num_cameras: > 0 adds SIE, a learnable per-camera embedding added to the CLS token
+            (ViT only).
+        sie_coe: scale of the SIE camera embedding.
+
+    Attributes:
+        out_dim: E, CLIP's joint embedding width.
+        width: C, the transformer width (ViT) or the last-stage channels (RN).
+    """
+
+    def __init__(
+        self,
+        visual: nn.Module,
+        image_size: Sequence[int] = (256, 128),
+        stride: Optional[int] = None,
+        num_cameras: int = 0,
+        sie_coe: float = 1.0,
+    ):
+        super().__init__()
+        self.is_vit = isinstance(visual, VisionTransformer)
+        if self.is_vit:
+            _check_standard_vit(visual)
+            self.width = visual.transformer.width
+        elif isinstance(visual, ModifiedResNet):
+            self.width = visual.attnpool.k_proj.in_features
+        else:
+            raise TypeError(
+                f"Expected an open_clip VisionTransformer or ModifiedResNet, got {type(visual).__name__}"
+            )
+        set_visual_resolution(visual, image_size, stride)
+        self.visual = visual
+        self.out_dim = visual.output_dim
+
+        if num_cameras > 0:
+            if not self.is_vit:
+                raise ValueError("SIE (MODEL.CLIP.SIE_CAMERA) needs a ViT visual tower, not ModifiedResNet")
+            self.sie_embed = nn.Parameter(torch.zeros(num_cameras, self.width))  # (N_cam, C)
+            nn.init.trunc_normal_(self.sie_embed, std=0.02)
+        else:
+            self.sie_embed = None
+        self.sie_coe = sie_coe
+
+    def forward(self, images: torch.Tensor, camids: Optional[torch.Tensor] = None) -> CLIPVisualOutput:
+        """images: (B, 3, H, W) normalized; camids: (B,) long, needed with SIE."""
+        if self.is_vit:
+            return self._forward_vit(images, camids)
+        return self._forward_resnet(images)
+
+    def _forward_vit(self, images: torch.Tensor, camids: Optional[torch.Tensor]) -> CLIPVisualOutput:
+        visual = self.visual
+        x = visual.conv1(images)  # (B, C, gh, gw)
+        x = x.flatten(2).transpose(1, 2)  # (B, M, C)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, C)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # (B, 1 + M, C)
+        if self.sie_embed is not None:
+            if camids is None:
+                raise ValueError("SIE is on: CLIPVisualBackbone.forward needs camids")
+            camera = self.sie_coe * self.sie_embed[camids].to(x.dtype)  # (B, C)
+            x = torch.cat([x[:, :1] + camera[:, None], x[:, 1:]], dim=1)
+        x = visual.ln_pre(x)
+
+        num_blocks = len(visual.transformer.resblocks)
+        x, (x_prev,) = visual.transformer.forward_intermediates(x, indices=[num_blocks - 2])
+        x = visual.ln_post(x)  # (B, 1 + M, C)
+        embedding = x[:, 0] @ visual.proj  # (B, E)
+        tokens = x[:, 1:] @ visual.proj  # (B, M, E)
+        return CLIPVisualOutput(embedding, tokens, [x_prev[:, 0], x[:, 0], embedding])
+
+    def _forward_resnet(self, images: torch.Tensor) -> CLIPVisualOutput:
+        visual = self.visual
+        x = visual.layer2(visual.layer1(visual.stem(images)))
+        x3 = visual.layer3(x)  # (B, C/2, 2h, 2w)
+        x4 = visual.layer4(x3)  # (B, C, h, w)
+        pooled = _attnpool_every_position(visual.attnpool, x4)  # (1 + h*w, B, E)
+        embedding = pooled[0]  # (B, E), the mean-token query: CLIP's image embedding
+        tokens = pooled[1:].transpose(0, 1)  # (B, h*w, E)
+        return CLIPVisualOutput(embedding, tokens, [x3.mean((2, 3)), x4.mean((2, 3)), embedding])
+
+
+def _attnpool_every_position(attnpool: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip's AttentionPool2d with every position as a query: (B, C, h, w) -> (1 + h*w, B, E).
+
+    Row 0 (the mean-token query) is exactly AttentionPool2d's output; row 1 + i is position i
+    pooled with the same q/k/v/c_proj weights, so it lies in the same joint space.
+    """
+    x = x.flatten(2).permute(2, 0, 1)  # (h*w, B, C)
+    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)  # (1 + h*w, B, C)
+    x = x + attnpool.positional_embedding[:, None, :].to(x.dtype)
+    out, _ = F.multi_head_attention_forward(
+        query=x, key=x, value=x,
+        embed_dim_to_check=x.shape[-1],
+        num_heads=attnpool.num_heads,
+        q_proj_weight=attnpool.q_proj.weight,
+        k_proj_weight=attnpool.k_proj.weight,
+        v_proj_weight=attnpool.v_proj.weight,
+        in_proj_weight=None,
+        in_proj_bias=torch.cat([attnpool.q_proj.bias, attnpool.k_proj.bias, attnpool.v_proj.bias]),
+        bias_k=None,
+        bias_v=None,
+        add_zero_attn=False,
+        dropout_p=0.0,
+        out_proj_weight=attnpool.c_proj.weight,
+        out_proj_bias=attnpool.c_proj.bias,
+        use_separate_proj_weight=True,
+        training=attnpool.training,
+        need_weights=False,
+    )
+    return out
+
+
+def _check_standard_vit(visual: VisionTransformer) -> None:
+    """The wrapper follows the OpenAI CLIP ViT layout: CLS pooling after ln_post, then proj."""
+    standard = (
+        visual.attn_pool is None
+        and visual.pool_type == "tok"
+        and not visual.final_ln_after_pool
+        and visual.proj is not None
+        and isinstance(visual.patch_dropout, nn.Identity)
+        and len(visual.transformer.resblocks) >= 2
+    )
+    if not standard:
+        raise ValueError(
+            "CLIPVisualBackbone supports OpenAI-style CLIP ViTs only (CLS-token pooling, ln_post, "
+            "proj, no attentional pooler or patch dropout, at least 2 blocks)"
+        )
+
+
+@BACKBONE_REGISTRY.register()
+def build_clip_backbone(cfg, clip_model=None):
+    """CLIP visual backbone from cfg.MODEL.CLIP.* and cfg.INPUT.SIZE_TRAIN.
+
+    clip_model: the open_clip CLIP whose visual tower to wrap (the meta-architecture passes
+    the model whose text tower it uses); None creates one from MODEL.CLIP.NAME / PRETRAINED.
+    """
+    clip_cfg = cfg.MODEL.CLIP
+    image_size = tuple(cfg.INPUT.SIZE_TRAIN)
+    if clip_cfg.SIE_CAMERA and clip_cfg.NUM_CAMERAS <= 0:
+        raise ValueError("MODEL.CLIP.SIE_CAMERA needs MODEL.CLIP.NUM_CAMERAS > 0 (set it from the training set)")
+    if clip_model is None:
+        clip_model = create_clip_model(clip_cfg.NAME, clip_cfg.PRETRAINED, image_size, clip_cfg.STRIDE)
+    return CLIPVisualBackbone(
+        clip_model.visual,
+        image_size=image_size,
+        stride=clip_cfg.STRIDE,
+        num_cameras=clip_cfg.NUM_CAMERAS if clip_cfg.SIE_CAMERA else 0,
+        sie_coe=clip_cfg.SIE_COE,
+    )

@@ -1,0 +1,385 @@
+"""Compatibility patches for the PyPI ``fastreid==1.4.0`` wheel on Python 3.11, torch 2.x, NumPy 2.
+
+The wheel targets Python <= 3.9 and torch 1.13. This module applies one small, named patch per
+breakage listed in ``shared/REFERENCE.md`` section 4 that affects this project, and nothing else.
+``import promptsg`` applies them before any FastReID module is imported; every patch is idempotent
+and has a regression test in ``tests/test_compat.py`` that fails without it.
+
+Breakages that need no patch on our stack:
+  * ``np.bool`` (evaluation/rank.py): NumPy >= 2.0 defines ``np.bool`` again; requirements pin NumPy 2.
+  * upstream ``tools/`` and ``demo/`` scripts: not in the wheel; this project ships its own tools.
+"""
+import collections
+import collections.abc
+import logging
+import os
+import subprocess
+import sys
+import time
+import types
+import warnings
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+APPLIED = []  # names of the patches applied in this process, in order
+
+
+def _patch(fn):
+    """Register ``fn`` as a patch; ``apply_all`` runs each one once."""
+    fn.patch_name = fn.__name__.lstrip("_")
+    _PATCHES.append(fn)
+    return fn
+
+
+_PATCHES = []
+
+
+# --------------------------------------------------------------------------------------------
+# 1-2. Import failures: ``from collections import Mapping`` and ``from torch._six import string_classes``
+# --------------------------------------------------------------------------------------------
+@_patch
+def _import_aliases():
+    """Restore the two names FastReID imports that no longer exist (Python 3.10+, torch 2.x)."""
+    if not hasattr(collections, "Mapping"):
+        collections.Mapping = collections.abc.Mapping
+    if "torch._six" not in sys.modules:
+        six = types.ModuleType("torch._six")
+        six.string_classes = (str, bytes)
+        sys.modules["torch._six"] = six
+
+
+# --------------------------------------------------------------------------------------------
+# 4. SILENT: ContiguousParams + torch 2.x zero_grad(set_to_none=True) -> optimizer never steps
+# --------------------------------------------------------------------------------------------
+@_patch
+def _optimizer_not_contiguous():
+    """Build optimizers over the real parameters, never over ContiguousParams' flat buffers.
+
+    torch 2.x's ``zero_grad()`` sets gradients to None, which detaches the parameters from the
+    flat gradient buffer that ContiguousParams hands to the optimizer: the loss is computed and
+    back-propagated but no weight ever changes, with no error.
+    """
+    import fastreid.engine.defaults as defaults
+    import fastreid.solver as solver
+    import fastreid.solver.build as solver_build
+
+    original = solver_build.build_optimizer
+    if getattr(original, "_promptsg_patched", False):
+        return
+
+    def build_optimizer(cfg, model, contiguous=False):
+        return original(cfg, model, contiguous=False)
+
+    build_optimizer._promptsg_patched = True
+    build_optimizer.__doc__ = original.__doc__
+    for module in (solver_build, solver, defaults):
+        module.build_optimizer = build_optimizer
+
+
+# --------------------------------------------------------------------------------------------
+# 5. T.RandomAffine(resample=..., fillcolor=...) raises TypeError on torchvision >= 0.13
+# --------------------------------------------------------------------------------------------
+class _RandomAffine(__import__("torchvision").transforms.RandomAffine):
+    """torchvision's RandomAffine accepting FastReID's removed keywords (resample, fillcolor)."""
+
+    def __init__(self, *args, resample=None, fillcolor=None, **kwargs):
+        if fillcolor is not None:
+            kwargs.setdefault("fill", fillcolor)
+        # resample=False meant nearest-neighbour, torchvision's default interpolation.
+        super().__init__(*args, **kwargs)
+
+
+@_patch
+def _random_affine_keywords():
+    import torchvision.transforms as T
+    import fastreid.data.transforms.build as transforms_build
+
+    if isinstance(transforms_build.T, types.ModuleType):
+        namespace = types.SimpleNamespace(**{k: getattr(T, k) for k in dir(T) if not k.startswith("__")})
+        namespace.RandomAffine = _RandomAffine
+        transforms_build.T = namespace
+
+
+# --------------------------------------------------------------------------------------------
+# 8a. DataLoaderX creates a CUDA stream and moves batches with CUDA calls: fails on CPU
+# --------------------------------------------------------------------------------------------
+@_patch
+def _cpu_data_loader():
+    """Without CUDA, FastReID's loaders become plain ``torch.utils.data.DataLoader``s.
+
+    With CUDA, DataLoaderX (background prefetch thread + copy stream) is kept unchanged.
+    """
+    import fastreid.data.build as data_build
+    from fastreid.data import data_utils
+
+    if getattr(data_build.DataLoaderX, "_promptsg_patched", False):
+        return
+    original = data_utils.DataLoaderX
+
+    class DataLoaderX(original):
+        _promptsg_patched = True
+
+        def __init__(self, local_rank, **kwargs):
+            self._cuda = torch.cuda.is_available()
+            if self._cuda:
+                super().__init__(local_rank, **kwargs)
+                return
+            kwargs["pin_memory"] = False
+            if kwargs.get("num_workers", 0) > 0:
+                kwargs.setdefault("persistent_workers", True)
+            torch.utils.data.DataLoader.__init__(self, **kwargs)
+            self.local_rank = local_rank
+
+        def __iter__(self):
+            if self._cuda:
+                return super().__iter__()
+            return torch.utils.data.DataLoader.__iter__(self)
+
+        def _shutdown_background_thread(self):
+            if self._cuda and hasattr(self, "iter"):
+                super()._shutdown_background_thread()
+
+    data_build.DataLoaderX = DataLoaderX
+
+
+# --------------------------------------------------------------------------------------------
+# 6. ReidEvaluator compiles the Cython ranker inside site-packages and sys.exit(1)s on failure
+# --------------------------------------------------------------------------------------------
+def build_cython_ranker(quiet=True):
+    """Compile FastReID's Cython rank evaluator in place. Returns True on success.
+
+    Runs ``setup.py build_ext --inplace`` with this interpreter (FastReID's Makefile calls
+    whatever ``python3`` is on PATH). Never exits the process: on failure FastReID's pure
+    Python ranker, which gives the same numbers more slowly, is used.
+    """
+    import fastreid.evaluation.rank as rank
+
+    if rank.IS_CYTHON_AVAI:
+        return True
+    from fastreid.evaluation import rank_cylib
+
+    path = os.path.dirname(os.path.abspath(rank_cylib.__file__))
+    try:
+        result = subprocess.run(
+            [sys.executable, "setup.py", "build_ext", "--inplace"],
+            cwd=path, capture_output=quiet, text=True, timeout=600,
+        )
+        ok = result.returncode == 0
+    except (OSError, subprocess.SubprocessError) as exc:
+        ok, result = False, exc
+    if ok:
+        try:
+            from fastreid.evaluation.rank_cylib.rank_cy import evaluate_cy
+        except ImportError as exc:
+            ok, result = False, exc
+    if not ok:
+        detail = getattr(result, "stderr", None) or str(result)
+        warnings.warn(
+            "FastReID's Cython ranker could not be built in {} ({}); using the Python ranker "
+            "(same numbers, slower).".format(path, detail.strip().splitlines()[-1] if detail.strip() else "?")
+        )
+        return False
+    rank.evaluate_cy = evaluate_cy
+    rank.IS_CYTHON_AVAI = True
+    return True
+
+
+@_patch
+def _evaluator_never_exits():
+    import fastreid.evaluation.reid_evaluation as reid_evaluation
+    import fastreid.evaluation.rank_cylib as rank_cylib
+
+    def compile_helper():
+        build_cython_ranker()
+
+    reid_evaluation.compile_helper = compile_helper
+    rank_cylib.compile_helper = compile_helper
+
+    try:  # built at set-up time ("make setup"): pick it up even if rank.py was imported first
+        import fastreid.evaluation.rank as rank
+        from fastreid.evaluation.rank_cylib.rank_cy import evaluate_cy
+
+        rank.evaluate_cy, rank.IS_CYTHON_AVAI = evaluate_cy, True
+    except ImportError:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Re-ranking calls features.cuda() and faiss GPU resources
+# --------------------------------------------------------------------------------------------
+@_patch
+def _rerank_on_cpu():
+    """k-reciprocal re-ranking searches with faiss on the CPU when there is no GPU for faiss."""
+    import faiss
+    import fastreid.utils.compute_dist as compute_dist
+
+    original = compute_dist.compute_jaccard_distance
+    if getattr(original, "_promptsg_patched", False):
+        return
+
+    def compute_jaccard_distance(features, k1=20, k2=6, search_option=0, fp16=False):
+        if search_option < 3 and not (torch.cuda.is_available() and faiss.get_num_gpus() > 0):
+            search_option = 3
+        return original(features, k1=k1, k2=k2, search_option=search_option, fp16=fp16)
+
+    compute_jaccard_distance._promptsg_patched = True
+    compute_dist.compute_jaccard_distance = compute_jaccard_distance
+
+
+# --------------------------------------------------------------------------------------------
+# 8b. AMPTrainer asserts CUDA (and only knows fp16 + GradScaler)
+# --------------------------------------------------------------------------------------------
+@_patch
+def _amp_where_it_runs():
+    """SOLVER.AMP.ENABLED trains with autocast on CUDA (bf16 where supported, else fp16 with a
+    GradScaler) and falls back to fp32 with a warning where there is no CUDA."""
+    import fastreid.engine.defaults as defaults
+    from fastreid.engine.train_loop import SimpleTrainer
+
+    if getattr(defaults.AMPTrainer, "_promptsg_patched", False):
+        return
+
+    class AMPTrainer(SimpleTrainer):
+        _promptsg_patched = True
+
+        def __init__(self, model, data_loader, optimizer, param_wrapper, grad_scaler=None):
+            super().__init__(model, data_loader, optimizer, param_wrapper)
+            self.dtype = None
+            if not torch.cuda.is_available():
+                logger.warning("SOLVER.AMP.ENABLED but CUDA is not available: training in float32.")
+            elif torch.cuda.is_bf16_supported():
+                self.dtype = torch.bfloat16
+            else:
+                self.dtype = torch.float16
+            use_scaler = self.dtype == torch.float16
+            self.grad_scaler = grad_scaler or torch.amp.GradScaler("cuda", enabled=use_scaler)
+
+        def run_step(self):
+            if self.dtype is None:
+                return super().run_step()
+            assert self.model.training, "[AMPTrainer] model was changed to eval mode!"
+            t0 = time.perf_counter()
+            data = next(self._data_loader_iter)
+            data_time = time.perf_counter() - t0
+            with torch.autocast("cuda", dtype=self.dtype):
+                loss_dict = self.model(data)
+                losses = sum(loss_dict.values())
+            self.optimizer.zero_grad(set_to_none=True)
+            self.grad_scaler.scale(losses).backward()
+            self._write_metrics(loss_dict, data_time)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+
+    defaults.AMPTrainer = AMPTrainer
+
+
+# --------------------------------------------------------------------------------------------
+# 8c. launch() uses NCCL + CUDA for more than one process; DDP is built with CUDA device_ids
+# --------------------------------------------------------------------------------------------
+def _distributed_worker(local_rank, main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args):
+    """FastReID's worker, with the gloo backend and no CUDA calls when CUDA is unavailable."""
+    import torch.distributed as dist
+    from fastreid.utils import comm
+
+    global_rank = machine_rank * num_gpus_per_machine + local_rank
+    dist.init_process_group(backend="gloo", init_method=dist_url, world_size=world_size, rank=global_rank)
+    comm.synchronize()
+    num_machines = world_size // num_gpus_per_machine
+    for i in range(num_machines):
+        ranks_on_i = list(range(i * num_gpus_per_machine, (i + 1) * num_gpus_per_machine))
+        group = dist.new_group(ranks_on_i)
+        if i == machine_rank:
+            comm._LOCAL_PROCESS_GROUP = group
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_gpus_per_machine))
+    main_func(*args)
+
+
+def _ddp(module, device_ids=None, **kwargs):
+    """DistributedDataParallel that leaves out ``device_ids`` for a module on the CPU."""
+    if next(module.parameters()).device.type == "cpu":
+        device_ids = None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids, **kwargs)
+
+
+@_patch
+def _launch_on_cpu():
+    import fastreid.engine.defaults as defaults
+
+    launch = sys.modules["fastreid.engine.launch"]  # the package re-exports a function of that name
+    if getattr(launch, "_promptsg_original_worker", None) is None:
+        launch._promptsg_original_worker = launch._distributed_worker
+    if not torch.cuda.is_available():
+        launch._distributed_worker = _distributed_worker
+    defaults.DistributedDataParallel = _ddp
+
+
+# --------------------------------------------------------------------------------------------
+# 9. torch.load defaults to weights_only=True (torch >= 2.6)
+# --------------------------------------------------------------------------------------------
+@_patch
+def _checkpoint_load():
+    """Load FastReID checkpoints with ``weights_only=True`` first; checkpoints that also pickle
+    other objects (NumPy scalars, configs) are trusted local files and are loaded in full."""
+    from fastreid.utils.checkpoint import Checkpointer
+
+    if getattr(Checkpointer._load_file, "_promptsg_patched", False):
+        return
+
+    def _load_file(self, f):
+        try:
+            return torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises UnpicklingError or RuntimeError here
+            if "weights_only" not in str(exc) and "Weights only" not in str(exc):
+                raise
+            self.logger.info("%s holds non-tensor objects; loading it with weights_only=False", f)
+            return torch.load(f, map_location="cpu", weights_only=False)
+
+    _load_file._promptsg_patched = True
+    Checkpointer._load_file = _load_file
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints are written in place: a crash while saving model_best.pth loses the previous one
+# --------------------------------------------------------------------------------------------
+@_patch
+def _checkpoint_atomic_save():
+    """``Checkpointer.save`` writes to a temporary file and renames it over the target, so an
+    interrupted save never destroys a checkpoint already on disk."""
+    from fastreid.utils.checkpoint import Checkpointer
+
+    if getattr(Checkpointer.save, "_promptsg_patched", False):
+        return
+
+    def save(self, name, **kwargs):
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = "{}.pth".format(name)
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to {}".format(save_file))
+        tmp_file = save_file + ".tmp"
+        torch.save(data, tmp_file)
+        os.replace(tmp_file, save_file)
+        self.tag_last_checkpoint(basename)
+
+    save._promptsg_patched = True
+    Checkpointer.save = save
+
+
+def apply_all():
+    """Apply every patch once, in order. Safe to call more than once."""
+    for fn in _PATCHES:
+        fn()
+        if fn.patch_name not in APPLIED:
+            APPLIED.append(fn.patch_name)
+    return list(APPLIED)
+
+
+# The import aliases must exist before anything imports fastreid.
+_import_aliases()
+apply_all()

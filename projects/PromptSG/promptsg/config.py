@@ -1,0 +1,68 @@
+"""Config keys added by the PromptSG project (paper symbols in brackets)."""
+from fastreid.config import CfgNode as CN
+
+
+def add_promptsg_config(cfg):
+    """Add PromptSG's keys to a FastReID config. Idempotent."""
+    if "CLIP" in cfg.MODEL:
+        return cfg
+
+    # ---- CLIP towers (open_clip) ----
+    cfg.MODEL.CLIP = CN()
+    # open_clip model name: "ViT-B-16", "RN50", ... or a tiny config shipped in
+    # projects/PromptSG/configs/clip/ ("tiny-ViT", "tiny-RN").
+    cfg.MODEL.CLIP.NAME = "ViT-B-16"
+    # Weights: "" (random CLIP weights, loud warning), an open_clip pretrained tag
+    # ("openai", "laion2b_s34b_b88k"; downloads), or a local file (OpenAI TorchScript
+    # archive, plain state dict, or open_clip checkpoint).
+    cfg.MODEL.CLIP.PRETRAINED = ""
+    # Patch-embedding stride of the ViT tower; < patch size gives overlapping patches.
+    cfg.MODEL.CLIP.STRIDE = 16
+    # SIE: a learnable per-camera embedding added to the CLS token (ViT only).
+    cfg.MODEL.CLIP.SIE_CAMERA = False
+    # Scale of the SIE camera embedding.
+    cfg.MODEL.CLIP.SIE_COE = 1.0
+    # Number of cameras for SIE; 0 = read from the training set.
+    cfg.MODEL.CLIP.NUM_CAMERAS = 0
+
+    # ---- PromptSG method ----
+    cfg.MODEL.PROMPTSG = CN()
+    # Prompt with the placeholder word X that the pseudo token s* replaces.
+    cfg.MODEL.PROMPTSG.PROMPT = "A photo of a X person."
+    # Simplified prompt, used where no s* is composed.
+    cfg.MODEL.PROMPTSG.SIMPLE_PROMPT = "A photo of a person."
+    # Compose s* = f_theta(v) into the prompt during training (Table 4: False = w/o composed).
+    cfg.MODEL.PROMPTSG.COMPOSE_TRAIN = True
+    # Prompt used at test time: "simplified" (cached text embedding) or "composed" (per-image s*).
+    cfg.MODEL.PROMPTSG.INFERENCE_PROMPT = "simplified"
+    # Hidden width of the inversion network f_theta (Sec. 4.1, 3-layer MLP).
+    cfg.MODEL.PROMPTSG.INVERSION_HIDDEN = 512
+
+    # Multimodal interaction module (Sec. 4.2, Table 5).
+    cfg.MODEL.PROMPTSG.MIM = CN()
+    # Number of text-as-query cross-attention layers (0 = no MIM, Table 3 row d).
+    cfg.MODEL.PROMPTSG.MIM.CROSS_LAYERS = 1
+    # Number of self-attention transformer blocks after the cross-attention.
+    cfg.MODEL.PROMPTSG.MIM.SELF_LAYERS = 2
+    # Attention heads of the MIM (its width is CLIP's joint embedding width).
+    cfg.MODEL.PROMPTSG.MIM.HEADS = 8
+    # Query of the cross-attention: "pooled" (the EOT text embedding l_p) or
+    # "tokens" (every prompt token, projected to the joint space).
+    cfg.MODEL.PROMPTSG.MIM.QUERY = "pooled"
+    # Test feature: "mim" (MIM output) or "concat" (MIM output ++ global visual embedding).
+    cfg.MODEL.PROMPTSG.FEATURE = "mim"
+    # Apply the triplet loss also to the visual encoder's last states (x_{L-1}, x_L, proj).
+    cfg.MODEL.PROMPTSG.TRIPLET_ON_VISUAL_STATES = True
+
+    # Symmetric supervised contrastive loss L_SupCon (Eq. 4-6), selected by
+    # "SupConLoss" in MODEL.LOSSES.NAME.
+    cfg.MODEL.LOSSES.SUPCON = CN()
+    # lambda in Eq. 10.
+    cfg.MODEL.LOSSES.SUPCON.SCALE = 0.5
+    # Temperature tau (not given in the paper; CLIP's initial logit scale is 1/0.07).
+    cfg.MODEL.LOSSES.SUPCON.TEMPERATURE = 0.07
+    # Use the image-to-text term L_i2t (Table 3 row b turns it off).
+    cfg.MODEL.LOSSES.SUPCON.I2T = True
+    # Use the text-to-image term L_t2i (Table 3 row c turns it off).
+    cfg.MODEL.LOSSES.SUPCON.T2I = True
+    return cfg

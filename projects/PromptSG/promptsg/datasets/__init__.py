@@ -1,0 +1,1 @@
+from .synthetic import SyntheticMarket, generate_synthetic_market

@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""FastReID's training / evaluation entry point, with PromptSG registered.
+
+The same command trains a FastReID baseline config (configs/) or a PromptSG config
+(projects/PromptSG/configs/):
+
+    python tools/train_net.py --config-file projects/PromptSG/configs/Market1501/vit.yml
+    python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
+    python tools/train_net.py --config-file CFG --num-gpus 2       # two processes (gloo on CPU)
+"""
+import os
+import sys
+
+import promptsg  # noqa: F401  (patches FastReID for this stack, registers PromptSG)
+from fastreid.config import get_cfg
+from fastreid.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from fastreid.utils.checkpoint import Checkpointer
+from promptsg import add_promptsg_config
+from promptsg.preflight import InputError, check_datasets, check_weights, load_config
+
+
+def setup(args):
+    cfg = add_promptsg_config(get_cfg())
+    load_config(cfg, args.config_file, args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        cfg.defrost()
+        cfg.MODEL.BACKBONE.PRETRAIN = False
+        model = DefaultTrainer.build_model(cfg)
+        Checkpointer(model).load(cfg.MODEL.WEIGHTS)
+        return DefaultTrainer.test(cfg, model)
+
+    trainer = DefaultTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def preflight(args):
+    """Fail on bad input in one line before any process is spawned or any model is built."""
+    cfg = load_config(add_promptsg_config(get_cfg()), args.config_file, args.opts)
+    check_weights(cfg, args.eval_only)
+    check_datasets(cfg, os.getenv("FASTREID_DATASETS", "datasets"))
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    try:
+        preflight(args)
+    except InputError as exc:
+        sys.exit(f"error: {exc}")
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
