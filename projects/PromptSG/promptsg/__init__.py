@@ -1,9 +1,15 @@
 """PromptSG (CVPR 2024) for FastReID.
 
 Importing this package patches the installed FastReID for today's stack (``compat``) and
-registers PromptSG's components in FastReID's registries.
+registers PromptSG's components in FastReID's registries:
+
+    BACKBONE_REGISTRY   build_clip_backbone   clip_backbone.py
+    REID_HEADS_REGISTRY PromptSGHead          heads.py
+    META_ARCH_REGISTRY  PromptSG              meta_arch.py
+    DATASET_REGISTRY    SyntheticMarket       datasets/synthetic.py
 """
-from . import compat  # noqa: F401  (must come first: FastReID does not import without it)
+from . import compat  # noqa: F401  (first: FastReID does not import without it)
+from . import clip_backbone, datasets, heads, meta_arch  # noqa: F401  (registration)
 from .config import add_promptsg_config
 
 __all__ = ["add_promptsg_config"]

@@ -40,8 +40,8 @@ class CLIPVisualBackbone(nn.Module):
         image_size: (H, W) of the input images.
         stride: ViT patch stride; None = patch size, smaller = overlapping patches (CLIP-ReID).
             ModifiedResNet has a fixed output stride of 32 and ignores it.
-        num_cameras: > 0 adds SIE, a learnable per-camera embedding added to the CLS token
-            (ViT only).
+        num_cameras: > 0 adds SIE, a learnable per-camera embedding (N_cam, C), truncated-normal
+            init with std 0.02, added to the CLS token after the position embedding (ViT only).
         sie_coe: scale of the SIE camera embedding.
 
     Attributes:
@@ -76,7 +76,7 @@ class CLIPVisualBackbone(nn.Module):
             if not self.is_vit:
                 raise ValueError("SIE (MODEL.CLIP.SIE_CAMERA) needs a ViT visual tower, not ModifiedResNet")
             self.sie_embed = nn.Parameter(torch.zeros(num_cameras, self.width))  # (N_cam, C)
-            nn.init.trunc_normal_(self.sie_embed, std=0.02)
+            nn.init.trunc_normal_(self.sie_embed, std=0.02, a=-0.04, b=0.04)  # cut at 2 std
         else:
             self.sie_embed = None
         self.sie_coe = sie_coe
@@ -176,7 +176,9 @@ def build_clip_backbone(cfg, clip_model=None):
     clip_cfg = cfg.MODEL.CLIP
     image_size = tuple(cfg.INPUT.SIZE_TRAIN)
     if clip_cfg.SIE_CAMERA and clip_cfg.NUM_CAMERAS <= 0:
-        raise ValueError("MODEL.CLIP.SIE_CAMERA needs MODEL.CLIP.NUM_CAMERAS > 0 (set it from the training set)")
+        raise ValueError(
+            "MODEL.CLIP.SIE_CAMERA needs MODEL.CLIP.NUM_CAMERAS > 0 (set it from the training set)"
+        )
     if clip_model is None:
         clip_model = create_clip_model(clip_cfg.NAME, clip_cfg.PRETRAINED, image_size, clip_cfg.STRIDE)
     return CLIPVisualBackbone(

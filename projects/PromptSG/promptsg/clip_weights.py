@@ -11,6 +11,7 @@ open_clip on import, for CPU tests.
 """
 import logging
 import os
+import pickle
 import warnings
 import zipfile
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import open_clip
 import torch
+from open_clip.factory import load_state_dict
 from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 from timm.layers import resample_abs_pos_embed
@@ -96,8 +98,8 @@ def read_clip_state_dict(path: str) -> Tuple[Dict[str, torch.Tensor], bool]:
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit deprecation notice
                 state_dict = torch.jit.load(path, map_location="cpu").state_dict()
         else:
-            state_dict = open_clip.load_state_dict(path, device="cpu", weights_only=True)
-    except Exception as e:
+            state_dict = load_state_dict(path, device="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ValueError(
             f"Cannot read CLIP weights from MODEL.CLIP.PRETRAINED={path}: "
@@ -299,9 +301,10 @@ def _load_state_dict(
         and not (k == pos_key and v.ndim == 2 and v.shape[1] == expected[k].shape[1])
     ]
     if missing or unexpected or mismatched:
+        found = (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
         problems = [
             f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+            for label, keys in found
             if keys
         ]
         raise ValueError(

@@ -66,3 +66,45 @@ def add_promptsg_config(cfg):
     # Use the text-to-image term L_t2i (Table 3 row c turns it off).
     cfg.MODEL.LOSSES.SUPCON.T2I = True
     return cfg
+
+
+_LOSSES = ("CrossEntropyLoss", "TripletLoss", "SupConLoss")
+
+
+def validate_promptsg_config(cfg):
+    """Reject inconsistent PromptSG settings with one line naming the key (before training)."""
+    p = cfg.MODEL.PROMPTSG
+    names = cfg.MODEL.LOSSES.NAME
+
+    def fail(message):
+        raise ValueError(message)
+
+    unknown = [n for n in names if n not in _LOSSES]
+    if unknown:
+        fail(f"MODEL.LOSSES.NAME: {unknown} not supported by PromptSG (choose from {list(_LOSSES)})")
+    if p.INFERENCE_PROMPT not in ("simplified", "composed"):
+        fail(f"MODEL.PROMPTSG.INFERENCE_PROMPT must be 'simplified' or 'composed', got {p.INFERENCE_PROMPT!r}")
+    if p.MIM.QUERY not in ("pooled", "tokens"):
+        fail(f"MODEL.PROMPTSG.MIM.QUERY must be 'pooled' or 'tokens', got {p.MIM.QUERY!r}")
+    if p.FEATURE not in ("mim", "concat"):
+        fail(f"MODEL.PROMPTSG.FEATURE must be 'mim' or 'concat', got {p.FEATURE!r}")
+    if cfg.MODEL.HEADS.NECK_FEAT not in ("before", "after"):
+        fail(f"MODEL.HEADS.NECK_FEAT must be 'before' or 'after', got {cfg.MODEL.HEADS.NECK_FEAT!r}")
+    if p.MIM.CROSS_LAYERS < 0 or p.MIM.SELF_LAYERS < 0:
+        fail("MODEL.PROMPTSG.MIM.CROSS_LAYERS and SELF_LAYERS must be >= 0")
+    if p.MIM.CROSS_LAYERS == 0 and p.MIM.SELF_LAYERS > 0:
+        fail("MODEL.PROMPTSG.MIM.SELF_LAYERS > 0 needs MIM.CROSS_LAYERS >= 1")
+    if "SupConLoss" in names and not p.COMPOSE_TRAIN:
+        fail("MODEL.LOSSES.NAME has SupConLoss but MODEL.PROMPTSG.COMPOSE_TRAIN is False: "
+             "the loss ties images to their composed prompts")
+    if "SupConLoss" in names and not (cfg.MODEL.LOSSES.SUPCON.I2T or cfg.MODEL.LOSSES.SUPCON.T2I):
+        fail("MODEL.LOSSES.SUPCON: both I2T and T2I are off; remove SupConLoss from MODEL.LOSSES.NAME")
+    if p.INFERENCE_PROMPT == "composed" and not p.COMPOSE_TRAIN:
+        fail("MODEL.PROMPTSG.INFERENCE_PROMPT composed needs COMPOSE_TRAIN True (f_theta is never trained)")
+    if p.COMPOSE_TRAIN and p.MIM.CROSS_LAYERS == 0 and "SupConLoss" not in names:
+        fail("MODEL.PROMPTSG.COMPOSE_TRAIN with no MIM and no SupConLoss: f_theta would get no gradient")
+    if list(cfg.INPUT.SIZE_TRAIN) != list(cfg.INPUT.SIZE_TEST):
+        fail(f"INPUT.SIZE_TEST {list(cfg.INPUT.SIZE_TEST)} must equal INPUT.SIZE_TRAIN "
+             f"{list(cfg.INPUT.SIZE_TRAIN)}: CLIP's position embeddings are sized for one grid")
+    if cfg.MODEL.CLIP.SIE_CAMERA and cfg.MODEL.CLIP.NUM_CAMERAS <= 0:
+        fail("MODEL.CLIP.SIE_CAMERA needs MODEL.CLIP.NUM_CAMERAS > 0 (the dataset's camera count)")

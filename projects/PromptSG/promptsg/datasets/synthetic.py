@@ -118,13 +118,21 @@ BACKGROUND_COLOURS = [
     (160, 130, 100), (70, 75, 85), (130, 150, 165), (175, 160, 140), (100, 90, 80),
 ]
 
+# Look-alikes: probability that an identity copies an earlier one and re-draws two
+# of these attribute groups (the shirt colour and pattern are always kept).
+LOOKALIKE_PROB = 0.3
+LOOKALIKE_GROUPS = (
+    ("lower", "lower_type"), ("shoes",), ("hair", "hair_style", "cap"),
+    ("bag", "bag_colour", "bag_side"), ("height", "width", "skin"), ("long_sleeves", "shirt2"),
+)
+
 PATTERNS = ("solid", "hstripes", "vstripes", "checks", "twotone")
 VIEWS = ("front", "back", "side")
 BACKGROUNDS = ("solid", "wall_floor", "stripes", "gradient", "tiles")
 
 # Camera-to-camera photometric change: gain range and white-balance spread (per channel +-).
-CAMERA_GAIN = (0.65, 1.3)
-CAMERA_TINT = 0.2
+CAMERA_GAIN = (0.8, 1.2)
+CAMERA_TINT = 0.1
 
 _NAME_RE = re.compile(r"^([-\d]+)_c(\d)s1_\d+_\d+\.jpg$")
 
@@ -173,6 +181,30 @@ def _sample_person(rng):
         "height": float(rng.uniform(0.86, 1.0)),
         "width": float(rng.uniform(0.85, 1.2)),
     }
+
+
+def _sample_identities(params):
+    """Appearance of every identity, keyed by pid.
+
+    A fraction of identities are look-alikes of an earlier identity of the same
+    split (train or test): same shirt, with a few other attribute groups
+    re-drawn, so that telling them apart needs the finer details.
+    """
+    seed, n_train = params["seed"], params["num_train_ids"]
+    identities = {}
+    for pid in range(1, n_train + params["num_test_ids"] + 1):
+        rng = _rng(seed, _TAG_IDENTITY, pid)
+        first = 1 if pid <= n_train else n_train + 1
+        person = _sample_person(rng)
+        if pid > first and rng.random() < LOOKALIKE_PROB:
+            base = identities[int(rng.integers(first, pid))]
+            look = dict(base)
+            while look == base:   # re-draw until the look-alike differs from its model
+                for i in rng.choice(len(LOOKALIKE_GROUPS), 2, replace=False):
+                    look.update({key: person[key] for key in LOOKALIKE_GROUPS[i]})
+            person = look
+        identities[pid] = person
+    return identities
 
 
 def _sample_camera(seed, cam):
@@ -475,14 +507,12 @@ def _generate_into(out_dir, params):
     """Write every image and the manifest into ``out_dir``; returns the manifest."""
     seed, H, W = params["seed"], params["height"], params["width"]
     cameras = {c: _sample_camera(seed, c) for c in range(1, params["num_cameras"] + 1)}
-    identities = {}
+    identities = _sample_identities(params)
     for d in SPLIT_DIRS.values():
         os.makedirs(osp.join(out_dir, d))
     counts = {split: 0 for split in SPLIT_DIRS}
     for split, pid, cam, k, kind in _plan(params):
         if kind == "person":
-            if pid not in identities:
-                identities[pid] = _sample_person(_rng(seed, _TAG_IDENTITY, pid))
             image = _render(cameras[cam], _rng(seed, _TAG_IMAGE, pid, k), H, W, identities[pid])
         elif kind == "distractor":
             rng = _rng(seed, _TAG_DISTRACTOR, k)

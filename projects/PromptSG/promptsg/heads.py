@@ -1,0 +1,76 @@
+"""PromptSG's trainable head: f_theta, the MIM and the BNNeck ID classifier.
+
+Everything here is new (randomly initialised) and sits under ``model.heads``, so FastReID's
+solver gives it ``SOLVER.HEADS_LR_FACTOR`` x the visual encoder's learning rate (5e-5 vs 5e-6).
+"""
+import torch
+from fastreid.config import configurable
+from fastreid.modeling.heads import REID_HEADS_REGISTRY
+from fastreid.layers.weight_init import weights_init_classifier, weights_init_kaiming
+from torch import nn
+
+from .inversion import InversionNet
+from .interaction import MultimodalInteraction
+
+
+@REID_HEADS_REGISTRY.register()
+class PromptSGHead(nn.Module):
+    """f_theta (optional), MIM (optional), BNNeck and a linear ID classifier.
+
+    Without a MIM the final feature is the global visual embedding v (the CLIP baseline and
+    Table 3 row d); with it, the MIM output (or MIM output ++ v, ``feature="concat"``).
+    """
+
+    @configurable
+    def __init__(self, *, embed_dim, token_dim, num_classes, use_inversion, inversion_hidden,
+                 mim_cross_layers, mim_self_layers, mim_heads, feature, neck_feat):
+        super().__init__()
+        self.inversion = InversionNet(embed_dim, token_dim, inversion_hidden) if use_inversion else None
+        self.mim = (MultimodalInteraction(embed_dim, mim_heads, mim_cross_layers, mim_self_layers)
+                    if mim_cross_layers > 0 else None)
+        self.feature = feature
+        self.neck_feat = neck_feat
+        feat_dim = embed_dim * (2 if self.mim is not None and feature == "concat" else 1)
+        self.bottleneck = nn.BatchNorm1d(feat_dim)  # BNNeck, bias frozen (Luo et al.)
+        self.bottleneck.bias.requires_grad_(False)
+        self.classifier = nn.Linear(feat_dim, num_classes, bias=False)
+        self.bottleneck.apply(weights_init_kaiming)
+        self.classifier.apply(weights_init_classifier)
+
+    @classmethod
+    def from_config(cls, cfg, *, embed_dim, token_dim):
+        p = cfg.MODEL.PROMPTSG
+        return {
+            "embed_dim": embed_dim,
+            "token_dim": token_dim,
+            "num_classes": cfg.MODEL.HEADS.NUM_CLASSES,
+            "use_inversion": uses_inversion(cfg),
+            "inversion_hidden": p.INVERSION_HIDDEN,
+            "mim_cross_layers": p.MIM.CROSS_LAYERS,
+            "mim_self_layers": p.MIM.SELF_LAYERS,
+            "mim_heads": p.MIM.HEADS,
+            "feature": p.FEATURE,
+            "neck_feat": cfg.MODEL.HEADS.NECK_FEAT,
+        }
+
+    def forward(self, visual, query=None, out_index=0, targets=None):
+        """visual: CLIPVisualOutput; query: (B, Q, E) text queries of the MIM.
+
+        Training: FastReID's head dict (cls_outputs, pred_class_logits, features).
+        Inference: the (B, D) retrieval feature.
+        """
+        feat = visual.embedding
+        if self.mim is not None:
+            fused = self.mim(query.to(visual.tokens.dtype), visual.tokens, out_index)
+            feat = torch.cat([fused, visual.embedding], dim=1) if self.feature == "concat" else fused
+        neck = self.bottleneck(feat)
+        if not self.training:
+            return feat if self.neck_feat == "before" else neck
+        logits = self.classifier(neck)
+        return {"cls_outputs": logits, "pred_class_logits": logits, "features": feat}
+
+
+def uses_inversion(cfg):
+    """f_theta exists when s* is composed in training or at test time."""
+    p = cfg.MODEL.PROMPTSG
+    return p.COMPOSE_TRAIN or p.INFERENCE_PROMPT == "composed"

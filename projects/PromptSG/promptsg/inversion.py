@@ -1,0 +1,27 @@
+"""Inversion network f_theta (Sec. 4.1): global visual embedding v -> pseudo word token s*."""
+from torch import nn
+
+
+class InversionNet(nn.Module):
+    """f_theta: a 3-layer MLP with 512-d hidden states and BatchNorm after the last layer.
+
+    Args:
+        embed_dim: width E of CLIP's joint space (the input v).
+        token_dim: width D of the text tower's token embeddings (the output s*).
+        hidden_dim: hidden width (512 in the paper).
+    """
+
+    def __init__(self, embed_dim, token_dim, hidden_dim=512):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(embed_dim, hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden_dim, token_dim),
+        )
+        self.bn = nn.BatchNorm1d(token_dim)
+
+    def forward(self, v):
+        """(B, E) -> s* (B, D)."""
+        return self.bn(self.mlp(v))

@@ -1,0 +1,141 @@
+"""The PromptSG meta-architecture (Fig. 3), registered in FastReID's META_ARCH_REGISTRY.
+
+    v, patches = V(x)                          CLIP visual encoder      (clip_backbone.py)
+    s* = f_theta(v)                            inversion network        (inversion.py)
+    l_p = T("A photo of a s* person.")         frozen text encoder      (prompt.py)
+    f = MIM(query=l_p, key/value=patches)      interaction module       (interaction.py)
+    L = L_Triplet + L_ID + lambda * L_SupCon   losses (Eq. 10)          (here, supcon.py)
+
+At test time l_p is the cached embedding of "A photo of a person." (simplified prompt) or the
+per-image composed prompt (MODEL.PROMPTSG.INFERENCE_PROMPT).
+"""
+import torch
+from fastreid.config import configurable
+from fastreid.modeling.backbones import BACKBONE_REGISTRY
+from fastreid.modeling.heads import REID_HEADS_REGISTRY
+from fastreid.modeling.losses import cross_entropy_loss, log_accuracy, triplet_loss
+from fastreid.modeling.meta_arch import META_ARCH_REGISTRY
+from torch import nn
+
+from .clip_weights import create_clip_model
+from .config import validate_promptsg_config
+from .heads import uses_inversion
+from .prompt import build_prompt_composer
+from .supcon import symmetric_supcon_loss
+
+
+@META_ARCH_REGISTRY.register()
+class PromptSG(nn.Module):
+    """Prompt-driven semantic guidance for person re-identification (Yang et al., CVPR 2024)."""
+
+    @configurable
+    def __init__(self, *, backbone, text, heads, pixel_mean, pixel_std, compose_train,
+                 inference_prompt, mim_query, loss_kwargs):
+        super().__init__()
+        self.backbone = backbone
+        self.text = text        # frozen PromptComposer, or None for the visual-only baseline
+        self.heads = heads
+        self.compose_train = compose_train
+        self.inference_prompt = inference_prompt
+        self.mim_query = mim_query
+        self.loss_kwargs = loss_kwargs
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, -1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, -1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        validate_promptsg_config(cfg)
+        p, losses = cfg.MODEL.PROMPTSG, cfg.MODEL.LOSSES
+        clip_model = create_clip_model(cfg.MODEL.CLIP.NAME, cfg.MODEL.CLIP.PRETRAINED,
+                                       tuple(cfg.INPUT.SIZE_TRAIN), cfg.MODEL.CLIP.STRIDE)
+        backbone = BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)(cfg, clip_model=clip_model)
+        needs_text = uses_inversion(cfg) or p.MIM.CROSS_LAYERS > 0
+        text = (build_prompt_composer(clip_model, cfg.MODEL.CLIP.NAME, p.PROMPT, p.SIMPLE_PROMPT)
+                if needs_text else None)
+        heads = REID_HEADS_REGISTRY.get(cfg.MODEL.HEADS.NAME)(
+            cfg, embed_dim=backbone.out_dim, token_dim=text.width if text is not None else 0)
+        return {
+            "backbone": backbone,
+            "text": text,
+            "heads": heads,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "compose_train": p.COMPOSE_TRAIN,
+            "inference_prompt": p.INFERENCE_PROMPT,
+            "mim_query": p.MIM.QUERY,
+            "loss_kwargs": {
+                "loss_names": losses.NAME,
+                "ce": {"eps": losses.CE.EPSILON, "alpha": losses.CE.ALPHA, "scale": losses.CE.SCALE},
+                "tri": {"margin": losses.TRI.MARGIN, "norm_feat": losses.TRI.NORM_FEAT,
+                        "hard_mining": losses.TRI.HARD_MINING, "scale": losses.TRI.SCALE},
+                "tri_visual_states": p.TRIPLET_ON_VISUAL_STATES,
+                "supcon": {"scale": losses.SUPCON.SCALE, "temperature": losses.SUPCON.TEMPERATURE,
+                           "i2t": losses.SUPCON.I2T, "t2i": losses.SUPCON.T2I},
+            },
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def forward(self, batched_inputs):
+        images = self.preprocess_image(batched_inputs)
+        camids = batched_inputs.get("camids") if isinstance(batched_inputs, dict) else None
+        visual = self.backbone(images, camids)
+        composed = self.compose_train if self.training else self.inference_prompt == "composed"
+        text, query, out_index = self.prompt_features(visual, composed)
+
+        if not self.training:
+            return self.heads(visual, query, out_index)
+        targets = batched_inputs["targets"]
+        outputs = self.heads(visual, query, out_index, targets)
+        return self.losses(outputs, visual, text, targets)
+
+    def prompt_features(self, visual, composed):
+        """The prompt embedding l_p (B, E) and the MIM query built from it (B, Q, E)."""
+        if self.text is None:
+            return None, None, 0
+        need_tokens = self.mim_query == "tokens" and self.heads.mim is not None
+        batch = len(visual.embedding)
+        if composed:
+            pseudo_tokens = self.heads.inversion(visual.embedding)            # s* = f_theta(v)
+            out = self.text.compose(pseudo_tokens, return_tokens=need_tokens)
+        elif self.heads.mim is not None:
+            out = self.text.simple(batch, visual.embedding.device, return_tokens=need_tokens)
+        else:
+            return None, None, 0                                               # text is not used
+        if need_tokens:
+            text, tokens = out
+            return text, tokens, tokens.shape[1] - 1                           # EOT is the last token
+        return out, out[:, None, :], 0
+
+    def preprocess_image(self, batched_inputs):
+        images = batched_inputs["images"] if isinstance(batched_inputs, dict) else batched_inputs
+        return (images.to(self.device) - self.pixel_mean) / self.pixel_std
+
+    def losses(self, outputs, visual, text, targets):
+        """L = L_Triplet + L_ID + lambda * L_SupCon (Eq. 10), by MODEL.LOSSES.NAME."""
+        kw = self.loss_kwargs
+        names = kw["loss_names"]
+        log_accuracy(outputs["pred_class_logits"].detach(), targets)
+        loss_dict = {}
+        if "CrossEntropyLoss" in names:
+            ce = kw["ce"]
+            loss_dict["loss_cls"] = cross_entropy_loss(
+                outputs["cls_outputs"], targets, ce["eps"], ce["alpha"]) * ce["scale"]
+        if "TripletLoss" in names:
+            tri = kw["tri"]
+
+            def triplet(feat):
+                return triplet_loss(feat, targets, tri["margin"], tri["norm_feat"], tri["hard_mining"]) * tri["scale"]
+
+            loss_dict["loss_triplet"] = triplet(outputs["features"])
+            if kw["tri_visual_states"]:
+                # x_{L-1}, x_L and proj(x_L); the last is the final feature itself without a MIM.
+                states = visual.states if self.heads.mim is not None else visual.states[:-1]
+                loss_dict["loss_triplet_visual"] = sum(triplet(s) for s in states)
+        if "SupConLoss" in names:
+            sc = kw["supcon"]
+            loss_dict["loss_supcon"] = sc["scale"] * symmetric_supcon_loss(
+                visual.embedding, text, targets, sc["temperature"], sc["i2t"], sc["t2i"])
+        return loss_dict

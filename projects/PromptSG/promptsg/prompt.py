@@ -1,0 +1,113 @@
+"""Prompt composition with CLIP's frozen text encoder T(.) (Sec. 4.1).
+
+"A photo of a X person." is tokenised once; the pseudo token s* replaces the token embedding of
+the placeholder X, and the text embedding l_p is pooled at the end-of-text (EOT) token. Only the
+prompt's real tokens are run through the encoder: its causal mask means no output at or before
+EOT depends on the padded tail of CLIP's 77-token context, so the result is the same.
+"""
+import open_clip
+import torch
+from torch import nn
+
+
+class PromptComposer(nn.Module):
+    """Frozen CLIP text tower that embeds a prompt with a pseudo word token in it.
+
+    Args:
+        clip_model: an open_clip ``CLIP`` model; its text tower is shared, never trained.
+        tokenizer: open_clip tokenizer of that model.
+        prompt: prompt with one placeholder word, e.g. "A photo of a X person.".
+        simple_prompt: prompt without placeholder, e.g. "A photo of a person.".
+        placeholder: the placeholder word in ``prompt``.
+    """
+
+    def __init__(self, clip_model, tokenizer, prompt="A photo of a X person.",
+                 simple_prompt="A photo of a person.", placeholder="X"):
+        super().__init__()
+        if getattr(clip_model, "text_pool_type", "argmax") != "argmax":
+            raise ValueError("PromptComposer needs a CLIP text tower pooled at the EOT token (argmax)")
+        self.token_embedding = clip_model.token_embedding
+        self.positional_embedding = clip_model.positional_embedding
+        self.transformer = clip_model.transformer
+        self.ln_final = clip_model.ln_final
+        self.text_projection = clip_model.text_projection
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+        ids = tokenizer([prompt])[0]
+        placeholder_ids = tokenizer([placeholder])[0]
+        # [SOS, X, EOT, 0, ...]: X must be a single BPE token.
+        if int((placeholder_ids > 0).sum()) != 3:
+            raise ValueError(f"placeholder {placeholder!r} is not a single token for this tokenizer")
+        matches = (ids == placeholder_ids[1]).nonzero().flatten()
+        if len(matches) != 1:
+            raise ValueError(f"prompt {prompt!r} must contain the placeholder {placeholder!r} exactly once")
+        self.placeholder_index = int(matches[0])  # 5 for "A photo of a X person."
+
+        prompt_len = int(ids.argmax()) + 1  # tokens up to and including EOT (EOT has the largest id)
+        simple_ids = tokenizer([simple_prompt])[0]
+        simple_len = int(simple_ids.argmax()) + 1
+        self.register_buffer("prompt_ids", ids[:prompt_len].clone(), persistent=False)
+        self.register_buffer("simple_ids", simple_ids[:simple_len].clone(), persistent=False)
+        self._simple_cache = {}
+        self.register_load_state_dict_post_hook(lambda module, keys: module._simple_cache.clear())
+
+    @property
+    def width(self):
+        """Token-embedding width D of the text tower (the width of s*)."""
+        return self.token_embedding.weight.shape[1]
+
+    @property
+    def embed_dim(self):
+        """Width E of the joint image-text space."""
+        proj = self.text_projection
+        return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
+
+    def train(self, mode=True):
+        """The text tower stays in eval mode: it is frozen."""
+        return super().train(False)
+
+    def encode(self, token_embeddings, ids, return_tokens=False):
+        """Run the text tower on (B, n, D) token embeddings whose ids are ``ids`` (n,).
+
+        Returns the pooled EOT embedding (B, E) and, if ``return_tokens``, every token
+        projected to the joint space (B, n, E).
+        """
+        n = token_embeddings.shape[1]
+        x = token_embeddings + self.positional_embedding[:n].to(token_embeddings.dtype)
+        causal = torch.full((n, n), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
+        x = self.transformer(x, attn_mask=causal)
+        x = self.ln_final(x)
+        tokens = self._project(x)                    # (B, n, E)
+        pooled = tokens[:, int(ids.argmax())]        # EOT position
+        return (pooled, tokens) if return_tokens else pooled
+
+    def _project(self, x):
+        if isinstance(self.text_projection, nn.Linear):
+            return self.text_projection(x)
+        return x @ self.text_projection
+
+    def compose(self, pseudo_tokens, return_tokens=False):
+        """Embed "A photo of a s* person." for each pseudo token s* in (B, D)."""
+        base = self.token_embedding(self.prompt_ids).to(pseudo_tokens.dtype)        # (n, D)
+        before = base[: self.placeholder_index].expand(len(pseudo_tokens), -1, -1)
+        after = base[self.placeholder_index + 1:].expand(len(pseudo_tokens), -1, -1)
+        x = torch.cat([before, pseudo_tokens[:, None, :], after], dim=1)           # (B, n, D)
+        return self.encode(x, self.prompt_ids, return_tokens)
+
+    def simple(self, batch_size, device, return_tokens=False):
+        """Embedding of the simplified prompt (float32), computed once per device and cached."""
+        key = (torch.device(device), return_tokens)
+        if key not in self._simple_cache:
+            with torch.no_grad(), torch.autocast(key[0].type, enabled=False):
+                ids = self.simple_ids.to(device)
+                self._simple_cache[key] = self.encode(self.token_embedding(ids)[None].float(), ids, return_tokens)
+        cached = self._simple_cache[key]
+        if return_tokens:
+            return cached[0].expand(batch_size, -1), cached[1].expand(batch_size, -1, -1)
+        return cached.expand(batch_size, -1)
+
+
+def build_prompt_composer(clip_model, model_name, prompt, simple_prompt):
+    """PromptComposer over ``clip_model``'s text tower with ``model_name``'s tokenizer."""
+    return PromptComposer(clip_model, open_clip.get_tokenizer(model_name), prompt, simple_prompt)
