@@ -120,7 +120,7 @@ BACKGROUND_COLOURS = [
 
 # Look-alikes: probability that an identity copies an earlier one and re-draws two
 # of these attribute groups (the shirt colour and pattern are always kept).
-LOOKALIKE_PROB = 0.3
+LOOKALIKE_PROB = 0.4
 LOOKALIKE_GROUPS = (
     ("lower", "lower_type"), ("shoes",), ("hair", "hair_style", "cap"),
     ("bag", "bag_colour", "bag_side"), ("height", "width", "skin"), ("long_sleeves", "shirt2"),
@@ -225,7 +225,7 @@ def _sample_camera(seed, cam):
         "tint": rng.uniform(1 - CAMERA_TINT, 1 + CAMERA_TINT, 3),
         "ramp": float(rng.uniform(-0.35, 0.35)),              # left-to-right illumination change
         "scale": float(rng.uniform(0.78, 0.95)),              # figure height / image height
-        "occlusion": float(rng.uniform(0.1, 0.35)),
+        "occlusion": float(rng.uniform(0.15, 0.4)),
         "background_person": float(rng.uniform(0.1, 0.3)),
         "blur": float(rng.uniform(0.0, 0.9)),                 # Gaussian radius, output pixels
         "noise": float(rng.uniform(2.0, 7.0)),
