@@ -8,13 +8,16 @@ The same command trains a FastReID baseline config (configs/) or a PromptSG conf
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file CFG --num-gpus 2       # two processes (gloo on CPU)
 """
+import json
 import os
 import sys
 
 import promptsg  # noqa: F401  (patches FastReID for this stack, registers PromptSG)
 from fastreid.config import get_cfg
 from fastreid.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from fastreid.utils import comm
 from fastreid.utils.checkpoint import Checkpointer
+from fastreid.utils.logger import setup_logger
 from promptsg import add_promptsg_config
 from promptsg.preflight import InputError, check_datasets, check_weights, load_config
 
@@ -24,7 +27,18 @@ def setup(args):
     load_config(cfg, args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="promptsg")
     return cfg
+
+
+def save_results(cfg, results, name):
+    """Write the final metrics to OUTPUT_DIR/name (atomically) for scripts and comparisons."""
+    if not (comm.is_main_process() and cfg.OUTPUT_DIR and results):
+        return
+    path = os.path.join(cfg.OUTPUT_DIR, name)
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=2, default=float)
+    os.replace(path + ".tmp", path)
 
 
 def main(args):
@@ -34,11 +48,15 @@ def main(args):
         cfg.MODEL.BACKBONE.PRETRAIN = False
         model = DefaultTrainer.build_model(cfg)
         Checkpointer(model).load(cfg.MODEL.WEIGHTS)
-        return DefaultTrainer.test(cfg, model)
+        results = DefaultTrainer.test(cfg, model)
+        save_results(cfg, results, "eval_results.json")
+        return results
 
     trainer = DefaultTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    results = trainer.train()
+    save_results(cfg, results, "results.json")
+    return results
 
 
 def preflight(args):

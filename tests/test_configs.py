@@ -1,0 +1,111 @@
+"""Every shipped config merges; every PromptSG config (ablations included) trains a step and
+evaluates on CPU with a tiny CLIP on the synthetic dataset, with every trainable parameter
+receiving a gradient (what DistributedDataParallel requires, REFERENCE.md 4.10)."""
+import glob
+import os
+
+import pytest
+import torch
+
+import promptsg
+from fastreid.config import get_cfg
+from fastreid.data import build_reid_test_loader, build_reid_train_loader, samplers
+from fastreid.data.common import CommDataset
+from fastreid.data.transforms import build_transforms
+from fastreid.engine import DefaultTrainer
+from fastreid.evaluation import ReidEvaluator, inference_on_dataset
+from fastreid.modeling import build_model
+from fastreid.utils.events import EventStorage
+from promptsg.datasets import SyntheticMarket
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTSG_CONFIGS = sorted(
+    p for p in glob.glob(os.path.join(ROOT, "projects/PromptSG/configs/**/*.yml"), recursive=True)
+    if not os.path.basename(p).startswith("Base-"))
+BASELINE_CONFIGS = sorted(
+    p for p in glob.glob(os.path.join(ROOT, "configs/**/*.yml"), recursive=True)
+    if not os.path.basename(p).startswith("Base-"))
+
+
+def _id(path):
+    return os.path.relpath(path, ROOT)
+
+
+def load(path):
+    cfg = promptsg.add_promptsg_config(get_cfg())
+    cfg.merge_from_file(path)
+    return cfg
+
+
+def test_there_is_a_config_per_dataset_backbone_and_ablation():
+    names = {_id(p) for p in PROMPTSG_CONFIGS}
+    for ds in ("Market1501", "MSMT17", "DukeMTMC", "CUHK03"):
+        assert f"projects/PromptSG/configs/{ds}/vit.yml" in names
+        assert f"projects/PromptSG/configs/{ds}/rn50.yml" in names
+        for baseline in ("bagtricks_R50", "AGW_R50", "sbs_R50", "bagtricks_vit"):
+            assert os.path.isfile(os.path.join(ROOT, "configs", ds, baseline + ".yml"))
+    for ds in ("Market1501", "MSMT17"):
+        for row in ("table3_b_no_i2t", "table3_c_no_t2i", "table3_d_no_mim", "table4_wo_composed",
+                    "table5_1cross", "table5_1cross_1self", "table5_composed_test"):
+            assert f"projects/PromptSG/configs/{ds}/ablations/{row}.yml" in names
+
+
+@pytest.mark.parametrize("path", BASELINE_CONFIGS, ids=_id)
+def test_fastreid_baseline_configs_merge(path):
+    cfg = load(path)
+    assert cfg.MODEL.META_ARCHITECTURE == "Baseline"
+    assert cfg.DATASETS.NAMES[0] in path
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("datasets"))
+    data = SyntheticMarket(root=root, num_train_ids=8, num_test_ids=6, num_distractors=10, num_junk=0)
+    return data
+
+
+def tiny_overrides(cfg, num_classes):
+    """Shrink a real config to a tiny CLIP of the same kind at 64x32 on CPU."""
+    cfg.MODEL.CLIP.NAME = "tiny-RN" if "RN" in cfg.MODEL.CLIP.NAME else "tiny-ViT"
+    cfg.MODEL.CLIP.PRETRAINED = ""
+    cfg.MODEL.CLIP.STRIDE = 16
+    cfg.MODEL.PROMPTSG.MIM.HEADS = 2
+    cfg.MODEL.HEADS.NUM_CLASSES = num_classes
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.INPUT.SIZE_TRAIN = [64, 32]
+    cfg.INPUT.SIZE_TEST = [64, 32]
+    cfg.SOLVER.IMS_PER_BATCH = 16
+    cfg.SOLVER.AMP.ENABLED = False
+    cfg.TEST.IMS_PER_BATCH = 32
+    return cfg
+
+
+@pytest.mark.parametrize("path", PROMPTSG_CONFIGS, ids=_id)
+def test_promptsg_config_trains_a_step_and_evaluates(path, tiny_data):
+    cfg = load(path)
+    assert cfg.MODEL.META_ARCHITECTURE == "PromptSG"
+    train_set = CommDataset(tiny_data.train, build_transforms(cfg, is_train=True), relabel=True)
+    cfg = tiny_overrides(cfg, train_set.num_classes)
+    train_set.transform = build_transforms(cfg, is_train=True)
+    sampler = samplers.NaiveIdentitySampler(train_set.img_items, 16, cfg.DATALOADER.NUM_INSTANCE)
+    loader = build_reid_train_loader(train_set=train_set, sampler=sampler, total_batch_size=16, num_workers=0)
+
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    optimizer, _ = DefaultTrainer.build_optimizer(cfg, model)
+    with EventStorage(0):
+        losses = model(next(iter(loader)))
+    optimizer.zero_grad()
+    sum(losses.values()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, f"parameters without gradient (DDP would fail): {no_grad[:5]}"
+    optimizer.step()
+    assert all(torch.isfinite(v) for v in losses.values())
+    if "SupConLoss" in cfg.MODEL.LOSSES.NAME:
+        assert "loss_supcon" in losses
+
+    test_set = CommDataset(tiny_data.query + tiny_data.gallery, build_transforms(cfg, is_train=False), relabel=False)
+    test_loader, num_query = build_reid_test_loader(
+        test_set=test_set, test_batch_size=32, num_query=len(tiny_data.query), num_workers=0)
+    results = inference_on_dataset(model, test_loader, ReidEvaluator(cfg, num_query))
+    assert 0.0 <= results["mAP"] <= 100.0 and 0.0 <= results["Rank-1"] <= 100.0

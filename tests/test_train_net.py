@@ -1,0 +1,156 @@
+"""tools/train_net.py end to end on the synthetic dataset: bad input, training, --eval-only,
+two-process CPU launch, and a FastReID BoT run whose loss falls."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import promptsg  # noqa: F401
+from fastreid.config import get_cfg
+from fastreid.engine import DefaultTrainer
+from fastreid.utils.events import EventStorage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
+PROMPTSG_CFG = os.path.join(ROOT, "projects/PromptSG/configs/Synthetic/promptsg_small_vit.yml")
+BOT_CFG = os.path.join(ROOT, "configs/Synthetic/bagtricks_R18.yml")
+
+# A tiny CLIP on the tiny synthetic split: seconds per run on two cores.
+TINY = ["DATASETS.NAMES", '("SyntheticMarketTiny",)', "DATASETS.TESTS", '("SyntheticMarketTiny",)',
+        "MODEL.CLIP.NAME", "tiny-ViT", "MODEL.CLIP.STRIDE", "16", "MODEL.PROMPTSG.MIM.HEADS", "2",
+        "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "SOLVER.IMS_PER_BATCH", "16",
+        "SOLVER.MAX_EPOCH", "2", "SOLVER.WARMUP_ITERS", "0", "TEST.EVAL_PERIOD", "2",
+        "SOLVER.CHECKPOINT_PERIOD", "2", "DATALOADER.NUM_WORKERS", "0", "TEST.IMS_PER_BATCH", "64"]
+
+
+@pytest.fixture(scope="module")
+def datasets_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("datasets")
+    from fastreid.data.datasets import DATASET_REGISTRY
+
+    DATASET_REGISTRY.get("SyntheticMarketTiny")(root=str(root))
+    return root
+
+
+def run(args, root, timeout=600):
+    env = dict(os.environ, FASTREID_DATASETS=str(root), PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, TRAIN_NET, *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---- bad input: one line naming the file or key, before any training ----
+
+def _assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in last, last
+    assert "Starting training" not in result.stdout + result.stderr
+
+
+def test_missing_config_file(tmp_path):
+    _assert_one_line_error(run(["--config-file", "nope/missing.yml"], tmp_path), "nope/missing.yml")
+
+
+def test_unknown_config_key_in_file_and_on_command_line(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text(f"_BASE_: {PROMPTSG_CFG}\nMODEL:\n  PROMPTSG:\n    MIM:\n      DEPTH: 3\n")
+    _assert_one_line_error(run(["--config-file", str(bad)], tmp_path), str(bad), "MODEL.PROMPTSG.MIM.DEPTH")
+    _assert_one_line_error(run(["--config-file", PROMPTSG_CFG, "SOLVER.LRR", "1"], tmp_path), "SOLVER.LRR")
+
+
+def test_missing_weights_file(tmp_path):
+    _assert_one_line_error(
+        run(["--config-file", PROMPTSG_CFG, "--eval-only", "MODEL.WEIGHTS", "no/model.pth"], tmp_path), "no/model.pth")
+    _assert_one_line_error(
+        run(["--config-file", PROMPTSG_CFG, "MODEL.CLIP.PRETRAINED", "no/ViT-B-16.pt"], tmp_path), "no/ViT-B-16.pt")
+
+
+def test_missing_dataset_folder(tmp_path):
+    result = run(["--config-file", os.path.join(ROOT, "configs/Market1501/bagtricks_R50.yml")], tmp_path)
+    _assert_one_line_error(result, "Market1501", str(tmp_path))
+
+
+def test_corrupt_image_in_dataset(tmp_path, datasets_root):
+    root = tmp_path / "copy"
+    shutil.copytree(datasets_root, root)
+    victim = sorted((root / "SyntheticMarketTiny" / "query").iterdir())[0]
+    victim.write_bytes(b"\xff\xd8 not a jpeg")
+    _assert_one_line_error(run(["--config-file", PROMPTSG_CFG, *TINY], root), str(victim))
+
+
+# ---- training, evaluation and --eval-only ----
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, datasets_root):
+    """Two short PromptSG runs, one evaluated with each prompt, and their checkpoints."""
+    out = {}
+    for mode in ("simplified", "composed"):
+        out_dir = tmp_path_factory.mktemp(mode)
+        result = run(["--config-file", PROMPTSG_CFG, *TINY, "MODEL.PROMPTSG.INFERENCE_PROMPT", mode,
+                      "OUTPUT_DIR", str(out_dir)], datasets_root)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out[mode] = out_dir
+    return out
+
+
+@pytest.mark.parametrize("mode", ["simplified", "composed"])
+def test_eval_only_reproduces_the_training_run(trained, datasets_root, mode, tmp_path):
+    train_dir = trained[mode]
+    assert (train_dir / "model_final.pth").is_file()
+    final = read(train_dir / "results.json")
+    result = run(["--config-file", PROMPTSG_CFG, *TINY, "--eval-only", "MODEL.PROMPTSG.INFERENCE_PROMPT", mode,
+                  "MODEL.WEIGHTS", str(train_dir / "model_final.pth"), "OUTPUT_DIR", str(tmp_path)], datasets_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = read(tmp_path / "eval_results.json")
+    for key in ("mAP", "Rank-1", "Rank-5", "mINP"):
+        assert again[key] == pytest.approx(final[key], abs=1e-6), key
+
+
+def test_two_cpu_processes_train_and_evaluate_with_gloo(datasets_root, tmp_path):
+    out_dir = tmp_path / "ddp"
+    result = run(["--config-file", PROMPTSG_CFG, *TINY, "--num-gpus", "2", "--dist-url", "auto",
+                  "OUTPUT_DIR", str(out_dir)], datasets_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (out_dir / "log.txt").read_text()
+    assert "World size: 2" in log
+    checkpoints = sorted(p.name for p in out_dir.glob("*.pth"))
+    assert "model_final.pth" in checkpoints and not list(out_dir.glob("*.tmp"))
+    # Evaluation shards the test set over both processes and gathers it: same metrics as one
+    # process evaluating the same checkpoint.
+    distributed = read(out_dir / "results.json")
+    single = run(["--config-file", PROMPTSG_CFG, *TINY, "--eval-only", "MODEL.WEIGHTS",
+                  str(out_dir / "model_final.pth"), "OUTPUT_DIR", str(tmp_path / "single")], datasets_root)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert read(tmp_path / "single" / "eval_results.json")["mAP"] == pytest.approx(distributed["mAP"], abs=1e-6)
+
+
+def test_bot_baseline_loss_falls_over_a_short_run(datasets_root, monkeypatch, tmp_path):
+    import fastreid.data.build as data_build
+
+    monkeypatch.setattr(data_build, "_root", str(datasets_root))
+    cfg = promptsg.add_promptsg_config(get_cfg())
+    cfg.merge_from_file(BOT_CFG)
+    cfg.merge_from_list(["DATASETS.NAMES", '("SyntheticMarketTiny",)', "DATASETS.TESTS", '("SyntheticMarketTiny",)',
+                         "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "SOLVER.IMS_PER_BATCH", "16",
+                         "DATALOADER.NUM_WORKERS", "0", "SOLVER.WARMUP_ITERS", "0", "SOLVER.BASE_LR", "0.001",
+                         "INPUT.REA.ENABLED", "False", "OUTPUT_DIR", str(tmp_path)])
+    torch.manual_seed(0)
+    trainer = DefaultTrainer(cfg)
+    losses = []
+    with EventStorage(0) as trainer.storage:
+        for trainer.iter in range(30):
+            trainer.run_step()
+            losses.append(trainer.storage.history("total_loss").latest())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, losses
