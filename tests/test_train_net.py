@@ -109,7 +109,7 @@ def test_eval_only_reproduces_the_training_run(trained, datasets_root, mode, tmp
     train_dir = trained[mode]
     assert (train_dir / "model_final.pth").is_file()
     final = read(train_dir / "results.json")
-    result = run(["--config-file", PROMPTSG_CFG, *TINY, "--eval-only", "MODEL.PROMPTSG.INFERENCE_PROMPT", mode,
+    result = run(["--config-file", PROMPTSG_CFG, "--eval-only", *TINY, "MODEL.PROMPTSG.INFERENCE_PROMPT", mode,
                   "MODEL.WEIGHTS", str(train_dir / "model_final.pth"), "OUTPUT_DIR", str(tmp_path)], datasets_root)
     assert result.returncode == 0, result.stderr[-3000:]
     again = read(tmp_path / "eval_results.json")
@@ -119,7 +119,7 @@ def test_eval_only_reproduces_the_training_run(trained, datasets_root, mode, tmp
 
 def test_two_cpu_processes_train_and_evaluate_with_gloo(datasets_root, tmp_path):
     out_dir = tmp_path / "ddp"
-    result = run(["--config-file", PROMPTSG_CFG, *TINY, "--num-gpus", "2", "--dist-url", "auto",
+    result = run(["--config-file", PROMPTSG_CFG, "--num-gpus", "2", "--dist-url", "auto", *TINY,
                   "OUTPUT_DIR", str(out_dir)], datasets_root)
     assert result.returncode == 0, result.stderr[-3000:]
     log = (out_dir / "log.txt").read_text()
@@ -129,7 +129,7 @@ def test_two_cpu_processes_train_and_evaluate_with_gloo(datasets_root, tmp_path)
     # Evaluation shards the test set over both processes and gathers it: same metrics as one
     # process evaluating the same checkpoint.
     distributed = read(out_dir / "results.json")
-    single = run(["--config-file", PROMPTSG_CFG, *TINY, "--eval-only", "MODEL.WEIGHTS",
+    single = run(["--config-file", PROMPTSG_CFG, "--eval-only", *TINY, "MODEL.WEIGHTS",
                   str(out_dir / "model_final.pth"), "OUTPUT_DIR", str(tmp_path / "single")], datasets_root)
     assert single.returncode == 0, single.stderr[-3000:]
     assert read(tmp_path / "single" / "eval_results.json")["mAP"] == pytest.approx(distributed["mAP"], abs=1e-6)

@@ -32,8 +32,9 @@ from PIL import Image
 
 _NAME_RE = re.compile(r"^([-\d]+)_c(\d)")
 
-# Central crop (fractions of height / width) that holds most of the target person.
-CENTRAL_REGION = ((0.05, 0.95), (0.25, 0.75))
+# Central crop (fractions of height / width): the target's torso and legs in a
+# typical box, with little background.
+CENTRAL_REGION = ((0.15, 0.85), (0.3, 0.7))
 
 
 def read_split(split_dir):

@@ -1,1 +1,1 @@
-from .synthetic import SyntheticMarket, generate_synthetic_market
+from .synthetic import SyntheticMarket, SyntheticMarketTiny, generate_synthetic_market

@@ -21,7 +21,8 @@ What tells identities apart (fixed per identity):
     cap); skin tone; carried object (backpack, handbag on one side, none) and
     its colour; body height and width.  Colours come from small shared palettes,
     so many identities share a shirt or trouser colour and only the combination
-    of attributes identifies a person.
+    of attributes identifies a person; some identities are look-alikes of another
+    one (same shirt, two other attribute groups changed).
 
 What changes between cameras (fixed per camera, shared by train and test):
     background (solid, wall/floor split, vertical stripes, gradient, tiled
@@ -37,8 +38,8 @@ brightness, occluders and noise.
 The gallery of every test identity spans at least two cameras, so every query
 has a match from a different camera (the Market protocol ignores same-camera
 matches).  Distractors (pid 0) are people who are not in the query set, or
-background crops with only a distant passer-by; junk images (pid -1) are badly cropped boxes that FastReID
-skips when parsing.
+background crops with only a distant passer-by; junk images (pid -1) are badly
+cropped boxes that FastReID skips when parsing.
 
 Generation is deterministic: every image is drawn from its own random stream
 seeded by ``(seed, kind, pid, image index)``, and JPEG parameters are fixed, so
@@ -118,13 +119,17 @@ BACKGROUND_COLOURS = [
     (160, 130, 100), (70, 75, 85), (130, 150, 165), (175, 160, 140), (100, 90, 80),
 ]
 
-# Look-alikes: probability that an identity copies an earlier one and re-draws two
-# of these attribute groups (the shirt colour and pattern are always kept).
+# Look-alikes: probability that an identity copies an earlier one and visibly
+# changes two of these attribute groups (the shirt colour and pattern are kept).
 LOOKALIKE_PROB = 0.4
-LOOKALIKE_GROUPS = (
-    ("lower", "lower_type"), ("shoes",), ("hair", "hair_style", "cap"),
-    ("bag", "bag_colour", "bag_side"), ("height", "width", "skin"), ("long_sleeves", "shirt2"),
-)
+LOOKALIKE_GROUPS = {
+    "lower": ("lower", "lower_type"),
+    "shoes": ("shoes",),
+    "hair": ("hair", "hair_style", "cap"),
+    "bag": ("bag", "bag_colour", "bag_side"),
+    "body": ("height", "width", "skin"),
+    "sleeves": ("long_sleeves", "shirt2"),
+}
 
 PATTERNS = ("solid", "hstripes", "vstripes", "checks", "twotone")
 VIEWS = ("front", "back", "side")
@@ -183,11 +188,35 @@ def _sample_person(rng):
     }
 
 
+def _nearest(palette, colour):
+    return min(range(len(palette)), key=lambda i: sum((a - b) ** 2 for a, b in zip(palette[i], colour)))
+
+
+def _signature(person, group):
+    """What a viewer can tell apart in one attribute group: palette entries rather
+    than the per-identity colour jitter, and only attributes that are drawn."""
+    p = person
+    if group == "lower":
+        return _nearest(LOWER_COLOURS, p["lower"]), p["lower_type"]
+    if group == "shoes":
+        return _nearest(SHOE_COLOURS, p["shoes"])
+    if group == "hair":
+        cap = _nearest(SHIRT_COLOURS, p["cap"]) if p["hair_style"] == "cap" else None
+        return _nearest(HAIR_COLOURS, p["hair"]), p["hair_style"], cap
+    if group == "bag":
+        colour = _nearest(BAG_COLOURS, p["bag_colour"]) if p["bag"] != "none" else None
+        return p["bag"], colour, p["bag_side"] if p["bag"] == "handbag" else None
+    if group == "body":
+        return _nearest(SKIN_TONES, p["skin"])
+    second = _nearest(SHIRT_COLOURS, p["shirt2"]) if p["pattern"] != "solid" else None
+    return p["long_sleeves"], second
+
+
 def _sample_identities(params):
     """Appearance of every identity, keyed by pid.
 
     A fraction of identities are look-alikes of an earlier identity of the same
-    split (train or test): same shirt, with a few other attribute groups
+    split (train or test): same shirt, with two other attribute groups visibly
     re-drawn, so that telling them apart needs the finer details.
     """
     seed, n_train = params["seed"], params["num_train_ids"]
@@ -198,11 +227,11 @@ def _sample_identities(params):
         person = _sample_person(rng)
         if pid > first and rng.random() < LOOKALIKE_PROB:
             base = identities[int(rng.integers(first, pid))]
-            look = dict(base)
-            while look == base:   # re-draw until the look-alike differs from its model
-                for i in rng.choice(len(LOOKALIKE_GROUPS), 2, replace=False):
-                    look.update({key: person[key] for key in LOOKALIKE_GROUPS[i]})
-            person = look
+            person = dict(base)
+            for group in rng.choice(sorted(LOOKALIKE_GROUPS), 2, replace=False):
+                while _signature(person, group) == _signature(base, group):
+                    fresh = _sample_person(rng)
+                    person.update({key: fresh[key] for key in LOOKALIKE_GROUPS[group]})
         identities[pid] = person
     return identities
 
@@ -709,3 +738,15 @@ class SyntheticMarket(ImageDataset):
                 camid = self.dataset_name + "_" + str(camid)
             data.append((osp.join(dir_path, name), pid, camid))
         return data
+
+
+@DATASET_REGISTRY.register()
+class SyntheticMarketTiny(SyntheticMarket):
+    """A tiny split of the same generator (8 train / 8 test identities, about 80 + 70 images) for
+    smoke tests and CI: a run trains and evaluates in seconds. Keywords override the sizes."""
+    dataset_dir = "SyntheticMarketTiny"
+    dataset_name = "synthetic_tiny"
+
+    def __init__(self, root="datasets", **kwargs):
+        sizes = {"num_train_ids": 8, "num_test_ids": 8, "num_distractors": 20, "num_junk": 2}
+        super().__init__(root, **{**sizes, **kwargs})

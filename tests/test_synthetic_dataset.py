@@ -1,0 +1,206 @@
+"""Tests of the SyntheticMarket generator, its FastReID dataset class and its difficulty."""
+import collections
+import collections.abc
+import hashlib
+import importlib.util
+import os
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+_REPO = Path(__file__).resolve().parents[1]
+_PROJECT = _REPO / "projects" / "PromptSG"
+_HAS_COMPAT = (_PROJECT / "promptsg" / "compat.py").exists()
+
+if not _HAS_COMPAT:
+    # Until promptsg.compat exists: the two fixes FastReID 1.4.0 needs on this
+    # Python/torch before fastreid.data can be imported.
+    collections.Mapping = collections.abc.Mapping
+    if "torch._six" not in sys.modules:
+        _six = types.ModuleType("torch._six")
+        _six.string_classes = (str, bytes)
+        sys.modules["torch._six"] = _six
+try:
+    import promptsg  # noqa: F401  (installed editable)
+except ImportError:
+    sys.path.insert(0, str(_PROJECT))
+if _HAS_COMPAT:
+    import promptsg.compat  # noqa: F401
+
+from fastreid.data.datasets import DATASET_REGISTRY  # noqa: E402
+from promptsg.datasets import SyntheticMarket, generate_synthetic_market  # noqa: E402
+from promptsg.datasets import synthetic  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("synthetic_probe", _REPO / "tools" / "synthetic_probe.py")
+synthetic_probe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(synthetic_probe)
+
+SMALL = dict(num_train_ids=12, num_test_ids=8, num_distractors=20, num_junk=4)
+MARKET_RE = re.compile(r"([-\d]+)_c(\d)")   # the pattern of FastReID's Market1501.process_dir
+
+
+def _files(dataset_dir, sub=""):
+    root = Path(dataset_dir)
+    return sorted(p for p in (root / sub).rglob("*") if p.is_file())
+
+
+def _digest(dataset_dir, sub=""):
+    h = hashlib.sha256()
+    for p in _files(dataset_dir, sub):
+        h.update(str(p.relative_to(dataset_dir)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _parse(split_dir):
+    """[(pid, cam)] of every image, parsed with FastReID's Market regex."""
+    out = []
+    for p in sorted(Path(split_dir).glob("*.jpg")):
+        pid, cam = map(int, MARKET_RE.search(p.name).groups())
+        out.append((pid, cam))
+    return out
+
+
+@pytest.fixture(scope="module")
+def default_dataset(tmp_path_factory):
+    """The default-size dataset, built through the FastReID registry."""
+    root = tmp_path_factory.mktemp("fastreid_datasets")
+    return DATASET_REGISTRY.get("SyntheticMarket")(root=str(root))
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    generate_synthetic_market(tmp_path / "a", seed=3, **SMALL)
+    generate_synthetic_market(tmp_path / "b", seed=3, **SMALL)
+    generate_synthetic_market(tmp_path / "c", seed=4, **SMALL)
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    assert _digest(tmp_path / "a", "bounding_box_train") != _digest(tmp_path / "c", "bounding_box_train")
+
+
+def test_layout_follows_market_protocol(tmp_path):
+    d = tmp_path / "SyntheticMarket"
+    manifest = generate_synthetic_market(d, **SMALL)
+    train = _parse(d / "bounding_box_train")
+    query = _parse(d / "query")
+    gallery = _parse(d / "bounding_box_test")
+    c = manifest["counts"]
+    assert (len(train), len(query), len(gallery)) == (c["train_images"], c["query_images"], c["gallery_images"])
+
+    train_pids = {p for p, _ in train}
+    test_pids = {p for p, _ in query}
+    assert train_pids == set(range(1, 13)) and len(test_pids) == 8
+    assert not train_pids & test_pids
+    assert {p for p, _ in gallery} == test_pids | {0, -1}
+    assert sum(p == 0 for p, _ in gallery) == 20 and sum(p == -1 for p, _ in gallery) == 4
+    assert all(1 <= cam <= 6 for _, cam in train + query + gallery)
+    # Every query has a match from another camera; query cameras of one identity are distinct.
+    for pid, cam in query:
+        assert any(p == pid and c != cam for p, c in gallery)
+    assert len(set(query)) == len(query)
+    # Every training identity is seen by at least two cameras.
+    for pid in train_pids:
+        assert len({c for p, c in train if p == pid}) >= 2
+
+    with Image.open(next((d / "query").glob("*.jpg"))) as img:
+        assert img.size == (64, 128) and img.mode == "RGB"
+    assert manifest == synthetic._read_manifest(str(d))
+    assert manifest["params"]["seed"] == 0 and manifest["version"] == synthetic.GENERATOR_VERSION
+
+
+def test_reuse_and_regenerate(tmp_path):
+    d = tmp_path / "SyntheticMarket"
+    first = generate_synthetic_market(d, **SMALL)
+    stamps = {p: p.stat().st_mtime_ns for p in _files(d)}
+    train_digest = _digest(d, "bounding_box_train")
+
+    assert generate_synthetic_market(d, **SMALL) == first
+    assert {p: p.stat().st_mtime_ns for p in _files(d)} == stamps
+
+    # Other parameters: the dataset is regenerated in place.  Images are drawn per
+    # image, so the identities' images are unchanged by the number of distractors.
+    second = generate_synthetic_market(d, **dict(SMALL, num_distractors=5))
+    assert second["params"]["num_distractors"] == 5
+    assert sum(pid == 0 for pid, _ in _parse(d / "bounding_box_test")) == 5
+    assert _digest(d, "bounding_box_train") == train_digest
+    assert sorted(os.listdir(tmp_path)) == ["SyntheticMarket"]   # no temporary leftovers
+
+    # A generated dataset with missing files is regenerated, too.
+    next((d / "query").glob("*.jpg")).unlink()
+    generate_synthetic_market(d, **dict(SMALL, num_distractors=5))
+    assert len(_parse(d / "query")) == second["counts"]["query_images"]
+
+
+def test_foreign_directory_is_never_touched(tmp_path):
+    d = tmp_path / "SyntheticMarket"
+    d.mkdir()
+    (d / "mine.txt").write_text("keep")
+    with pytest.raises(RuntimeError, match="not created by"):
+        generate_synthetic_market(d, **SMALL)
+    assert (d / "mine.txt").read_text() == "keep"
+
+
+def test_interrupted_generation_leaves_nothing_usable(tmp_path, monkeypatch):
+    d = tmp_path / "SyntheticMarket"
+    real_save = synthetic._save_jpeg
+    calls = []
+
+    def failing_save(image, path):
+        calls.append(path)
+        if len(calls) > 10:
+            raise KeyboardInterrupt("simulated interruption")
+        real_save(image, path)
+
+    monkeypatch.setattr(synthetic, "_save_jpeg", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        generate_synthetic_market(d, **SMALL)
+    assert os.listdir(tmp_path) == []   # neither the dataset nor its temporary directory
+
+    # Interrupted regeneration keeps the previous complete dataset as it was.
+    monkeypatch.setattr(synthetic, "_save_jpeg", real_save)
+    generate_synthetic_market(d, **SMALL)
+    digest = _digest(d)
+    calls.clear()
+    monkeypatch.setattr(synthetic, "_save_jpeg", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        generate_synthetic_market(d, **dict(SMALL, seed=9))
+    assert sorted(os.listdir(tmp_path)) == ["SyntheticMarket"] and _digest(d) == digest
+
+    # A leftover of a killed run (a hidden temporary sibling) is never picked up.
+    monkeypatch.setattr(synthetic, "_save_jpeg", real_save)
+    leftover = tmp_path / ".Other.tmp-killed"
+    (leftover / "query").mkdir(parents=True)
+    generate_synthetic_market(tmp_path / "Other", **SMALL)
+    assert _digest(tmp_path / "Other") == digest
+
+
+def test_fastreid_dataset_class(tmp_path):
+    assert DATASET_REGISTRY.get("SyntheticMarket") is SyntheticMarket
+    ds = DATASET_REGISTRY.get("SyntheticMarket")(root=str(tmp_path), **SMALL)
+    c = ds.manifest["counts"]
+    assert ds.dataset_dir == str(tmp_path / "SyntheticMarket")
+    assert len(ds.train) == c["train_images"]
+    assert len(ds.query) == c["query_images"]
+    assert len(ds.gallery) == c["gallery_images"] - c["junk_images"]   # junk skipped
+    assert ds.num_train_pids == 12 and ds.num_train_cams <= 6
+    assert len(ds) == len(ds.train)
+
+    path, pid, camid = ds.train[0]
+    assert os.path.isfile(path) and pid.startswith("synthetic_") and camid.startswith("synthetic_")
+    for path, pid, camid in ds.query + ds.gallery:
+        assert isinstance(pid, int) and pid >= 0 and 0 <= camid < 6
+        assert MARKET_RE.search(os.path.basename(path)).group(1) == f"{pid:04d}"
+    assert {pid for _, pid, _ in ds.gallery} >= {pid for _, pid, _ in ds.query} | {0}
+    ds.show_train()
+    ds.show_test()
+
+
+def test_colour_histogram_probe_is_above_chance_but_far_from_solved(default_dataset):
+    ds = default_dataset
+    assert ds.num_train_pids == synthetic.DEFAULT_NUM_TRAIN_IDS
+    result = synthetic_probe.probe(ds.dataset_dir)
+    assert result["num_queries"] == len(ds.query)
+    assert result["chance_mAP"] < 0.01
+    assert 2 * result["chance_mAP"] < result["mAP"] < 0.6
