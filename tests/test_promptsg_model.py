@@ -45,7 +45,7 @@ def test_prompt_tokens_and_placeholder_position(composer):
 
 def test_pseudo_token_replaces_placeholder_embedding(composer, monkeypatch):
     seen = {}
-    monkeypatch.setattr(composer, "encode", lambda x, ids, return_tokens=False: seen.setdefault("x", x))
+    monkeypatch.setattr(composer, "encode", lambda x, eot, return_tokens=False: seen.setdefault("x", x))
     s_star = torch.randn(3, composer.width)
     composer.compose(s_star)
     x = seen["x"]

@@ -128,7 +128,6 @@ def resize_grid_pos_embed(pos_embed: torch.Tensor, old_grid: Grid, new_grid: Gri
         num_prefix_tokens=1,
         interpolation="bilinear",
         antialias=False,
-        align_corners=False,
     )
     return resized.squeeze(0)  # (1 + GH*GW, C)
 

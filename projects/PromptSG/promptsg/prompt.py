@@ -49,6 +49,7 @@ class PromptComposer(nn.Module):
         simple_len = int(simple_ids.argmax()) + 1
         self.register_buffer("prompt_ids", ids[:prompt_len].clone(), persistent=False)
         self.register_buffer("simple_ids", simple_ids[:simple_len].clone(), persistent=False)
+        self.prompt_eot, self.simple_eot = prompt_len - 1, simple_len - 1  # Python ints: no device sync
         self._simple_cache = {}
         self.register_load_state_dict_post_hook(lambda module, keys: module._simple_cache.clear())
 
@@ -67,8 +68,8 @@ class PromptComposer(nn.Module):
         """The text tower stays in eval mode: it is frozen."""
         return super().train(False)
 
-    def encode(self, token_embeddings, ids, return_tokens=False):
-        """Run the text tower on (B, n, D) token embeddings whose ids are ``ids`` (n,).
+    def encode(self, token_embeddings, eot_index, return_tokens=False):
+        """Run the text tower on (B, n, D) token embeddings with the EOT token at ``eot_index``.
 
         Returns the pooled EOT embedding (B, E) and, if ``return_tokens``, every token
         projected to the joint space (B, n, E).
@@ -79,7 +80,7 @@ class PromptComposer(nn.Module):
         x = self.transformer(x, attn_mask=causal)
         x = self.ln_final(x)
         tokens = self._project(x)                    # (B, n, E)
-        pooled = tokens[:, int(ids.argmax())]        # EOT position
+        pooled = tokens[:, eot_index]
         return (pooled, tokens) if return_tokens else pooled
 
     def _project(self, x):
@@ -93,7 +94,7 @@ class PromptComposer(nn.Module):
         before = base[: self.placeholder_index].expand(len(pseudo_tokens), -1, -1)
         after = base[self.placeholder_index + 1:].expand(len(pseudo_tokens), -1, -1)
         x = torch.cat([before, pseudo_tokens[:, None, :], after], dim=1)           # (B, n, D)
-        return self.encode(x, self.prompt_ids, return_tokens)
+        return self.encode(x, self.prompt_eot, return_tokens)
 
     def simple(self, batch_size, device, return_tokens=False):
         """Embedding of the simplified prompt (float32), computed once per device and cached."""
@@ -101,7 +102,8 @@ class PromptComposer(nn.Module):
         if key not in self._simple_cache:
             with torch.no_grad(), torch.autocast(key[0].type, enabled=False):
                 ids = self.simple_ids.to(device)
-                self._simple_cache[key] = self.encode(self.token_embedding(ids)[None].float(), ids, return_tokens)
+                self._simple_cache[key] = self.encode(self.token_embedding(ids)[None].float(), self.simple_eot,
+                                                      return_tokens)
         cached = self._simple_cache[key]
         if return_tokens:
             return cached[0].expand(batch_size, -1), cached[1].expand(batch_size, -1, -1)

@@ -1,0 +1,303 @@
+"""PromptSG's fast paths give the numbers of the plain computation, inside the whole model.
+
+Each shortcut (cached simplified prompt, prompt-length text encoding, one-row last MIM block,
+bf16 autocast, no host-device synchronisation) is checked through ``build_model`` against a
+computation written here: open_clip's own 77-token text path, or the full last block.
+tools/benchmark.py, which measures what these shortcuts buy, is run once on a tiny model.
+"""
+import importlib.util
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import promptsg.interaction
+from fastreid.engine import DefaultTrainer
+from fastreid.modeling import build_model
+from fastreid.utils.events import EventStorage
+from promptsg.clip_weights import create_clip_model
+from promptsg.supcon import symmetric_supcon_loss
+from test_promptsg_model import PROMPT, SIMPLE, batch, tiny_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (none on this machine)")
+
+
+def reference_clip(model):
+    """A separate open_clip CLIP carrying ``model``'s text-tower weights."""
+    clip = create_clip_model("tiny-ViT", "", (64, 32))
+    missing, unexpected = clip.load_state_dict(model.text.state_dict(), strict=False)
+    text_keys = ("transformer.", "ln_final", "token_embedding", "positional_embedding", "text_projection")
+    assert not unexpected and not any(k.startswith(text_keys) for k in missing)
+    return clip.to(model.device).eval()
+
+
+def encode_full_context(clip, prompt, pseudo_tokens=None, index=5):
+    """open_clip's text path over the full 77-token context, s* written in at ``index``.
+
+    token embeddings (B, 77, D) + positional embedding -> transformer with CLIP's causal mask
+    ``attn_mask`` -> ln_final -> the EOT token (argmax of the ids) -> text projection.
+    """
+    ids = open_clip.get_tokenizer("tiny-ViT")([prompt]).to(clip.positional_embedding.device)  # (1, 77)
+    x = clip.token_embedding(ids)
+    if pseudo_tokens is not None:
+        x = x.expand(len(pseudo_tokens), -1, -1).clone()
+        x[:, index] = pseudo_tokens
+    x = clip.transformer(x + clip.positional_embedding, attn_mask=clip.attn_mask)
+    x = clip.ln_final(x)
+    return x[:, int(ids[0].argmax())] @ clip.text_projection                                  # (B, E)
+
+
+def forward(model, inputs):
+    with EventStorage(0):
+        return model(inputs)
+
+
+def on(device, inputs):
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+# ---- the simplified prompt ----
+
+def test_simplified_prompt_is_encoded_once_per_model_and_equals_encode_text():
+    model = build_model(tiny_cfg()).eval()
+    runs, queries = [], []
+    model.text.transformer.register_forward_hook(lambda *a: runs.append(1))
+    model.heads.mim.register_forward_pre_hook(lambda m, args: queries.append(args[0]))
+    counts = []
+    with torch.no_grad():
+        for n_ids in (4, 2, 4):                  # several eval batches, two batch sizes
+            model(batch(n_ids=n_ids))
+            counts.append(len(runs))
+        reference = reference_clip(model).encode_text(open_clip.get_tokenizer("tiny-ViT")([SIMPLE]))
+    assert counts == [1, 1, 1]
+    for query in queries:
+        torch.testing.assert_close(query[:, 0], reference.expand(len(query), -1), rtol=1e-5, atol=1e-5)
+
+
+# ---- the composed prompt: only its 9 real tokens go through the text encoder ----
+
+def spy_on_compose(model, monkeypatch):
+    """Record the s* that reach PromptComposer.compose and the text embedding it returns."""
+    seen = {}
+    compose = model.text.compose
+
+    def spy(pseudo_tokens, return_tokens=False):
+        seen["s_star"], seen["text"] = pseudo_tokens, compose(pseudo_tokens, return_tokens)
+        return seen["text"]
+
+    monkeypatch.setattr(model.text, "compose", spy)
+    lengths = []
+    model.text.transformer.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
+    return seen, lengths, compose
+
+
+def test_composed_inference_encodes_nine_tokens_equal_to_the_full_context(monkeypatch):
+    model = build_model(tiny_cfg(**{"MODEL.PROMPTSG.INFERENCE_PROMPT": "composed"})).eval()
+    seen, lengths, _ = spy_on_compose(model, monkeypatch)
+    with torch.no_grad():
+        model(batch())
+        reference = encode_full_context(reference_clip(model), PROMPT, seen["s_star"])
+    assert lengths == [9]                        # [SOS, a, photo, of, a, s*, person, ., EOT]
+    torch.testing.assert_close(seen["text"], reference, rtol=1e-5, atol=1e-5)
+
+
+def test_composed_training_encodes_nine_tokens_with_the_full_context_gradient(monkeypatch):
+    model = build_model(tiny_cfg()).train()
+    seen, lengths, compose = spy_on_compose(model, monkeypatch)
+    forward(model, batch())
+    assert lengths == [9]
+    clip = reference_clip(model)
+    s_fast = seen["s_star"].detach().clone().requires_grad_()
+    s_full = seen["s_star"].detach().clone().requires_grad_()
+    fast, full = compose(s_fast), encode_full_context(clip, PROMPT, s_full)
+    torch.testing.assert_close(seen["text"].detach(), full.detach(), rtol=1e-5, atol=1e-5)
+    cotangent = torch.randn_like(full)
+    (fast * cotangent).sum().backward()
+    (full * cotangent).sum().backward()
+    torch.testing.assert_close(s_fast.grad, s_full.grad, rtol=1e-4, atol=1e-6)
+
+
+# ---- the MIM's last block computes only the query row ----
+
+def full_block_row(block, x, index):
+    """The reference for query_row_forward: the whole block, then the row."""
+    return block(x)[:, index]
+
+
+@pytest.mark.parametrize("query", ["pooled", "tokens"])
+@pytest.mark.parametrize("prompt", ["simplified", "composed"])
+def test_head_feature_with_one_row_last_block_equals_the_full_block(monkeypatch, prompt, query):
+    model = build_model(tiny_cfg(**{"MODEL.PROMPTSG.INFERENCE_PROMPT": prompt,
+                                    "MODEL.PROMPTSG.MIM.QUERY": query})).eval()
+    rows = []
+    model.heads.mim.blocks[-1].mlp.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[1]))
+    with torch.no_grad():
+        fast = model(batch())
+        monkeypatch.setattr(promptsg.interaction, "query_row_forward", full_block_row)
+        full = model(batch())
+    assert rows[0] == 1                          # the fast path runs the MLP on one token
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+
+
+def test_training_losses_and_gradients_with_one_row_last_block_equal_the_full_block(monkeypatch):
+    model = build_model(tiny_cfg()).train()
+
+    def losses_and_grads():
+        model.zero_grad(set_to_none=True)
+        losses = forward(model, batch())
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return {k: v.detach() for k, v in losses.items()}, grads
+
+    fast_losses, fast_grads = losses_and_grads()
+    monkeypatch.setattr(promptsg.interaction, "query_row_forward", full_block_row)
+    full_losses, full_grads = losses_and_grads()
+    torch.testing.assert_close(fast_losses, full_losses, rtol=1e-5, atol=1e-6)
+    assert fast_grads.keys() == full_grads.keys() and any(k.startswith("heads.mim.blocks") for k in fast_grads)
+    torch.testing.assert_close(fast_grads, full_grads, rtol=1e-4, atol=1e-5)
+
+
+# ---- CUDA: bf16 autocast and no host-device synchronisation ----
+
+@needs_cuda
+def test_cuda_bf16_autocast_training_step_gives_finite_losses_and_updates_weights():
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bf16")
+    cfg = tiny_cfg(**{"MODEL.DEVICE": "cuda"})
+    model = build_model(cfg).train()
+    optimizer, _ = DefaultTrainer.build_optimizer(cfg, model)
+    tracked = {"backbone": model.backbone.visual.conv1.weight, "mim": model.heads.mim.cross[0].attn.in_proj_weight,
+               "inversion": model.heads.inversion.mlp[0].weight, "classifier": model.heads.classifier.weight}
+    before = {k: p.detach().clone() for k, p in tracked.items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        losses = forward(model, on("cuda", batch()))
+    assert all(torch.isfinite(v).item() for v in losses.values()), losses
+    optimizer.zero_grad(set_to_none=True)
+    sum(losses.values()).backward()
+    optimizer.step()
+    for name, p in tracked.items():
+        assert p.dtype == torch.float32 and torch.isfinite(p).all(), name
+        assert not torch.equal(p, before[name]), f"{name} weights did not change"
+
+
+def sync_free_losses(outputs, visual, text, targets):
+    """ID + SupCon losses written without host reads (FastReID's own loss functions read back
+    a count or log an accuracy as a Python float; those are not PromptSG's code)."""
+    return {"loss_cls": F.cross_entropy(outputs["cls_outputs"].float(), targets),
+            "loss_feat": outputs["features"].float().square().mean(),
+            "loss_supcon": symmetric_supcon_loss(visual.embedding, text, targets)}
+
+
+def train_and_infer(model, inputs, amp=False):
+    """One training forward + backward and both inference prompts, ``model.losses`` sync-free."""
+    model.train()
+    with torch.autocast(inputs["images"].device.type, dtype=torch.bfloat16, enabled=amp):
+        losses = forward(model, inputs)
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.no_grad(), torch.autocast(inputs["images"].device.type, dtype=torch.bfloat16, enabled=amp):
+        for mode in ("simplified", "composed"):
+            model.inference_prompt = mode
+            model(inputs)
+
+
+def sync_free_model(device, monkeypatch):
+    model = build_model(tiny_cfg(**{"MODEL.DEVICE": device, "MODEL.PROMPTSG.INFERENCE_PROMPT": "composed"}))
+    monkeypatch.setattr(model, "losses", sync_free_losses)
+    return model
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ATen ops that copy a tensor's values to the host (a synchronisation on CUDA)."""
+
+    OPS = {torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero, torch.ops.aten.is_nonzero,
+           torch.ops.aten.equal, torch.ops.aten.masked_select, torch.ops.aten._unique2,
+           torch.ops.aten.unique_consecutive, torch.ops.aten.unique_dim}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.OPS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_forward_and_backward_read_no_tensor_value_back_to_the_host(monkeypatch):
+    """The CPU stand-in for the CUDA sync check below: no op that needs a tensor's values on the host."""
+    model = sync_free_model("cpu", monkeypatch)
+    inputs = batch()
+    train_and_infer(model, inputs)               # fills the simplified-prompt cache
+    with HostReads() as reads:
+        train_and_infer(model, inputs)
+    assert reads.seen == []
+
+
+@needs_cuda
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda_forward_and_backward_never_synchronise_with_the_host(monkeypatch, amp):
+    model = sync_free_model("cuda", monkeypatch)
+    inputs = on("cuda", batch())
+    train_and_infer(model, inputs, amp)          # fills the simplified-prompt cache, warms up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train_and_infer(model, inputs, amp)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# ---- tools/benchmark.py ----
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "tools" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY_OPTS = ["MODEL.CLIP.NAME", "tiny-ViT", "MODEL.CLIP.PRETRAINED", "", "MODEL.PROMPTSG.MIM.HEADS", "2",
+             "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "SOLVER.AMP.ENABLED", "False"]
+
+
+def test_benchmark_prints_json_measurements_and_ratios(tmp_path, capsys):
+    out = tmp_path / "bench.jsonl"
+    records = load_benchmark().main([
+        "--config-file", str(REPO / "projects/PromptSG/configs/Base-PromptSG.yml"), "--device", "cpu",
+        "--iters", "2", "--warmup", "1", "--rounds", "1", "--batch", "8", "--test-batch", "8",
+        "--out", str(out), *TINY_OPTS])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert printed == records == [json.loads(line) for line in out.read_text().splitlines()]
+    by_kind = {}
+    for r in records:
+        by_kind.setdefault(r["kind"], []).append(r)
+    assert by_kind["setup"][0]["train_batch"] == 8 and by_kind["setup"][0]["identities"] == 2
+    assert {(r["variant"], r["phase"]) for r in by_kind["memory"]} == {
+        ("baseline", "train"), ("promptsg", "train"), ("baseline", "visual"),
+        ("promptsg", "simplified"), ("promptsg", "composed")}
+    assert all(r["state_bytes"] > 0 and r["peak_step_bytes"] >= 0 for r in by_kind["memory"])
+    assert {r["variant"] for r in by_kind["train"]} == {"baseline", "promptsg"}
+    assert {(r["variant"], r["prompt"]) for r in by_kind["inference"]} == {
+        ("baseline", "visual"), ("promptsg", "simplified"), ("promptsg", "composed")}
+    assert all(r["step_s"] > 0 and r["images_per_s"] > 0 for r in by_kind["train"] + by_kind["inference"])
+    ratios = by_kind["ratios"][-1]
+    assert records[-1] is ratios
+    for key in ("inference_simplified_vs_visual", "inference_composed_vs_visual", "train_step_time_vs_baseline"):
+        assert ratios[key] > 0 and isinstance(ratios["meets_targets"][key], bool)
+
+
+def test_benchmark_baseline_is_the_visual_only_model():
+    benchmark = load_benchmark()
+    args = benchmark.parse_args(["--config-file", str(REPO / "projects/PromptSG/configs/Base-PromptSG.yml"),
+                                 *TINY_OPTS])
+    cfg = benchmark.setup_cfg(args, "cpu", benchmark.BASELINE_OVERRIDES)
+    cfg.MODEL.HEADS.NUM_CLASSES = 4
+    model = build_model(cfg)
+    assert model.text is None and model.heads.mim is None and model.heads.inversion is None

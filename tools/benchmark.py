@@ -1,0 +1,470 @@
+#!/usr/bin/env python
+"""Speed and memory of PromptSG against the CLIP visual-only baseline (same tower, same batch).
+
+    python tools/benchmark.py --config-file projects/PromptSG/configs/Market1501/vit.yml \\
+        MODEL.CLIP.PRETRAINED ""                      # random CLIP weights are fine for speed
+    python tools/benchmark.py --config-file CFG --batch 16 --test-batch 32 --iters 2 --rounds 3
+    python tools/benchmark.py --config-file CFG --data-wait 50      # time spent waiting on data
+
+Both models are built in one process, warmed up, then timed in interleaved rounds (baseline,
+PromptSG, then PromptSG, baseline, ...) so that machine noise hits both alike; the median over
+rounds is reported. The baseline is the given config with the visual-only overrides of
+configs/Market1501/clip_baseline.yml (``BASELINE_OVERRIDES``).
+
+  * training: forward + backward + optimizer step (DefaultTrainer.build_optimizer) on synthetic
+    images of INPUT.SIZE_TRAIN in FastReID's P x K layout (SOLVER.IMS_PER_BATCH images,
+    DATALOADER.NUM_INSTANCE per identity), under bf16 autocast when SOLVER.AMP.ENABLED and CUDA
+    supports it (fp16 with a GradScaler otherwise), as promptsg.compat's AMPTrainer trains;
+  * inference: eval mode under torch.inference_mode (and the same autocast on CUDA), batch
+    TEST.IMS_PER_BATCH, for both MODEL.PROMPTSG.INFERENCE_PROMPT modes;
+  * memory: the bytes held by the model and optimizer (parameters, gradients, optimizer state)
+    and the peak on top of them during a step (CUDA: torch.cuda.max_memory_allocated; CPU: peak
+    resident set size from resource.getrusage, its high-water mark reset through
+    /proc/self/clear_refs after glibc's malloc_trim where Linux allows it).
+
+``--data-wait N`` instead trains the given config on FastReID's real train loader
+(DefaultTrainer.build_train_loader; datasets under $FASTREID_DATASETS) for N steps and reports
+the share of step time spent in ``next(loader)``.
+
+Output: one JSON object per line (stdout, and ``--out FILE``), then a plain-text table.
+"""
+import argparse
+import ctypes
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+import promptsg  # noqa: F401  (patches FastReID, registers PromptSG)
+from fastreid.config import get_cfg
+from fastreid.engine import DefaultTrainer
+from fastreid.modeling import build_model
+from fastreid.utils.events import EventStorage
+from promptsg import add_promptsg_config
+from promptsg.preflight import InputError, load_config
+
+# The CLIP baseline of configs/Market1501/clip_baseline.yml: ID + triplet losses, no prompt, no MIM.
+BASELINE_OVERRIDES = [
+    "MODEL.LOSSES.NAME", '("CrossEntropyLoss", "TripletLoss")',
+    "MODEL.PROMPTSG.COMPOSE_TRAIN", "False",
+    "MODEL.PROMPTSG.MIM.CROSS_LAYERS", "0",
+    "MODEL.PROMPTSG.MIM.SELF_LAYERS", "0",
+    "MODEL.PROMPTSG.INFERENCE_PROMPT", "simplified",
+]
+# What the PromptSG model must reach against the baseline (higher is better for "min").
+TARGETS = {
+    "inference_simplified_vs_visual": ("min", 0.95),
+    "inference_composed_vs_visual": ("min", 0.80),
+    "train_step_time_vs_baseline": ("max", 1.25),
+}
+DEFAULT_NUM_CLASSES = 751  # Market-1501's training identities, when the config leaves it at 0
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: cuda if available (overrides MODEL.DEVICE)")
+    parser.add_argument("--iters", type=int, default=5, help="steps per timed measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per measurement, once")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (median)")
+    parser.add_argument("--batch", type=int, default=None, help="training batch (SOLVER.IMS_PER_BATCH)")
+    parser.add_argument("--test-batch", type=int, default=None, help="inference batch (TEST.IMS_PER_BATCH)")
+    parser.add_argument("--data-wait", type=int, default=0, metavar="N",
+                        help="instead: N training steps on the real train loader, report the data-wait share")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--out", default=None, metavar="FILE", help="also write the JSON lines here")
+    parser.add_argument("--tag", default=None, help="a label added to every JSON line")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    return parser.parse_args(argv)
+
+
+def setup_cfg(args, device, extra_opts=()):
+    cfg = add_promptsg_config(get_cfg())
+    load_config(cfg, args.config_file, list(args.opts) + list(extra_opts))
+    cfg.MODEL.DEVICE = device
+    if args.batch:
+        cfg.SOLVER.IMS_PER_BATCH = args.batch
+    if args.test_batch:
+        cfg.TEST.IMS_PER_BATCH = args.test_batch
+    if cfg.SOLVER.IMS_PER_BATCH % cfg.DATALOADER.NUM_INSTANCE:
+        raise InputError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not a multiple of "
+                         f"DATALOADER.NUM_INSTANCE {cfg.DATALOADER.NUM_INSTANCE}")
+    return cfg
+
+
+def amp_dtype(cfg, device):
+    """The autocast dtype of promptsg.compat's AMPTrainer, or None (float32)."""
+    if not cfg.SOLVER.AMP.ENABLED or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "") if dtype is not None else "float32"
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Variant:
+    """One model with its optimizer and the closures that run one training / inference step."""
+
+    def __init__(self, name, cfg, device):
+        self.name, self.cfg, self.device = name, cfg, device
+        self.dtype = amp_dtype(cfg, device)
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        self.model = build_model(cfg)
+        self.build_s = time.perf_counter() - start
+        self.optimizer, _ = DefaultTrainer.build_optimizer(cfg, self.model)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+        self.prompt_modes = self._prompt_modes()
+
+    def _prompt_modes(self):
+        """Inference prompts this model can run: none for the visual-only model."""
+        model = self.model
+        if model.text is None or model.heads.mim is None and model.heads.inversion is None:
+            return ["visual"]
+        return ["simplified", "composed"] if model.heads.inversion is not None else ["simplified"]
+
+    def train_batch(self, batch_size):
+        ids = batch_size // self.cfg.DATALOADER.NUM_INSTANCE
+        targets = torch.arange(ids).repeat_interleave(self.cfg.DATALOADER.NUM_INSTANCE)
+        return self._images(batch_size, self.cfg.INPUT.SIZE_TRAIN, targets.to(self.device))
+
+    def test_batch(self, batch_size):
+        return self._images(batch_size, self.cfg.INPUT.SIZE_TEST)
+
+    def _images(self, batch_size, size, targets=None):
+        generator = torch.Generator(device=self.device).manual_seed(1)
+        images = torch.rand(batch_size, 3, *size, device=self.device, generator=generator) * 255
+        batch = {"images": images, "camids": torch.zeros(batch_size, dtype=torch.long, device=self.device)}
+        if targets is not None:
+            batch["targets"] = targets
+        return batch
+
+    def train_step(self, batch):
+        self.model.train()
+        with autocast(self.device, self.dtype):
+            loss_dict = self.model(batch)
+            losses = sum(loss_dict.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return losses
+
+    def infer(self, batch, prompt):
+        self.model.eval()
+        if prompt != "visual":
+            self.model.inference_prompt = prompt
+        with torch.inference_mode(), autocast(self.device, self.dtype):
+            return self.model(batch)
+
+    def state_bytes(self):
+        """Parameters, gradients of the trainable ones, and optimizer state, in bytes."""
+        params = list(self.model.parameters())
+        total = sum(p.numel() * p.element_size() for p in params)
+        total += sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+        for state in self.optimizer.state.values():
+            total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+        return total
+
+    def num_params(self):
+        params = list(self.model.parameters())
+        return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+class PeakMemory:
+    """Peak bytes allocated on top of what was held when the block started.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: the peak resident set size (getrusage), after
+    handing freed heap memory back to the OS (malloc_trim) and resetting the high-water mark
+    (/proc/self/clear_refs); where that reset is refused the peak is process-wide and
+    ``exact`` is False.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.exact = True
+        self.method = "cuda.max_memory_allocated" if device.type == "cuda" else "getrusage.ru_maxrss"
+        self.bytes = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.exact = _reset_peak_rss()
+            self.base = _max_rss_bytes()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.bytes = _max_rss_bytes() - self.base
+        return False
+
+
+def _max_rss_bytes():
+    scale = 1 if platform.system() == "Darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _reset_peak_rss():
+    """Make the peak resident set size equal the current one; False where the OS refuses."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def timed(fn, iters, device):
+    """Seconds per call of ``fn`` over ``iters`` calls."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / iters
+
+
+class Recorder:
+    """Prints each measurement as one JSON line and keeps it (and writes it to ``--out``)."""
+
+    def __init__(self, path=None, tag=None):
+        self.records = []
+        self.tag = tag
+        self.file = open(path, "w") if path else None
+
+    def __call__(self, **record):
+        if self.tag is not None:
+            record = {"tag": self.tag, **record}
+        line = json.dumps(record)
+        print(line, flush=True)
+        if self.file:
+            self.file.write(line + "\n")
+            self.file.flush()
+        self.records.append(record)
+        return record
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+def resolve_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda but CUDA is not available")
+    return torch.device(name)
+
+
+def environment(device):
+    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+        info["cpu_count"] = os.cpu_count()
+    return info
+
+
+def run_benchmark(args, record):
+    device = resolve_device(args.device)
+    cfg = setup_cfg(args, device.type)
+    if cfg.MODEL.HEADS.NUM_CLASSES == 0:
+        cfg.MODEL.HEADS.NUM_CLASSES = DEFAULT_NUM_CLASSES
+    base_cfg = setup_cfg(args, device.type, BASELINE_OVERRIDES)
+    base_cfg.MODEL.HEADS.NUM_CLASSES = cfg.MODEL.HEADS.NUM_CLASSES
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+
+    variants = [Variant("baseline", base_cfg, device), Variant("promptsg", cfg, device)]
+    train_bs, test_bs = cfg.SOLVER.IMS_PER_BATCH, cfg.TEST.IMS_PER_BATCH
+    dtype = variants[1].dtype
+    record(kind="setup", config=args.config_file, opts=list(args.opts), baseline_overrides=BASELINE_OVERRIDES,
+           clip=cfg.MODEL.CLIP.NAME,
+           image_size=list(cfg.INPUT.SIZE_TRAIN), train_batch=train_bs,
+           identities=train_bs // cfg.DATALOADER.NUM_INSTANCE, test_batch=test_bs,
+           num_classes=cfg.MODEL.HEADS.NUM_CLASSES,
+           dtype=dtype_name(dtype),
+           iters=args.iters, warmup=args.warmup, rounds=args.rounds, **environment(device),
+           models={v.name: {"params": v.num_params()[0], "trainable": v.num_params()[1],
+                            "build_s": round(v.build_s, 2), "prompts": v.prompt_modes} for v in variants})
+
+    # (variant, phase) units; phase "train" or an inference prompt mode.
+    units = [(v, "train") for v in variants] + [(v, mode) for v in variants for mode in v.prompt_modes]
+    batches = {v.name: (v.train_batch(train_bs), v.test_batch(test_bs)) for v in variants}
+
+    def step_fn(variant, phase):
+        train, test = batches[variant.name]
+        if phase == "train":
+            return lambda: variant.train_step(train)
+        return lambda: variant.infer(test, phase)
+
+    with EventStorage(0):
+        for v, phase in units:                   # warm-up, then the memory of one more step
+            fn = step_fn(v, phase)
+            for _ in range(args.warmup):
+                fn()
+            with PeakMemory(device) as mem:
+                fn()
+            record(kind="memory", variant=v.name, phase=phase, peak_step_bytes=mem.bytes,
+                   state_bytes=v.state_bytes(), method=mem.method, exact=mem.exact)
+
+        # Steps of all units alternate one by one (A B C, C B A, ...) so that a burst of load on
+        # a shared machine falls on every unit alike.
+        times = {(v.name, phase): [] for v, phase in units}
+        fns = {(v.name, phase): step_fn(v, phase) for v, phase in units}
+        for r in range(args.rounds):
+            per_round = {key: [] for key in times}
+            for i in range(args.iters):
+                for key in (fns if (r * args.iters + i) % 2 == 0 else list(fns)[::-1]):
+                    per_round[key].append(timed(fns[key], 1, device))
+            for (name, phase), seconds in per_round.items():
+                times[(name, phase)] += seconds
+                bs = train_bs if phase == "train" else test_bs
+                step_s = statistics.median(seconds)
+                record(kind="train" if phase == "train" else "inference", variant=name,
+                       prompt=None if phase == "train" else phase, round=r, batch=bs,
+                       iters=args.iters, step_s=step_s, step_s_min=min(seconds), images_per_s=bs / step_s)
+
+    median = {key: statistics.median(values) for key, values in times.items()}
+    fastest = {key: min(values) for key, values in times.items()}
+    summary = {}
+    for (name, phase), seconds in median.items():
+        bs = train_bs if phase == "train" else test_bs
+        key = "train" if phase == "train" else f"inference_{phase}"
+        summary.setdefault(name, {})[f"{key}_step_s"] = seconds
+        summary[name][f"{key}_step_s_min"] = fastest[(name, phase)]
+        summary[name][f"{key}_images_per_s"] = bs / seconds
+    record(kind="summary", median=summary, steps_per_unit=args.rounds * args.iters)
+
+    ratios = speed_ratios(median)
+    met = {k: (v >= TARGETS[k][1] if TARGETS[k][0] == "min" else v <= TARGETS[k][1])
+           for k, v in ratios.items() if v is not None}
+    final = record(kind="ratios", **ratios, from_fastest_steps=speed_ratios(fastest),
+                   targets={k: f"{'>=' if s == 'min' else '<='} {t}" for k, (s, t) in TARGETS.items()},
+                   meets_targets=met)
+    memory = [r for r in record.records if r["kind"] == "memory"]
+    print(format_table(summary, memory, final, device, dtype, train_bs, test_bs))
+    return record.records
+
+
+def speed_ratios(seconds):
+    """PromptSG against the baseline from per-step seconds keyed by (variant, phase)."""
+    visual = seconds[("baseline", "visual")]
+
+    def throughput_ratio(mode):
+        return visual / seconds[("promptsg", mode)] if ("promptsg", mode) in seconds else None
+
+    return {
+        "inference_simplified_vs_visual": throughput_ratio("simplified"),
+        "inference_composed_vs_visual": throughput_ratio("composed"),
+        "train_step_time_vs_baseline": seconds[("promptsg", "train")] / seconds[("baseline", "train")],
+    }
+
+
+def format_table(summary, memory, ratios, device, dtype, train_bs, test_bs):
+    """The medians, memory and ratios as a plain-text table."""
+    mib = 2 ** 20
+    peak = {(m["variant"], m["phase"]): m["peak_step_bytes"] / mib for m in memory}
+    state = {m["variant"]: m["state_bytes"] / mib for m in memory}
+    rows = [("", "train step s", "train img/s", "infer img/s", "composed img/s",
+             "state MiB", "train peak MiB", "infer peak MiB")]
+    for name, label, mode in (("baseline", "CLIP visual-only", "visual"), ("promptsg", "PromptSG", "simplified")):
+        s = summary[name]
+        composed = s.get("inference_composed_images_per_s")
+        rows.append((label, f"{s['train_step_s']:.4f}", f"{s['train_images_per_s']:.1f}",
+                     f"{s[f'inference_{mode}_images_per_s']:.1f}",
+                     f"{composed:.1f}" if composed else "-", f"{state[name]:.0f}",
+                     f"+{peak[(name, 'train')]:.0f}", f"+{peak[(name, mode)]:.0f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [f"device {device}, {dtype_name(dtype)}, "
+             f"train batch {train_bs}, inference batch {test_bs} (medians over rounds)"]
+    lines += ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+              for row in rows]
+    lines.append("PromptSG / baseline: from the medians; from the fastest steps")
+    for key in TARGETS:
+        value, fastest = ratios[key], ratios["from_fastest_steps"][key]
+        if value is not None:
+            ok = ratios["meets_targets"][key]
+            lines.append(f"{key:32s} {value:6.3f}; {fastest:6.3f}   target {ratios['targets'][key]:7s} "
+                         f"{'met' if ok else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def run_data_wait(args, record):
+    """Train on the real train loader; share of step time spent in next(loader)."""
+    device = resolve_device(args.device)
+    cfg = setup_cfg(args, device.type)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+    loader = DefaultTrainer.build_train_loader(cfg)
+    if cfg.MODEL.HEADS.NUM_CLASSES == 0:
+        cfg.MODEL.HEADS.NUM_CLASSES = loader.dataset.num_classes
+    variant = Variant("promptsg", cfg, device)
+    waits, steps = [], []
+    data = iter(loader)
+    with EventStorage(0):
+        for i in range(args.warmup + args.data_wait):
+            start = time.perf_counter()
+            batch = next(data)
+            waited = time.perf_counter() - start
+            variant.train_step(batch).item()      # the trainer's metric logging syncs here too
+            if i >= args.warmup:
+                waits.append(waited)
+                steps.append(time.perf_counter() - start)
+    bs = cfg.SOLVER.IMS_PER_BATCH
+    return record(kind="data_wait", config=args.config_file, opts=list(args.opts), clip=cfg.MODEL.CLIP.NAME,
+                  image_size=list(cfg.INPUT.SIZE_TRAIN), dtype=dtype_name(variant.dtype),
+                  datasets=list(cfg.DATASETS.NAMES), num_workers=cfg.DATALOADER.NUM_WORKERS,
+                  batch=bs, steps=len(steps), warmup=args.warmup, wait_share=sum(waits) / sum(steps),
+                  wait_s_median=statistics.median(waits), wait_s_max=max(waits),
+                  step_s_median=statistics.median(steps), images_per_s=bs * len(steps) / sum(steps),
+                  **environment(device))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    record = Recorder(args.out, args.tag)
+    try:
+        if args.data_wait > 0:
+            run_data_wait(args, record)
+        else:
+            run_benchmark(args, record)
+    finally:
+        record.close()
+    return record.records
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as exc:
+        sys.exit(f"error: {exc}")

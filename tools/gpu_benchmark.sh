@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# PromptSG against the CLIP visual-only baseline on one GPU, in one go (about 4 minutes on an H100).
+#
+#   tools/fetch_gpu_wheels.sh              # here, with network: the wheels the GPU machine lacks
+#   OUT=/some/dir tools/gpu_benchmark.sh   # there, from the repository root, .whl/ carried along
+#
+# (a) ViT-B/16 at 256x128, training batch 64 (16 ids x 4), inference batch 256, bf16 autocast;
+# (b) the same with inference batch 1024 (peak inference throughput);
+# (c) the CUDA tests of tests/test_fast_paths.py (bf16 step, no host-device synchronisation);
+# (d) the share of step time spent waiting for data, FastReID's real train loader on the
+#     synthetic dataset (generated on first use) with 8 workers.
+# Random CLIP weights: speed does not depend on them. Writes $OUT/gpu_benchmark.jsonl (every
+# measurement, tagged by run) and $OUT/gpu_benchmark.log (everything printed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-output/gpu_benchmark}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_benchmark.log"
+JSONL="$OUT/gpu_benchmark.jsonl"
+: >"$LOG"
+: >"$JSONL"
+export PYTHONUNBUFFERED=1
+export FASTREID_DATASETS=${FASTREID_DATASETS:-/tmp/promptsg_datasets}
+PY=${PYTHON:-python3}
+START=$SECONDS
+
+log() { echo "[$((SECONDS - START))s] $*" | tee -a "$LOG"; }
+
+if ! "$PY" -c "import open_clip, fastreid, yacs, faiss" 2>/dev/null; then
+    if ! ls .whl/*.whl >/dev/null 2>&1; then
+        log "open_clip/fastreid are not installed and there is no .whl/ (run tools/fetch_gpu_wheels.sh)"
+        exit 1
+    fi
+    log "installing $(ls .whl/*.whl | wc -l) wheels into /tmp/site"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl 2>&1 | tee -a "$LOG" || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD/projects/PromptSG${PYTHONPATH:+:$PYTHONPATH}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+  "$PY" -c "import torch, open_clip, fastreid; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'bf16', torch.cuda.is_bf16_supported(), '| open_clip', open_clip.__version__)"; } 2>&1 | tee -a "$LOG"
+
+# bench TAG SECONDS ARGS...: one tools/benchmark.py run, its JSON lines appended to $JSONL.
+bench() {
+    local tag=$1 limit=$2
+    shift 2
+    log "run $tag: tools/benchmark.py $*"
+    timeout "$limit" "$PY" tools/benchmark.py --tag "$tag" --out "$OUT/$tag.jsonl" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    cat "$OUT/$tag.jsonl" >>"$JSONL" 2>/dev/null
+    rm -f "$OUT/$tag.jsonl"
+    log "run $tag: exit $rc"
+}
+
+VITB16=(MODEL.CLIP.NAME ViT-B-16 MODEL.CLIP.PRETRAINED "" MODEL.DEVICE cuda SOLVER.AMP.ENABLED True)
+MARKET=projects/PromptSG/configs/Market1501/vit.yml
+
+# (a) the paper's setting: 64 training images, 256 per inference batch.
+bench vitb16_b64_t256 110 --config-file "$MARKET" --device cuda --batch 64 --test-batch 256 \
+    --warmup 5 --iters 20 --rounds 5 "${VITB16[@]}"
+
+# (b) peak inference throughput: batch 1024.
+bench vitb16_b64_t1024 60 --config-file "$MARKET" --device cuda --batch 64 --test-batch 1024 \
+    --warmup 3 --iters 8 --rounds 3 "${VITB16[@]}"
+
+# (c) the CUDA tests.
+log "pytest tests/test_fast_paths.py"
+timeout 75 "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_paths.py 2>&1 | tee -a "$LOG"
+log "pytest: exit ${PIPESTATUS[0]}"
+
+# (d) data loading: ViT-B/16 at 256x128 on the synthetic dataset, 8 workers, bf16.
+bench data_wait_vitb16 90 --config-file projects/PromptSG/configs/Synthetic/promptsg_small_vit.yml \
+    --device cuda --data-wait 60 --warmup 10 --batch 64 "${VITB16[@]}" MODEL.CLIP.STRIDE 16 \
+    MODEL.PROMPTSG.MIM.HEADS 8 INPUT.SIZE_TRAIN "[256, 128]" INPUT.SIZE_TEST "[256, 128]" \
+    INPUT.PADDING.SIZE 10 DATALOADER.NUM_WORKERS 8
+
+log "done: $(grep -c . "$JSONL") JSON lines in $JSONL"
+grep '"kind": "ratios"\|"kind": "data_wait"' "$JSONL" | tee -a "$LOG"
