@@ -45,7 +45,7 @@ def _batch(n_ids=4, per_id=2, size=(64, 32)):
 
 def test_all_patches_are_applied_once():
     assert compat.apply_all() == compat.APPLIED
-    assert len(set(compat.APPLIED)) == len(compat.APPLIED) == 10
+    assert len(set(compat.APPLIED)) == len(compat.APPLIED) == 11
 
 
 def test_fastreid_imports_only_with_the_import_aliases():
@@ -254,3 +254,42 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         checkpointer.save("model_best")
     assert (tmp_path / "model_best.pth").read_bytes() == good
     assert os.path.exists(tmp_path / "last_checkpoint")
+
+
+def test_optimizer_groups_share_hyper_parameters_and_update_exactly_as_per_parameter_groups():
+    from fastreid.engine import DefaultTrainer
+    from fastreid.modeling import build_model
+    from fastreid.solver import build_lr_scheduler
+    from fastreid.solver.build import get_default_optimizer_params
+
+    cfg = _tiny_baseline_cfg()
+    cfg.SOLVER.HEADS_LR_FACTOR = 10.0
+    cfg.SOLVER.BIAS_LR_FACTOR = 2.0
+    cfg.SOLVER.WARMUP_ITERS = 3
+    torch.manual_seed(0)
+    merged_model = build_model(cfg)
+    reference_model = build_model(cfg)
+    reference_model.load_state_dict(merged_model.state_dict())
+
+    merged, _ = DefaultTrainer.build_optimizer(cfg, merged_model)
+    lrs = {(g["lr"], g["weight_decay"]) for g in merged.param_groups}
+    assert len(merged.param_groups) == len(lrs) <= 4          # one group per distinct setting
+    per_param = [dict(g, params=[p]) for g in get_default_optimizer_params(
+        reference_model, base_lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM, bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        heads_lr_factor=cfg.SOLVER.HEADS_LR_FACTOR, weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS)
+        for p in g["params"]]
+    reference = torch.optim.Adam(per_param)
+    assert len(reference.param_groups) == sum(1 for p in reference_model.parameters() if p.requires_grad)
+
+    schedulers = [build_lr_scheduler(cfg, opt, iters_per_epoch=10) for opt in (merged, reference)]
+    for step in range(4):
+        for model, opt, sched in zip((merged_model, reference_model), (merged, reference), schedulers):
+            with EventStorage(step):
+                losses = model(_batch())
+            opt.zero_grad()
+            sum(losses.values()).backward()
+            opt.step()
+            sched["warmup_sched"].step()
+    for (name, a), b in zip(merged_model.named_parameters(), reference_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
