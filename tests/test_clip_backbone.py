@@ -2,19 +2,7 @@
 import copy
 import math
 
-try:
-    import promptsg.compat  # noqa: F401  (patches the installed FastReID for Python 3.11 / torch 2)
-except ImportError:
-    import collections
-    import collections.abc
-    import sys
-    import types
-
-    collections.Mapping = collections.abc.Mapping
-    if "torch._six" not in sys.modules:
-        _six = types.ModuleType("torch._six")
-        _six.string_classes = (str, bytes)
-        sys.modules["torch._six"] = _six
+import promptsg  # noqa: F401  (patches FastReID, registers the backbone)
 
 import pytest
 import torch

@@ -278,3 +278,20 @@ def test_inconsistent_configs_fail_with_one_line_naming_the_key(overrides, key):
         build_model(tiny_cfg(**overrides))
     message = str(info.value)
     assert key in message and "\n" not in message
+
+
+def test_chance_level_matches_the_mean_ap_of_random_rankings():
+    import numpy as np
+
+    from fastreid.evaluation.rank import evaluate_rank
+    from promptsg.evaluation import chance_level
+
+    rng = np.random.default_rng(0)
+    g_pids = np.array([0] * 3 + [1] * 2 + [2] * 60)          # pid 2: distractor-like negatives
+    g_cams = np.array([1, 2, 2, 1, 2] + [3] * 60)
+    q_pids, q_cams = np.array([0, 1]), np.array([1, 1])        # valid matches: 2 and 1 of 64
+    expected_map, expected_r1 = chance_level(q_pids, q_cams, g_pids, g_cams)
+    assert expected_r1 == pytest.approx((2 / 64 + 1 / 64) / 2)
+    aps = [np.mean(evaluate_rank(rng.random((2, 65)).astype(np.float32), q_pids, g_pids, q_cams, g_cams,
+                                 use_cython=False)[1]) for _ in range(3000)]
+    assert np.mean(aps) == pytest.approx(expected_map, rel=0.05)

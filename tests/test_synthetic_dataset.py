@@ -1,39 +1,20 @@
 """Tests of the SyntheticMarket generator, its FastReID dataset class and its difficulty."""
-import collections
-import collections.abc
 import hashlib
 import importlib.util
 import os
 import re
 import sys
-import types
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+import promptsg  # noqa: F401  (patches FastReID, registers the dataset)
+from fastreid.data.datasets import DATASET_REGISTRY
+from promptsg.datasets import SyntheticMarket, generate_synthetic_market
+from promptsg.datasets import synthetic
+
 _REPO = Path(__file__).resolve().parents[1]
-_PROJECT = _REPO / "projects" / "PromptSG"
-_HAS_COMPAT = (_PROJECT / "promptsg" / "compat.py").exists()
-
-if not _HAS_COMPAT:
-    # Until promptsg.compat exists: the two fixes FastReID 1.4.0 needs on this
-    # Python/torch before fastreid.data can be imported.
-    collections.Mapping = collections.abc.Mapping
-    if "torch._six" not in sys.modules:
-        _six = types.ModuleType("torch._six")
-        _six.string_classes = (str, bytes)
-        sys.modules["torch._six"] = _six
-try:
-    import promptsg  # noqa: F401  (installed editable)
-except ImportError:
-    sys.path.insert(0, str(_PROJECT))
-if _HAS_COMPAT:
-    import promptsg.compat  # noqa: F401
-
-from fastreid.data.datasets import DATASET_REGISTRY  # noqa: E402
-from promptsg.datasets import SyntheticMarket, generate_synthetic_market  # noqa: E402
-from promptsg.datasets import synthetic  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("synthetic_probe", _REPO / "tools" / "synthetic_probe.py")
 synthetic_probe = importlib.util.module_from_spec(_spec)
@@ -202,5 +183,5 @@ def test_colour_histogram_probe_is_above_chance_but_far_from_solved(default_data
     assert ds.num_train_pids == synthetic.DEFAULT_NUM_TRAIN_IDS
     result = synthetic_probe.probe(ds.dataset_dir)
     assert result["num_queries"] == len(ds.query)
-    assert result["chance_mAP"] < 0.01
+    assert result["chance_mAP"] < 0.02
     assert 2 * result["chance_mAP"] < result["mAP"] < 0.6

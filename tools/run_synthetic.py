@@ -14,8 +14,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "projects", "PromptSG", "configs", "Synthetic")
 OUT = os.path.join("logs", "synthetic")
@@ -32,27 +30,6 @@ def train_net(*args):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
-
-
-def chance_level(query, gallery):
-    """Expected mAP and Rank-1 of a random ranking under the Market-1501 protocol.
-
-    For a query with m valid matches among N valid gallery images (same-identity same-camera
-    images removed), a random permutation gives E[AP] = (H_N + (m-1)/(N-1) (N - H_N)) / N
-    and P(rank-1 hit) = m / N.
-    """
-    g_pids = np.array([g[1] for g in gallery])
-    g_cams = np.array([g[2] for g in gallery])
-    aps, r1s = [], []
-    for _, pid, cam in query:
-        valid = ~((g_pids == pid) & (g_cams == cam))
-        n, m = int(valid.sum()), int(((g_pids == pid) & valid).sum())
-        if m == 0:
-            continue
-        harmonic = float(np.sum(1.0 / np.arange(1, n + 1)))
-        aps.append((harmonic + (m - 1) / max(n - 1, 1) * (n - harmonic)) / n)
-        r1s.append(m / n)
-    return 100 * float(np.mean(aps)), 100 * float(np.mean(r1s))
 
 
 def main():
@@ -82,9 +59,11 @@ def main():
 
     import promptsg  # noqa: F401
     from fastreid.data.datasets import DATASET_REGISTRY
+    from promptsg.evaluation import chance_level
 
     data = DATASET_REGISTRY.get("SyntheticMarket")(root=os.getenv("FASTREID_DATASETS", "datasets"))
-    chance_map, chance_r1 = chance_level(data.query, data.gallery)
+    chance_map, chance_r1 = (100 * x for x in chance_level(
+        [q[1] for q in data.query], [q[2] for q in data.query], [g[1] for g in data.gallery], [g[2] for g in data.gallery]))
 
     rows = [
         ("Chance (random ranking)", chance_map, chance_r1, "-"),

@@ -2,16 +2,10 @@
 """Training-free difficulty probe for the SyntheticMarket dataset.
 
 Ranks the gallery for every query by the cosine similarity of colour
-histograms (8x8x8 RGB bins) and scores the ranking with the Market-1501
-protocol, implemented here with numpy only:
-
-* gallery images of the query's identity seen by the query's camera are
-  ignored; distractors (pid 0) are ordinary negatives; junk (pid -1) is
-  dropped when the files are read;
-* AP is the mean precision at the ranks of the true matches, mAP its mean over
-  queries, Rank-1 the fraction of queries whose top image is a match;
-* chance mAP is the expected AP of a random ranking, approximated by
-  ``#matches / #valid gallery images`` averaged over queries.
+histograms (8x8x8 RGB bins) and scores the ranking with FastReID's Market-1501
+evaluation (same-camera matches ignored, distractors are negatives, junk is
+dropped when the files are read), beside the chance level of a random ranking
+(``promptsg.evaluation.chance_level``).
 
 A colour histogram should do clearly better than chance but stay far from
 solving the dataset: lighting and backgrounds change colours between cameras
@@ -68,22 +62,16 @@ def colour_histograms(paths, bins=8, region=None):
 
 
 def market_eval(q_feats, g_feats, q_pids, q_cams, g_pids, g_cams):
-    """Market-1501 protocol with cosine similarity; returns a dict of mAP, Rank-1, chance mAP."""
-    sims = q_feats @ g_feats.T
-    aps, top1, chance = [], [], []
-    for i in range(len(q_pids)):
-        valid = ~((g_pids == q_pids[i]) & (g_cams == q_cams[i]))
-        order = np.argsort(-sims[i][valid], kind="stable")
-        matches = (g_pids[valid] == q_pids[i])[order]
-        n = matches.sum()
-        if n == 0:
-            continue  # no cross-camera match: the query does not count
-        hits = np.flatnonzero(matches)
-        aps.append(np.mean(np.arange(1, n + 1) / (hits + 1)))
-        top1.append(matches[0])
-        chance.append(n / valid.sum())
-    return {"mAP": float(np.mean(aps)), "rank1": float(np.mean(top1)),
-            "chance_mAP": float(np.mean(chance)), "num_queries": len(aps)}
+    """mAP, Rank-1 (FastReID's evaluate_rank on cosine distances) and the chance mAP, as fractions."""
+    import promptsg  # noqa: F401  (FastReID needs the compatibility patches to import)
+    from fastreid.evaluation.rank import evaluate_rank
+    from promptsg.evaluation import chance_level
+
+    dist = (1 - q_feats @ g_feats.T).astype(np.float32)
+    cmc, all_ap, _ = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams)
+    chance_map, _ = chance_level(q_pids, q_cams, g_pids, g_cams)
+    return {"mAP": float(np.mean(all_ap)), "rank1": float(cmc[0]), "chance_mAP": chance_map,
+            "num_queries": len(all_ap)}
 
 
 def probe(dataset_dir, region=CENTRAL_REGION):
