@@ -46,6 +46,14 @@ seeded by ``(seed, kind, pid, image index)``, and JPEG parameters are fixed, so
 the same parameters give byte-identical files (for a given Pillow/libjpeg
 build) regardless of generation order.
 
+A second generator, :func:`generate_caption_pool`, draws a pool of *other*
+identities (their own random streams, none of them a re-ID identity) for
+contrastive image-caption pretraining of a small CLIP::
+
+    <pool_dir>/images/00001_000.jpg    image 0 of pool identity 1, any of 12 cameras
+    <pool_dir>/captions.json           file name -> caption (:func:`describe_person`)
+    <pool_dir>/manifest.json           parameters and counts
+
 Generation is atomic: the dataset is written into a hidden temporary sibling
 directory and renamed into place only when complete, with ``manifest.json``
 recording the parameters.  A later call with the same parameters reuses the
@@ -61,6 +69,7 @@ import re
 import shutil
 import tempfile
 import uuid
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -68,12 +77,16 @@ from PIL import Image, ImageDraw, ImageFilter
 from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.data.datasets.bases import ImageDataset
 
-__all__ = ["SyntheticMarket", "generate_synthetic_market"]
+__all__ = ["SyntheticMarket", "describe_person", "generate_caption_pool", "generate_synthetic_market"]
 
 # Bump whenever the drawing or the layout changes: old datasets are then regenerated.
 GENERATOR_VERSION = 1
+# Bump whenever describe_person changes: caption pools are then regenerated.
+CAPTION_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SPLIT_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
+POOL_IMAGE_DIR = "images"
+CAPTIONS_NAME = "captions.json"
 
 # Default size: about 2.7k images of 128x64, generated in a few seconds on two CPU
 # cores and small enough to train a small CNN on CPU in minutes, while keeping a
@@ -96,8 +109,13 @@ GALLERY_IMAGES_PER_ID = (5, 7)     # spread over all of the identity's cameras
 SUPERSAMPLE = 2                    # draw at 2x and downsample: antialiased edges
 JPEG_QUALITY = 90
 
+# The caption pool is seen by the re-ID dataset's cameras (same seed) and as many more, so the
+# pretrained image tower does not learn six backgrounds only.
+POOL_NUM_CAMERAS = 12
+
 # Random-stream tags: each image's stream depends only on (seed, tag, pid, index).
 _TAG_IDENTITY, _TAG_CAMERA, _TAG_PLAN, _TAG_IMAGE, _TAG_DISTRACTOR, _TAG_JUNK = range(1, 7)
+_TAG_POOL_IDENTITY, _TAG_POOL_IMAGE = 7, 8   # caption pool: never the re-ID identities' streams
 
 # Shared palettes (RGB).  Few entries on purpose: identities collide on single attributes.
 SHIRT_COLOURS = [
@@ -114,6 +132,13 @@ SHOE_COLOURS = [(20, 20, 20), (240, 240, 240), (110, 70, 40), (120, 120, 125), (
 HAIR_COLOURS = [(20, 15, 12), (60, 40, 25), (110, 75, 40), (210, 180, 110), (160, 160, 160)]
 SKIN_TONES = [(250, 215, 190), (235, 190, 155), (200, 150, 110), (150, 100, 70), (95, 65, 45)]
 BAG_COLOURS = [(25, 25, 25), (60, 60, 70), (140, 40, 40), (40, 60, 130), (120, 90, 50), (200, 200, 190), (60, 110, 60)]
+# Caption words of the palette entries, in palette order: common colour names.
+SHIRT_COLOUR_NAMES = ("red", "dark red", "blue", "navy", "light blue", "green", "dark green", "yellow",
+                      "white", "black", "grey", "pink", "orange", "purple", "brown", "beige")
+LOWER_COLOUR_NAMES = ("black", "dark blue", "blue", "grey", "beige", "brown", "white", "dark green", "red")
+SHOE_COLOUR_NAMES = ("black", "white", "brown", "grey", "red", "blue")
+HAIR_COLOUR_NAMES = ("black", "dark brown", "brown", "blond", "grey")
+BAG_COLOUR_NAMES = ("black", "dark grey", "red", "blue", "brown", "white", "green")
 BACKGROUND_COLOURS = [
     (150, 150, 150), (185, 175, 160), (110, 115, 125), (90, 100, 80), (200, 195, 185),
     (160, 130, 100), (70, 75, 85), (130, 150, 165), (175, 160, 140), (100, 90, 80),
@@ -210,6 +235,56 @@ def _signature(person, group):
         return _nearest(SKIN_TONES, p["skin"])
     second = _nearest(SHIRT_COLOURS, p["shirt2"]) if p["pattern"] != "solid" else None
     return p["long_sleeves"], second
+
+
+# ----------------------------------------------------------------------------
+# Captions
+# ----------------------------------------------------------------------------
+
+# Shirt phrase per pattern, from the sleeve length, main colour and second colour.
+_SHIRT_PHRASES = {
+    "solid": "{sleeves} {c1} shirt",
+    "hstripes": "{sleeves} {c1} shirt with {c2} horizontal stripes",
+    "vstripes": "{sleeves} {c1} shirt with {c2} vertical stripes",
+    "checks": "{sleeves} {c1} and {c2} checked shirt",
+    "twotone": "{sleeves} {c1} and {c2} two-tone shirt",
+}
+
+
+def _with_article(phrase):
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def describe_person(person):
+    """An English caption of what identifies ``person`` (a :func:`_sample_person` dict), e.g.
+
+        "a person with short black hair wearing a short-sleeved red shirt with white vertical
+        stripes, blue trousers and white shoes, carrying a black backpack."
+
+    Colours are named after their nearest palette entry (the per-identity jitter is not
+    visible in words); skin tone and body build are left out.
+    """
+    p = person
+
+    def colour(palette, names, key):
+        return names[_nearest(palette, p[key])]
+
+    if p["hair_style"] == "cap":
+        head = "in " + _with_article(colour(SHIRT_COLOURS, SHIRT_COLOUR_NAMES, "cap") + " cap")
+    else:
+        head = f"with {p['hair_style']} {colour(HAIR_COLOURS, HAIR_COLOUR_NAMES, 'hair')} hair"
+    shirt = _with_article(_SHIRT_PHRASES[p["pattern"]].format(
+        sleeves="long-sleeved" if p["long_sleeves"] else "short-sleeved",
+        c1=colour(SHIRT_COLOURS, SHIRT_COLOUR_NAMES, "shirt"),
+        c2=colour(SHIRT_COLOURS, SHIRT_COLOUR_NAMES, "shirt2")))
+    lower = f"{colour(LOWER_COLOURS, LOWER_COLOUR_NAMES, 'lower')} {p['lower_type']}"
+    if p["lower_type"] == "skirt":
+        lower = _with_article(lower)
+    shoes = f"{colour(SHOE_COLOURS, SHOE_COLOUR_NAMES, 'shoes')} shoes"
+    caption = f"a person {head} wearing {shirt}, {lower} and {shoes}"
+    if p["bag"] != "none":
+        caption += ", carrying " + _with_article(f"{colour(BAG_COLOURS, BAG_COLOUR_NAMES, 'bag_colour')} {p['bag']}")
+    return caption + "."
 
 
 def _sample_identities(params):
@@ -532,8 +607,33 @@ def _file_name(pid, cam, index):
     return f"{pid:04d}_c{cam}s1_{index:06d}_01.jpg"
 
 
+class _Layout(NamedTuple):
+    """What one generator writes, as far as reusing a finished directory is concerned."""
+    generator: str     # the manifest's "generator" entry
+    function: str      # the public function that writes it (error messages)
+    stamps: dict       # manifest entries that must match for reuse: the generator's versions
+    image_dirs: dict   # sub-directory -> manifest count giving its number of .jpg files
+    files: tuple = ()  # further files a complete directory holds
+
+
+_MARKET = _Layout(
+    "promptsg.synthetic_market", "generate_synthetic_market", {"version": GENERATOR_VERSION},
+    {SPLIT_DIRS["train"]: "train_images", SPLIT_DIRS["query"]: "query_images",
+     SPLIT_DIRS["gallery"]: "gallery_images"})
+_POOL = _Layout(
+    "promptsg.synthetic_caption_pool", "generate_caption_pool",
+    {"version": GENERATOR_VERSION, "caption_version": CAPTION_VERSION}, {POOL_IMAGE_DIR: "images"},
+    (CAPTIONS_NAME,))
+
+
+def _write_json(path, obj):
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+
+
 def _generate_into(out_dir, params):
-    """Write every image and the manifest into ``out_dir``; returns the manifest."""
+    """Write every image of the re-ID dataset into ``out_dir``; returns the manifest counts."""
     seed, H, W = params["seed"], params["height"], params["width"]
     cameras = {c: _sample_camera(seed, c) for c in range(1, params["num_cameras"] + 1)}
     identities = _sample_identities(params)
@@ -554,50 +654,104 @@ def _generate_into(out_dir, params):
         _save_jpeg(image, osp.join(out_dir, SPLIT_DIRS[split], _file_name(pid, cam, k)))
         counts[split] += 1
 
-    n_train = params["num_train_ids"]
-    manifest = {
-        "generator": "promptsg.synthetic_market",
-        "version": GENERATOR_VERSION,
-        "params": params,
-        "counts": {
-            "train_ids": n_train,
-            "test_ids": params["num_test_ids"],
-            "train_images": counts["train"],
-            "query_images": counts["query"],
-            "gallery_images": counts["gallery"],     # includes distractors and junk
-            "distractor_images": params["num_distractors"],
-            "junk_images": params["num_junk"],
-        },
+    return {
+        "train_ids": params["num_train_ids"],
+        "test_ids": params["num_test_ids"],
+        "train_images": counts["train"],
+        "query_images": counts["query"],
+        "gallery_images": counts["gallery"],     # includes distractors and junk
+        "distractor_images": params["num_distractors"],
+        "junk_images": params["num_junk"],
     }
-    with open(osp.join(out_dir, MANIFEST_NAME), "w") as fh:
-        json.dump(manifest, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-    return manifest
 
 
-def _read_manifest(dataset_dir):
+def _generate_pool_into(out_dir, params):
+    """Write the caption pool into ``out_dir``; returns the manifest counts.
+
+    Pool identities come from their own random streams (``_TAG_POOL_*``), so none of them is a
+    re-ID identity; each image is seen by a random one of ``POOL_NUM_CAMERAS`` cameras.
+    """
+    seed, H, W = params["seed"], params["height"], params["width"]
+    cameras = {c: _sample_camera(seed, c) for c in range(1, POOL_NUM_CAMERAS + 1)}
+    os.makedirs(osp.join(out_dir, POOL_IMAGE_DIR))
+    captions = {}
+    for pid in range(1, params["num_ids"] + 1):
+        person = _sample_person(_rng(seed, _TAG_POOL_IDENTITY, pid))
+        caption = describe_person(person)
+        for k in range(params["images_per_id"]):
+            rng = _rng(seed, _TAG_POOL_IMAGE, pid, k)
+            camera = cameras[int(rng.integers(1, POOL_NUM_CAMERAS + 1))]
+            name = f"{pid:05d}_{k:03d}.jpg"
+            _save_jpeg(_render(camera, rng, H, W, person), osp.join(out_dir, POOL_IMAGE_DIR, name))
+            captions[name] = caption
+    _write_json(osp.join(out_dir, CAPTIONS_NAME), captions)
+    return {"identities": params["num_ids"], "images": len(captions)}
+
+
+def _read_manifest(dataset_dir, layout=_MARKET):
     try:
         with open(osp.join(dataset_dir, MANIFEST_NAME)) as fh:
             manifest = json.load(fh)
     except (OSError, ValueError):
         return None
-    return manifest if isinstance(manifest, dict) and manifest.get("generator") == "promptsg.synthetic_market" else None
+    return manifest if isinstance(manifest, dict) and manifest.get("generator") == layout.generator else None
 
 
-def _is_complete(manifest, dataset_dir, params):
-    """Our manifest, same version and parameters, and the image files all present."""
-    if manifest is None or manifest.get("version") != GENERATOR_VERSION or manifest.get("params") != params:
+def _is_complete(manifest, dataset_dir, params, layout):
+    """Our manifest, same versions and parameters, and every file present."""
+    if manifest is None or manifest.get("params") != params:
         return False
-    c = manifest["counts"]
-    expected = {"train": c["train_images"], "query": c["query_images"], "gallery": c["gallery_images"]}
-    for split, d in SPLIT_DIRS.items():
+    if any(manifest.get(key) != value for key, value in layout.stamps.items()):
+        return False
+    if not all(osp.isfile(osp.join(dataset_dir, f)) for f in layout.files):
+        return False
+    for d, count_key in layout.image_dirs.items():
         try:
             found = sum(name.endswith(".jpg") for name in os.listdir(osp.join(dataset_dir, d)))
         except OSError:
             return False
-        if found != expected[split]:
+        if found != manifest["counts"][count_key]:
             return False
     return True
+
+
+def _generate_or_reuse(dataset_dir, layout, params, generate_into):
+    """Reuse ``dataset_dir`` if it is complete for ``params``, else build it atomically.
+
+    ``generate_into(tmp_dir, params)`` writes the files into a hidden sibling directory and
+    returns the manifest counts; the manifest is written last and the directory renamed into
+    place.  A directory without our manifest is never touched (``RuntimeError``).
+    """
+    dataset_dir = osp.abspath(os.fspath(dataset_dir))
+    existing = _read_manifest(dataset_dir, layout)
+    if _is_complete(existing, dataset_dir, params, layout):
+        return existing
+    if osp.lexists(dataset_dir) and existing is None:
+        raise RuntimeError(f"{dataset_dir} exists but was not created by {layout.function} "
+                           f"(no {MANIFEST_NAME}); remove it or choose another directory")
+
+    parent, name = osp.split(dataset_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        counts = generate_into(tmp_dir, params)
+        manifest = {"generator": layout.generator, **layout.stamps, "params": params, "counts": counts}
+        _write_json(osp.join(tmp_dir, MANIFEST_NAME), manifest)
+        if osp.lexists(dataset_dir):   # our own, with other parameters: move it aside first
+            old_dir = osp.join(parent, f".{name}.old-{uuid.uuid4().hex}")
+            os.rename(dataset_dir, old_dir)
+            shutil.rmtree(old_dir)
+        try:
+            os.rename(tmp_dir, dataset_dir)
+        except OSError:
+            # Another process installed a dataset meanwhile: accept it if it is what we want.
+            current = _read_manifest(dataset_dir, layout)
+            if not _is_complete(current, dataset_dir, params, layout):
+                raise
+            manifest = current
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)   # no-op once renamed into place
+    return manifest
 
 
 def generate_synthetic_market(
@@ -636,34 +790,32 @@ def generate_synthetic_market(
         "num_cameras": int(num_cameras), "num_distractors": int(num_distractors),
         "num_junk": int(num_junk), "height": int(height), "width": int(width),
     }
-    dataset_dir = osp.abspath(os.fspath(dataset_dir))
-    existing = _read_manifest(dataset_dir)
-    if _is_complete(existing, dataset_dir, params):
-        return existing
-    if osp.lexists(dataset_dir) and existing is None:
-        raise RuntimeError(f"{dataset_dir} exists but was not created by generate_synthetic_market "
-                           f"(no {MANIFEST_NAME}); remove it or choose another directory")
+    return _generate_or_reuse(dataset_dir, _MARKET, params, _generate_into)
 
-    parent, name = osp.split(dataset_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    try:
-        manifest = _generate_into(tmp_dir, params)
-        if osp.lexists(dataset_dir):   # our own, with other parameters: move it aside first
-            old_dir = osp.join(parent, f".{name}.old-{uuid.uuid4().hex}")
-            os.rename(dataset_dir, old_dir)
-            shutil.rmtree(old_dir)
-        try:
-            os.rename(tmp_dir, dataset_dir)
-        except OSError:
-            # Another process installed a dataset meanwhile: accept it if it is what we want.
-            current = _read_manifest(dataset_dir)
-            if not _is_complete(current, dataset_dir, params):
-                raise
-            manifest = current
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)   # no-op once renamed into place
-    return manifest
+
+def generate_caption_pool(dataset_dir, *, seed=DEFAULT_SEED, num_ids, images_per_id,
+                          height=DEFAULT_HEIGHT, width=DEFAULT_WIDTH):
+    """Generate (or reuse) a pool of captioned people in ``dataset_dir``; returns its manifest.
+
+    ``num_ids`` identities, none of them an identity of the re-ID dataset of any seed (they come
+    from other random streams), with ``images_per_id`` images each and the caption
+    :func:`describe_person` gives them, in ``captions.json`` (file name -> caption).  Reuse,
+    regeneration and atomicity are those of :func:`generate_synthetic_market`.
+    """
+    if not 1 <= num_ids <= 99999 or not 1 <= images_per_id <= 999:
+        raise ValueError("need 1 to 99999 identities with 1 to 999 images each")
+    if height < 16 or width < 8:
+        raise ValueError("images must be at least 16x8")
+    params = {"seed": int(seed), "num_ids": int(num_ids), "images_per_id": int(images_per_id),
+              "height": int(height), "width": int(width)}
+    return _generate_or_reuse(dataset_dir, _POOL, params, _generate_pool_into)
+
+
+def read_caption_pool(dataset_dir):
+    """[(image path, caption)] of a pool written by :func:`generate_caption_pool`, sorted by path."""
+    with open(osp.join(dataset_dir, CAPTIONS_NAME)) as fh:
+        captions = json.load(fh)
+    return [(osp.join(dataset_dir, POOL_IMAGE_DIR, name), captions[name]) for name in sorted(captions)]
 
 
 # ----------------------------------------------------------------------------
