@@ -21,7 +21,8 @@ BOT_CFG = os.path.join(ROOT, "configs/Synthetic/bagtricks_R18.yml")
 
 # A tiny CLIP on the tiny synthetic split: seconds per run on two cores.
 TINY = ["DATASETS.NAMES", '("SyntheticMarketTiny",)', "DATASETS.TESTS", '("SyntheticMarketTiny",)',
-        "MODEL.CLIP.NAME", "tiny-ViT", "MODEL.CLIP.STRIDE", "16", "MODEL.PROMPTSG.MIM.HEADS", "2",
+        "MODEL.CLIP.NAME", "tiny-ViT", "MODEL.CLIP.PRETRAINED", "", "MODEL.CLIP.STRIDE", "16",
+        "MODEL.PROMPTSG.MIM.HEADS", "2",
         "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "SOLVER.IMS_PER_BATCH", "16",
         "SOLVER.MAX_EPOCH", "2", "SOLVER.WARMUP_ITERS", "0", "TEST.EVAL_PERIOD", "2",
         "SOLVER.CHECKPOINT_PERIOD", "2", "DATALOADER.NUM_WORKERS", "0", "TEST.IMS_PER_BATCH", "64"]
