@@ -24,6 +24,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 APPLIED = []  # names of the patches applied in this process, in order
+_PATCHES = []  # the patch functions, in the order they are applied
 
 
 def _patch(fn):
@@ -32,8 +33,6 @@ def _patch(fn):
     _PATCHES.append(fn)
     return fn
 
-
-_PATCHES = []
 
 
 # --------------------------------------------------------------------------------------------
