@@ -186,16 +186,8 @@ def test_cuda_bf16_autocast_training_step_gives_finite_losses_and_updates_weight
         assert not torch.equal(p, before[name]), f"{name} weights did not change"
 
 
-def sync_free_losses(outputs, visual, text, targets):
-    """ID + SupCon losses written without host reads (FastReID's own loss functions read back
-    a count or log an accuracy as a Python float; those are not PromptSG's code)."""
-    return {"loss_cls": F.cross_entropy(outputs["cls_outputs"].float(), targets),
-            "loss_feat": outputs["features"].float().square().mean(),
-            "loss_supcon": symmetric_supcon_loss(visual.embedding, text, targets)}
-
-
 def train_and_infer(model, inputs, amp=False):
-    """One training forward + backward and both inference prompts, ``model.losses`` sync-free."""
+    """One training forward + backward (PromptSG's real losses) and both inference prompts."""
     model.train()
     with torch.autocast(inputs["images"].device.type, dtype=torch.bfloat16, enabled=amp):
         losses = forward(model, inputs)
@@ -207,10 +199,18 @@ def train_and_infer(model, inputs, amp=False):
             model(inputs)
 
 
-def sync_free_model(device, monkeypatch):
-    model = build_model(tiny_cfg(**{"MODEL.DEVICE": device, "MODEL.PROMPTSG.INFERENCE_PROMPT": "composed"}))
-    monkeypatch.setattr(model, "losses", sync_free_losses)
-    return model
+def composed_model(device):
+    return build_model(tiny_cfg(**{"MODEL.DEVICE": device, "MODEL.PROMPTSG.INFERENCE_PROMPT": "composed"}))
+
+
+class RecordedScalar:
+    """Stands in for PromptSG's DeferredScalar: keeps what would be logged."""
+
+    def __init__(self):
+        self.values = []
+
+    def put(self, value):
+        self.values.append(value)
 
 
 class HostReads(TorchDispatchMode):
@@ -230,28 +230,245 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_forward_and_backward_read_no_tensor_value_back_to_the_host(monkeypatch):
-    """The CPU stand-in for the CUDA sync check below: no op that needs a tensor's values on the host."""
-    model = sync_free_model("cpu", monkeypatch)
+def test_forward_and_backward_read_no_tensor_value_back_to_the_host():
+    """The CPU stand-in for the CUDA sync check below: no op that needs a tensor's values on the host.
+
+    The accuracy log is replaced by a recorder here (on CPU it converts to a float at once; on CUDA
+    DeferredScalar defers that, covered by the CUDA test and the tests of DeferredScalar).
+    """
+    model = composed_model("cpu")
+    model.accuracy = RecordedScalar()
     inputs = batch()
     train_and_infer(model, inputs)               # fills the simplified-prompt cache
     with HostReads() as reads:
         train_and_infer(model, inputs)
     assert reads.seen == []
+    assert len(model.accuracy.values) == 2 and model.accuracy.values[1].shape == ()
 
 
 @needs_cuda
 @pytest.mark.parametrize("amp", [False, True])
-def test_cuda_forward_and_backward_never_synchronise_with_the_host(monkeypatch, amp):
-    model = sync_free_model("cuda", monkeypatch)
+def test_cuda_forward_and_backward_never_synchronise_with_the_host(amp):
+    model = composed_model("cuda")
     inputs = on("cuda", batch())
     train_and_infer(model, inputs, amp)          # fills the simplified-prompt cache, warms up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        train_and_infer(model, inputs, amp)
+        with EventStorage(0) as storage:
+            train_and_infer(model, inputs, amp)  # logs the previous step's accuracy, no sync
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert "cls_accuracy" in storage.latest()
+
+
+# ---- the ID loss and the accuracy log, without host reads ----
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_cross_entropy_loss_equals_fastreid(eps):
+    from fastreid.modeling.losses import cross_entropy_loss as fastreid_ce
+    from promptsg.losses import cross_entropy_loss
+
+    torch.manual_seed(int(eps * 10))
+    logits = torch.randn(12, 7, requires_grad=True) * 3
+    targets = torch.randint(0, 7, (12,))
+    ours, theirs = cross_entropy_loss(logits, targets, eps), fastreid_ce(logits, targets, eps)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(ours, logits)[0], torch.autograd.grad(theirs, logits)[0],
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_cross_entropy_loss_counts_only_non_zero_samples_like_fastreid():
+    """Without smoothing, a sample classified with certainty has loss exactly 0 and is not counted."""
+    from fastreid.modeling.losses import cross_entropy_loss as fastreid_ce
+    from promptsg.losses import cross_entropy_loss
+
+    logits = torch.tensor([[200.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
+    targets = torch.tensor([0, 0, 2])
+    expected = (F.cross_entropy(logits[1:2], targets[1:2]) + F.cross_entropy(logits[2:], targets[2:])) / 2
+    torch.testing.assert_close(cross_entropy_loss(logits, targets, 0.0), expected)
+    torch.testing.assert_close(fastreid_ce(logits, targets, 0.0), expected)
+
+
+@pytest.mark.parametrize("margin, norm_feat, hard_mining", [
+    (0.3, False, True), (0.3, True, True), (0.0, False, True), (0.0, True, False), (0.5, False, False)])
+def test_triplet_loss_equals_fastreid(margin, norm_feat, hard_mining):
+    from fastreid.modeling.losses import triplet_loss as fastreid_triplet
+    from promptsg.losses import triplet_loss
+
+    torch.manual_seed(3)
+    embedding = torch.randn(16, 8, requires_grad=True)
+    targets = torch.arange(4).repeat_interleave(4)
+    ours = triplet_loss(embedding, targets, margin, norm_feat, hard_mining)
+    theirs = fastreid_triplet(embedding, targets, margin, norm_feat, hard_mining)
+    assert ours > 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.autograd.grad(ours, embedding)[0], torch.autograd.grad(theirs, embedding)[0],
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_triplet_soft_margin_falls_back_to_margin_03_where_it_overflows_like_fastreid():
+    from fastreid.modeling.losses import triplet_loss as fastreid_triplet
+    from promptsg.losses import triplet_loss
+
+    # Anchor 0: hardest positive at distance 200, hardest negative at 0.1: log(1 + e^199.9) = inf.
+    embedding = torch.tensor([[0.0], [200.0], [0.1], [200.1]])
+    targets = torch.tensor([0, 0, 1, 1])
+    expected = fastreid_triplet(embedding, targets, 0.0, False, True)
+    assert torch.isfinite(expected) and expected > 0
+    torch.testing.assert_close(triplet_loss(embedding, targets, 0.0, False, True), expected)
+
+
+def test_top1_accuracy_equals_fastreid_log_accuracy():
+    from fastreid.modeling.losses import log_accuracy
+    from promptsg.losses import top1_accuracy
+
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+    targets = torch.tensor([1, 0, 0, 2])
+    with EventStorage(0) as storage:
+        log_accuracy(logits, targets)
+    assert float(top1_accuracy(logits, targets)) == 0.5 == storage.latest()["cls_accuracy"][0]
+
+
+def test_deferred_scalar_logs_cpu_values_at_once():
+    from promptsg.losses import DeferredScalar
+
+    log = DeferredScalar("acc")
+    with EventStorage(0) as storage:
+        log.put(torch.tensor(0.25))
+        assert storage.latest()["acc"][0] == 0.25
+
+
+@needs_cuda
+def test_deferred_scalar_logs_cuda_values_one_put_later():
+    from promptsg.losses import DeferredScalar
+
+    log = DeferredScalar("acc")
+    with EventStorage(0) as storage:
+        log.put(torch.tensor(0.25, device="cuda"))
+        assert "acc" not in storage.latest()
+        log.put(torch.tensor(0.75, device="cuda"))
+        assert storage.latest()["acc"][0] == 0.25
+        log.flush()
+        assert storage.latest()["acc"][0] == 0.75
+
+
+def test_model_logs_the_training_accuracy():
+    model = build_model(tiny_cfg()).train()
+    with EventStorage(0) as storage:
+        model(batch())
+    accuracy = storage.latest()["cls_accuracy"][0]
+    assert 0.0 <= accuracy <= 1.0
+
+
+# ---- the visual-only model skips the patch tokens ----
+
+def test_model_without_mim_skips_patch_tokens_and_keeps_its_features():
+    cfg = tiny_cfg(**{"MODEL.PROMPTSG.MIM.CROSS_LAYERS": 0, "MODEL.PROMPTSG.MIM.SELF_LAYERS": 0})
+    model = build_model(cfg).eval()
+    seen = []
+    model.heads.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    images = batch()["images"]
+    with torch.no_grad():
+        feat = model(images)
+        full = model.backbone(model.preprocess_image(images))
+    assert seen[0].tokens is None and full.tokens is not None
+    torch.testing.assert_close(seen[0].embedding, full.embedding, rtol=1e-6, atol=1e-6)
+    for ours, reference in zip(seen[0].states, full.states):
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(feat, model.heads(full), rtol=1e-6, atol=1e-6)
+
+
+# ---- fused optimizer kernels ----
+
+@pytest.mark.parametrize("opt", ["Adam", "SGD"])
+def test_fused_optimizer_updates_like_the_multi_tensor_one(opt):
+    from fastreid.solver import build_lr_scheduler
+
+    cfg = tiny_cfg(**{"SOLVER.OPT": opt, "SOLVER.HEADS_LR_FACTOR": 10.0, "SOLVER.BASE_LR": 1e-3,
+                      "SOLVER.WARMUP_ITERS": 2})
+    models, optimizers = [], []
+    for fused in (True, False):
+        cfg.defrost()
+        cfg.SOLVER.FUSED = fused
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        if models:
+            model.load_state_dict(models[0].state_dict())
+        models.append(model.train())
+        optimizers.append(DefaultTrainer.build_optimizer(cfg, model)[0])
+    initial = {n: p.detach().clone() for n, p in models[0].named_parameters()}
+    assert all(g["fused"] for g in optimizers[0].param_groups)
+    assert not any(g["fused"] for g in optimizers[1].param_groups)
+    schedulers = [build_lr_scheduler(cfg, o, iters_per_epoch=10) for o in optimizers]
+    inputs = batch()
+    for _ in range(4):
+        # Both optimizers get the same gradients (the fused model's): Adam turns the rounding noise
+        # of gradients that are zero in exact arithmetic (attention key biases) into full-size steps.
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        with EventStorage(0):
+            sum(models[0](inputs).values()).backward()
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            b.grad = None if a.grad is None else a.grad.clone()
+        for optimizer, scheduler in zip(optimizers, schedulers):
+            optimizer.step()
+            scheduler["lr_sched"].step()
+    moved = 0
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        moved += a.requires_grad and not torch.equal(a, initial[name])
+    assert moved > 10
+
+
+def test_fused_optimizer_keeps_classes_without_fused_kernels():
+    from promptsg.solver import with_fused_kernels
+
+    optimizer = torch.optim.Rprop(torch.nn.Linear(2, 2).parameters())
+    assert with_fused_kernels(optimizer) is optimizer
+
+
+# ---- torch.compile ----
+
+def test_compiled_model_gives_the_eager_losses_gradients_features_and_checkpoint(tmp_path):
+    """MODEL.PROMPTSG.COMPILE: the same numbers as eager mode and an interchangeable checkpoint."""
+    cfg = tiny_cfg(**{"MODEL.PROMPTSG.INFERENCE_PROMPT": "composed"})
+    torch.manual_seed(0)
+    eager = build_model(cfg)
+    cfg.defrost()
+    cfg.MODEL.PROMPTSG.COMPILE = "default"
+    compiled = build_model(cfg)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    compiled.load_state_dict(eager.state_dict())
+    inputs = batch()
+    results = []
+    for model in (eager, compiled):
+        model.train()
+        with EventStorage(0):
+            losses = model(inputs)
+        sum(losses.values()).backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        model.eval()
+        features = {}
+        with torch.no_grad():
+            for mode in ("composed", "simplified"):
+                model.inference_prompt = mode
+                features[mode] = model(inputs)
+        results.append((losses, grads, features))
+    (eager_losses, eager_grads, eager_feats), (losses, grads, feats) = results
+    torch.testing.assert_close({k: v.detach() for k, v in losses.items()},
+                               {k: v.detach() for k, v in eager_losses.items()}, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == eager_grads.keys()
+    torch.testing.assert_close(grads, eager_grads, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(feats, eager_feats, rtol=1e-4, atol=1e-5)
+    assert compiled.backbone._compiled_call_impl is not None      # it did run compiled
+    torch.save(compiled.state_dict(), tmp_path / "model.pth")
+    eager.load_state_dict(torch.load(tmp_path / "model.pth"))     # strict: same keys, no prefix
+
+
+def test_compile_mode_is_validated_in_one_line():
+    with pytest.raises(ValueError, match="MODEL.PROMPTSG.COMPILE .*'fast'"):
+        build_model(tiny_cfg(**{"MODEL.PROMPTSG.COMPILE": "fast"}))
 
 
 # ---- tools/benchmark.py ----
@@ -291,6 +508,17 @@ def test_benchmark_prints_json_measurements_and_ratios(tmp_path, capsys):
     assert records[-1] is ratios
     for key in ("inference_simplified_vs_visual", "inference_composed_vs_visual", "train_step_time_vs_baseline"):
         assert ratios[key] > 0 and isinstance(ratios["meets_targets"][key], bool)
+
+
+def test_benchmark_train_only_gives_the_training_step_ratio_alone(capsys):
+    records = load_benchmark().main([
+        "--config-file", str(REPO / "projects/PromptSG/configs/Base-PromptSG.yml"), "--device", "cpu",
+        "--iters", "1", "--warmup", "1", "--rounds", "1", "--batch", "8", "--train-only", *TINY_OPTS])
+    assert {r["kind"] for r in records} == {"setup", "memory", "train", "summary", "ratios"}
+    ratios = records[-1]
+    assert ratios["train_step_time_vs_baseline"] > 0 and ratios["inference_simplified_vs_visual"] is None
+    assert list(ratios["meets_targets"]) == ["train_step_time_vs_baseline"]
+    assert "train_step_time_vs_baseline" in capsys.readouterr().out
 
 
 def test_benchmark_baseline_is_the_visual_only_model():

@@ -79,6 +79,7 @@ def parse_args(argv=None):
     parser.add_argument("--test-batch", type=int, default=None, help="inference batch (TEST.IMS_PER_BATCH)")
     parser.add_argument("--data-wait", type=int, default=0, metavar="N",
                         help="instead: N training steps on the real train loader, report the data-wait share")
+    parser.add_argument("--train-only", action="store_true", help="time training steps only, no inference")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--out", default=None, metavar="FILE", help="also write the JSON lines here")
     parser.add_argument("--tag", default=None, help="a label added to every JSON line")
@@ -316,7 +317,9 @@ def run_benchmark(args, record):
                             "build_s": round(v.build_s, 2), "prompts": v.prompt_modes} for v in variants})
 
     # (variant, phase) units; phase "train" or an inference prompt mode.
-    units = [(v, "train") for v in variants] + [(v, mode) for v in variants for mode in v.prompt_modes]
+    units = [(v, "train") for v in variants]
+    if not args.train_only:
+        units += [(v, mode) for v in variants for mode in v.prompt_modes]
     batches = {v.name: (v.train_batch(train_bs), v.test_batch(test_bs)) for v in variants}
 
     def step_fn(variant, phase):
@@ -352,6 +355,8 @@ def run_benchmark(args, record):
                        prompt=None if phase == "train" else phase, round=r, batch=bs,
                        iters=args.iters, step_s=step_s, step_s_min=min(seconds), images_per_s=bs / step_s)
 
+    if cfg.MODEL.PROMPTSG.COMPILE:
+        record(kind="compile", mode=cfg.MODEL.PROMPTSG.COMPILE, **compile_counters())
     median = {key: statistics.median(values) for key, values in times.items()}
     fastest = {key: min(values) for key, values in times.items()}
     summary = {}
@@ -374,12 +379,21 @@ def run_benchmark(args, record):
     return record.records
 
 
+def compile_counters():
+    """torch.compile's bookkeeping: graphs, graph breaks (with reasons) and recompilations."""
+    from torch._dynamo.utils import counters
+
+    return {"stats": dict(counters["stats"]), "graph_breaks": dict(counters["graph_break"]),
+            "recompiles": dict(counters["recompiles"]) if "recompiles" in counters else {},
+            "inductor": {k: v for k, v in counters["inductor"].items() if "cudagraph" in k or "fxgraph" in k}}
+
+
 def speed_ratios(seconds):
     """PromptSG against the baseline from per-step seconds keyed by (variant, phase)."""
-    visual = seconds[("baseline", "visual")]
+    visual = seconds.get(("baseline", "visual"))      # None with --train-only
 
     def throughput_ratio(mode):
-        return visual / seconds[("promptsg", mode)] if ("promptsg", mode) in seconds else None
+        return visual / seconds[("promptsg", mode)] if visual and ("promptsg", mode) in seconds else None
 
     return {
         "inference_simplified_vs_visual": throughput_ratio("simplified"),
@@ -397,11 +411,12 @@ def format_table(summary, memory, ratios, device, dtype, train_bs, test_bs):
              "state MiB", "train peak MiB", "infer peak MiB")]
     for name, label, mode in (("baseline", "CLIP visual-only", "visual"), ("promptsg", "PromptSG", "simplified")):
         s = summary[name]
+        infer = s.get(f"inference_{mode}_images_per_s")
         composed = s.get("inference_composed_images_per_s")
         rows.append((label, f"{s['train_step_s']:.4f}", f"{s['train_images_per_s']:.1f}",
-                     f"{s[f'inference_{mode}_images_per_s']:.1f}",
+                     f"{infer:.1f}" if infer else "-",
                      f"{composed:.1f}" if composed else "-", f"{state[name]:.0f}",
-                     f"+{peak[(name, 'train')]:.0f}", f"+{peak[(name, mode)]:.0f}"))
+                     f"+{peak[(name, 'train')]:.0f}", f"+{peak[(name, mode)]:.0f}" if infer else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [f"device {device}, {dtype_name(dtype)}, "
              f"train batch {train_bs}, inference batch {test_bs} (medians over rounds)"]

@@ -21,13 +21,14 @@ class CLIPVisualOutput(NamedTuple):
     """What the visual encoder gives PromptSG.
 
     embedding: (B, E) global image embedding v in CLIP's joint space (= CLIP encode_image).
-    tokens: (B, M, E) one embedding per spatial position, in the same joint space.
+    tokens: (B, M, E) one embedding per spatial position, in the same joint space; None when
+        not asked for (``with_tokens=False``: a model without MIM skips their projection).
     states: three global states for the triplet loss, as CLIP-ReID's [x11, x12, proj]:
         ViT: [CLS after the second-to-last block (B, C), ln_post(CLS) (B, C), embedding (B, E)];
         RN:  [GAP of layer3 (B, C/2), GAP of layer4 (B, C), embedding (B, E)].
     """
     embedding: torch.Tensor
-    tokens: torch.Tensor
+    tokens: Optional[torch.Tensor]
     states: List[torch.Tensor]
 
 
@@ -81,13 +82,17 @@ class CLIPVisualBackbone(nn.Module):
             self.sie_embed = None
         self.sie_coe = sie_coe
 
-    def forward(self, images: torch.Tensor, camids: Optional[torch.Tensor] = None) -> CLIPVisualOutput:
+    def forward(
+        self, images: torch.Tensor, camids: Optional[torch.Tensor] = None, with_tokens: bool = True
+    ) -> CLIPVisualOutput:
         """images: (B, 3, H, W) normalized; camids: (B,) long, needed with SIE."""
         if self.is_vit:
-            return self._forward_vit(images, camids)
-        return self._forward_resnet(images)
+            return self._forward_vit(images, camids, with_tokens)
+        return self._forward_resnet(images, with_tokens)
 
-    def _forward_vit(self, images: torch.Tensor, camids: Optional[torch.Tensor]) -> CLIPVisualOutput:
+    def _forward_vit(
+        self, images: torch.Tensor, camids: Optional[torch.Tensor], with_tokens: bool
+    ) -> CLIPVisualOutput:
         visual = self.visual
         x = visual.conv1(images)  # (B, C, gh, gw)
         x = x.flatten(2).transpose(1, 2)  # (B, M, C)
@@ -102,20 +107,26 @@ class CLIPVisualBackbone(nn.Module):
 
         num_blocks = len(visual.transformer.resblocks)
         x, (x_prev,) = visual.transformer.forward_intermediates(x, indices=[num_blocks - 2])
+        if not with_tokens:
+            x = x[:, :1]  # ln_post and proj act per token: the CLS token alone gives v
         x = visual.ln_post(x)  # (B, 1 + M, C)
         embedding = x[:, 0] @ visual.proj  # (B, E)
-        tokens = x[:, 1:] @ visual.proj  # (B, M, E)
+        tokens = x[:, 1:] @ visual.proj if with_tokens else None  # (B, M, E)
         return CLIPVisualOutput(embedding, tokens, [x_prev[:, 0], x[:, 0], embedding])
 
-    def _forward_resnet(self, images: torch.Tensor) -> CLIPVisualOutput:
+    def _forward_resnet(self, images: torch.Tensor, with_tokens: bool) -> CLIPVisualOutput:
         visual = self.visual
         x = visual.layer2(visual.layer1(visual.stem(images)))
         x3 = visual.layer3(x)  # (B, C/2, 2h, 2w)
         x4 = visual.layer4(x3)  # (B, C, h, w)
+        states = [x3.mean((2, 3)), x4.mean((2, 3))]
+        if not with_tokens:
+            embedding = visual.attnpool(x4)  # (B, E), CLIP's image embedding
+            return CLIPVisualOutput(embedding, None, states + [embedding])
         pooled = _attnpool_every_position(visual.attnpool, x4)  # (1 + h*w, B, E)
         embedding = pooled[0]  # (B, E), the mean-token query: CLIP's image embedding
         tokens = pooled[1:].transpose(0, 1)  # (B, h*w, E)
-        return CLIPVisualOutput(embedding, tokens, [x3.mean((2, 3)), x4.mean((2, 3)), embedding])
+        return CLIPVisualOutput(embedding, tokens, states + [embedding])
 
 
 def _attnpool_every_position(attnpool: nn.Module, x: torch.Tensor) -> torch.Tensor:

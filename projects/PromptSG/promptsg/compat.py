@@ -69,7 +69,11 @@ def _optimizer_not_contiguous():
         return
 
     def build_optimizer(cfg, model, contiguous=False):
-        return original(cfg, model, contiguous=False)
+        optimizer, params = original(cfg, model, contiguous=False)
+        if cfg.SOLVER.get("FUSED", False):  # not a fix: PromptSG's SOLVER.FUSED (promptsg/solver.py)
+            from .solver import with_fused_kernels
+            optimizer = with_fused_kernels(optimizer)
+        return optimizer, params
 
     build_optimizer._promptsg_patched = True
     build_optimizer.__doc__ = original.__doc__

@@ -8,18 +8,21 @@
 
 At test time l_p is the cached embedding of "A photo of a person." (simplified prompt) or the
 per-image composed prompt (MODEL.PROMPTSG.INFERENCE_PROMPT).
+
+MODEL.PROMPTSG.COMPILE compiles the visual encoder, the text encoder, the head and the loss terms
+with torch.compile (parameter names, checkpoints and results unchanged; tests/test_fast_paths.py).
 """
 import torch
 from fastreid.config import configurable
 from fastreid.modeling.backbones import BACKBONE_REGISTRY
 from fastreid.modeling.heads import REID_HEADS_REGISTRY
-from fastreid.modeling.losses import cross_entropy_loss, log_accuracy, triplet_loss
 from fastreid.modeling.meta_arch import META_ARCH_REGISTRY
 from torch import nn
 
 from .clip_weights import create_clip_model
 from .config import validate_promptsg_config
 from .heads import uses_inversion
+from .losses import DeferredScalar, cross_entropy_loss, top1_accuracy, triplet_loss
 from .prompt import build_prompt_composer
 from .supcon import symmetric_supcon_loss
 
@@ -30,7 +33,7 @@ class PromptSG(nn.Module):
 
     @configurable
     def __init__(self, *, backbone, text, heads, pixel_mean, pixel_std, compose_train,
-                 inference_prompt, mim_query, loss_kwargs):
+                 inference_prompt, mim_query, loss_kwargs, compile_mode=""):
         super().__init__()
         self.backbone = backbone
         self.text = text        # frozen PromptComposer, or None for the visual-only baseline
@@ -41,6 +44,15 @@ class PromptSG(nn.Module):
         self.loss_kwargs = loss_kwargs
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, -1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, -1, 1, 1), False)
+        self.accuracy = DeferredScalar("cls_accuracy")
+        self.compile_mode = compile_mode
+        self._loss_terms = loss_terms
+        if compile_mode:
+            # nn.Module.compile keeps parameter names, so checkpoints are those of the eager model.
+            for module in (self.backbone, self.text, self.heads):
+                if module is not None:
+                    module.compile(mode=compile_mode)
+            self._loss_terms = torch.compile(loss_terms, mode=compile_mode)
 
     @classmethod
     def from_config(cls, cfg):
@@ -63,6 +75,7 @@ class PromptSG(nn.Module):
             "compose_train": p.COMPOSE_TRAIN,
             "inference_prompt": p.INFERENCE_PROMPT,
             "mim_query": p.MIM.QUERY,
+            "compile_mode": p.COMPILE,
             "loss_kwargs": {
                 "loss_names": losses.NAME,
                 "ce": {"eps": losses.CE.EPSILON, "alpha": losses.CE.ALPHA, "scale": losses.CE.SCALE},
@@ -81,7 +94,7 @@ class PromptSG(nn.Module):
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
         camids = batched_inputs.get("camids") if isinstance(batched_inputs, dict) else None
-        visual = self.backbone(images, camids)
+        visual = self.backbone(images, camids, with_tokens=self.heads.mim is not None)
         composed = self.compose_train if self.training else self.inference_prompt == "composed"
         text, query, out_index = self.prompt_features(visual, composed)
 
@@ -115,27 +128,30 @@ class PromptSG(nn.Module):
 
     def losses(self, outputs, visual, text, targets):
         """L = L_Triplet + L_ID + lambda * L_SupCon (Eq. 10), by MODEL.LOSSES.NAME."""
-        kw = self.loss_kwargs
-        names = kw["loss_names"]
-        log_accuracy(outputs["pred_class_logits"].detach(), targets)
-        loss_dict = {}
-        if "CrossEntropyLoss" in names:
-            ce = kw["ce"]
-            loss_dict["loss_cls"] = cross_entropy_loss(
-                outputs["cls_outputs"], targets, ce["eps"], ce["alpha"]) * ce["scale"]
-        if "TripletLoss" in names:
-            tri = kw["tri"]
+        self.accuracy.put(top1_accuracy(outputs["pred_class_logits"].detach(), targets))
+        return self._loss_terms(self.loss_kwargs, outputs, visual, text, targets, self.heads.mim is not None)
 
-            def triplet(feat):
-                return triplet_loss(feat, targets, tri["margin"], tri["norm_feat"], tri["hard_mining"]) * tri["scale"]
 
-            loss_dict["loss_triplet"] = triplet(outputs["features"])
-            if kw["tri_visual_states"]:
-                # x_{L-1}, x_L and proj(x_L); the last is the final feature itself without a MIM.
-                states = visual.states if self.heads.mim is not None else visual.states[:-1]
-                loss_dict["loss_triplet_visual"] = sum(triplet(s) for s in states)
-        if "SupConLoss" in names:
-            sc = kw["supcon"]
-            loss_dict["loss_supcon"] = sc["scale"] * symmetric_supcon_loss(
-                visual.embedding, text, targets, sc["temperature"], sc["i2t"], sc["t2i"])
-        return loss_dict
+def loss_terms(kw, outputs, visual, text, targets, has_mim):
+    """The loss dict of PromptSG.losses; a plain function of tensors, so torch.compile can fuse it."""
+    names = kw["loss_names"]
+    loss_dict = {}
+    if "CrossEntropyLoss" in names:
+        ce = kw["ce"]
+        loss_dict["loss_cls"] = cross_entropy_loss(outputs["cls_outputs"], targets, ce["eps"], ce["alpha"]) * ce["scale"]
+    if "TripletLoss" in names:
+        tri = kw["tri"]
+
+        def triplet(feat):
+            return triplet_loss(feat, targets, tri["margin"], tri["norm_feat"], tri["hard_mining"]) * tri["scale"]
+
+        loss_dict["loss_triplet"] = triplet(outputs["features"])
+        if kw["tri_visual_states"]:
+            # x_{L-1}, x_L and proj(x_L); the last is the final feature itself without a MIM.
+            states = visual.states if has_mim else visual.states[:-1]
+            loss_dict["loss_triplet_visual"] = sum(triplet(s) for s in states)
+    if "SupConLoss" in names:
+        sc = kw["supcon"]
+        loss_dict["loss_supcon"] = sc["scale"] * symmetric_supcon_loss(
+            visual.embedding, text, targets, sc["temperature"], sc["i2t"], sc["t2i"])
+    return loss_dict

@@ -68,7 +68,7 @@ class PromptComposer(nn.Module):
         """The text tower stays in eval mode: it is frozen."""
         return super().train(False)
 
-    def encode(self, token_embeddings, eot_index, return_tokens=False):
+    def forward(self, token_embeddings, eot_index, return_tokens=False):
         """Run the text tower on (B, n, D) token embeddings with the EOT token at ``eot_index``.
 
         Returns the pooled EOT embedding (B, E) and, if ``return_tokens``, every token
@@ -94,7 +94,7 @@ class PromptComposer(nn.Module):
         before = base[: self.placeholder_index].expand(len(pseudo_tokens), -1, -1)
         after = base[self.placeholder_index + 1:].expand(len(pseudo_tokens), -1, -1)
         x = torch.cat([before, pseudo_tokens[:, None, :], after], dim=1)           # (B, n, D)
-        return self.encode(x, self.prompt_eot, return_tokens)
+        return self(x, self.prompt_eot, return_tokens)
 
     def simple(self, batch_size, device, return_tokens=False):
         """Embedding of the simplified prompt (float32), computed once per device and cached."""
@@ -102,8 +102,9 @@ class PromptComposer(nn.Module):
         if key not in self._simple_cache:
             with torch.no_grad(), torch.autocast(key[0].type, enabled=False):
                 ids = self.simple_ids.to(device)
-                self._simple_cache[key] = self.encode(self.token_embedding(ids)[None].float(), self.simple_eot,
-                                                      return_tokens)
+                out = self(self.token_embedding(ids)[None].float(), self.simple_eot, return_tokens)
+                # A copy: a compiled tower's output buffers can be reused by its next call.
+                self._simple_cache[key] = tuple(t.clone() for t in out) if return_tokens else out.clone()
         cached = self._simple_cache[key]
         if return_tokens:
             return cached[0].expand(batch_size, -1), cached[1].expand(batch_size, -1, -1)
