@@ -27,6 +27,9 @@ from .prompt import build_prompt_composer
 from .supcon import symmetric_supcon_loss
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that add CUDA graphs
+
+
 @META_ARCH_REGISTRY.register()
 class PromptSG(nn.Module):
     """Prompt-driven semantic guidance for person re-identification (Yang et al., CVPR 2024)."""
@@ -99,7 +102,10 @@ class PromptSG(nn.Module):
         text, query, out_index = self.prompt_features(visual, composed)
 
         if not self.training:
-            return self.heads(visual, query, out_index)
+            feat = self.heads(visual, query, out_index)
+            # Under CUDA graphs the next call reuses this output's memory (FastReID's flip test
+            # calls the model twice before averaging): hand out a copy.
+            return feat.clone() if self.compile_mode in CUDA_GRAPH_MODES else feat
         targets = batched_inputs["targets"]
         outputs = self.heads(visual, query, out_index, targets)
         return self.losses(outputs, visual, text, targets)
