@@ -467,6 +467,27 @@ def test_compiled_model_gives_the_eager_losses_gradients_features_and_checkpoint
     eager.load_state_dict(torch.load(tmp_path / "model.pth"))     # strict: same keys, no prefix
 
 
+@pytest.mark.parametrize("mode, steps", [("", 0), ("default", 0), ("reduce-overhead", 3), ("max-autotune", 3)])
+def test_each_forward_is_one_cuda_graph_step_and_hands_out_its_own_feature(monkeypatch, mode, steps):
+    """With CUDA graphs (modes that add them) every forward starts one graph step, and an
+    inference feature is a copy that the next forward cannot overwrite (FastReID's flip test)."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    model = build_model(tiny_cfg())
+    model.compile_mode = mode                    # the forward's contract, without compiling here
+    with EventStorage(0):
+        model(batch())
+    model.eval()
+    seen = []
+    model.heads.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        features = [model(batch()) for _ in range(2)]
+    assert len(marks) == steps
+    copies = [f.data_ptr() != s.data_ptr() for f, s in zip(features, seen)]
+    assert copies == [bool(steps)] * 2
+    torch.testing.assert_close(features[0], seen[0])
+
+
 def test_compile_mode_is_validated_in_one_line():
     with pytest.raises(ValueError, match="MODEL.PROMPTSG.COMPILE .*'fast'"):
         build_model(tiny_cfg(**{"MODEL.PROMPTSG.COMPILE": "fast"}))

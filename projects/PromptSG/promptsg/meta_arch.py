@@ -12,6 +12,8 @@ per-image composed prompt (MODEL.PROMPTSG.INFERENCE_PROMPT).
 MODEL.PROMPTSG.COMPILE compiles the visual encoder, the text encoder, the head and the loss terms
 with torch.compile (parameter names, checkpoints and results unchanged; tests/test_fast_paths.py).
 """
+import logging
+
 import torch
 from fastreid.config import configurable
 from fastreid.modeling.backbones import BACKBONE_REGISTRY
@@ -27,6 +29,7 @@ from .prompt import build_prompt_composer
 from .supcon import symmetric_supcon_loss
 
 
+logger = logging.getLogger(__name__)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that add CUDA graphs
 
 
@@ -50,6 +53,12 @@ class PromptSG(nn.Module):
         self.accuracy = DeferredScalar("cls_accuracy")
         self.compile_mode = compile_mode
         self._loss_terms = loss_terms
+        if compile_mode in CUDA_GRAPH_MODES:
+            logger.warning(
+                "MODEL.PROMPTSG.COMPILE %s adds CUDA graphs: measured on training steps "
+                "(tools/benchmark.py); its run through FastReID's trainer and evaluator awaits a GPU "
+                "check (tools/gpu_compile_check.sh). MODEL.PROMPTSG.COMPILE default has no CUDA graphs.",
+                compile_mode)
         if compile_mode:
             # nn.Module.compile keeps parameter names, so checkpoints are those of the eager model.
             for module in (self.backbone, self.text, self.heads):
@@ -95,6 +104,12 @@ class PromptSG(nn.Module):
         return self.pixel_mean.device
 
     def forward(self, batched_inputs):
+        if self.compile_mode in CUDA_GRAPH_MODES:
+            # One forward pass is one CUDA-graph step: the graphs it runs (encoders, head,
+            # losses) may read each other's outputs, and only the next forward reuses their
+            # memory. Without this, PyTorch starts a new step at every compiled call in
+            # inference and the head would read overwritten encoder outputs.
+            torch.compiler.cudagraph_mark_step_begin()
         images = self.preprocess_image(batched_inputs)
         camids = batched_inputs.get("camids") if isinstance(batched_inputs, dict) else None
         visual = self.backbone(images, camids, with_tokens=self.heads.mim is not None)
