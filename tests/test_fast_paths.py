@@ -7,6 +7,7 @@ tools/benchmark.py, which measures what these shortcuts buy, is run once on a ti
 """
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import open_clip
@@ -431,6 +432,8 @@ def test_fused_optimizer_keeps_classes_without_fused_kernels():
 
 # ---- torch.compile ----
 
+@pytest.mark.skipif(not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")),
+                    reason="torch.compile on CPU needs a C++ compiler (none on PATH)")
 def test_compiled_model_gives_the_eager_losses_gradients_features_and_checkpoint(tmp_path):
     """MODEL.PROMPTSG.COMPILE: the same numbers as eager mode and an interchangeable checkpoint."""
     cfg = tiny_cfg(**{"MODEL.PROMPTSG.INFERENCE_PROMPT": "composed"})
