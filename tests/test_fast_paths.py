@@ -546,6 +546,17 @@ def test_benchmark_train_only_gives_the_training_step_ratio_alone(capsys):
     assert "train_step_time_vs_baseline" in capsys.readouterr().out
 
 
+def test_benchmark_inference_only_gives_the_inference_ratios_alone(capsys):
+    records = load_benchmark().main([
+        "--config-file", str(REPO / "projects/PromptSG/configs/Base-PromptSG.yml"), "--device", "cpu",
+        "--iters", "1", "--warmup", "1", "--rounds", "1", "--test-batch", "8", "--inference-only", *TINY_OPTS])
+    assert {r["kind"] for r in records} == {"setup", "memory", "inference", "summary", "ratios"}
+    ratios = records[-1]
+    assert ratios["train_step_time_vs_baseline"] is None and ratios["inference_composed_vs_visual"] > 0
+    assert list(ratios["meets_targets"]) == ["inference_simplified_vs_visual", "inference_composed_vs_visual"]
+    assert "inference_simplified_vs_visual" in capsys.readouterr().out
+
+
 def test_benchmark_baseline_is_the_visual_only_model():
     benchmark = load_benchmark()
     args = benchmark.parse_args(["--config-file", str(REPO / "projects/PromptSG/configs/Base-PromptSG.yml"),

@@ -79,7 +79,9 @@ def parse_args(argv=None):
     parser.add_argument("--test-batch", type=int, default=None, help="inference batch (TEST.IMS_PER_BATCH)")
     parser.add_argument("--data-wait", type=int, default=0, metavar="N",
                         help="instead: N training steps on the real train loader, report the data-wait share")
-    parser.add_argument("--train-only", action="store_true", help="time training steps only, no inference")
+    phases = parser.add_mutually_exclusive_group()
+    phases.add_argument("--train-only", action="store_true", help="time training steps only, no inference")
+    phases.add_argument("--inference-only", action="store_true", help="time inference only, no training")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--out", default=None, metavar="FILE", help="also write the JSON lines here")
     parser.add_argument("--tag", default=None, help="a label added to every JSON line")
@@ -317,7 +319,7 @@ def run_benchmark(args, record):
                             "build_s": round(v.build_s, 2), "prompts": v.prompt_modes} for v in variants})
 
     # (variant, phase) units; phase "train" or an inference prompt mode.
-    units = [(v, "train") for v in variants]
+    units = [] if args.inference_only else [(v, "train") for v in variants]
     if not args.train_only:
         units += [(v, mode) for v in variants for mode in v.prompt_modes]
     batches = {v.name: (v.train_batch(train_bs), v.test_batch(test_bs)) for v in variants}
@@ -398,7 +400,8 @@ def speed_ratios(seconds):
     return {
         "inference_simplified_vs_visual": throughput_ratio("simplified"),
         "inference_composed_vs_visual": throughput_ratio("composed"),
-        "train_step_time_vs_baseline": seconds[("promptsg", "train")] / seconds[("baseline", "train")],
+        "train_step_time_vs_baseline": (seconds[("promptsg", "train")] / seconds[("baseline", "train")]
+                                        if ("baseline", "train") in seconds else None),
     }
 
 
@@ -413,10 +416,13 @@ def format_table(summary, memory, ratios, device, dtype, train_bs, test_bs):
         s = summary[name]
         infer = s.get(f"inference_{mode}_images_per_s")
         composed = s.get("inference_composed_images_per_s")
-        rows.append((label, f"{s['train_step_s']:.4f}", f"{s['train_images_per_s']:.1f}",
+        trained = "train_step_s" in s
+        rows.append((label, f"{s['train_step_s']:.4f}" if trained else "-",
+                     f"{s['train_images_per_s']:.1f}" if trained else "-",
                      f"{infer:.1f}" if infer else "-",
                      f"{composed:.1f}" if composed else "-", f"{state[name]:.0f}",
-                     f"+{peak[(name, 'train')]:.0f}", f"+{peak[(name, mode)]:.0f}" if infer else "-"))
+                     f"+{peak[(name, 'train')]:.0f}" if trained else "-",
+                     f"+{peak[(name, mode)]:.0f}" if infer else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [f"device {device}, {dtype_name(dtype)}, "
              f"train batch {train_bs}, inference batch {test_bs} (medians over rounds)"]
