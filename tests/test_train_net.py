@@ -118,6 +118,55 @@ def test_eval_only_reproduces_the_training_run(trained, datasets_root, mode, tmp
         assert again[key] == pytest.approx(final[key], abs=1e-6), key
 
 
+# ---- tools/visualize_result.py ----
+
+VISUALIZE = os.path.join(ROOT, "tools", "visualize_result.py")
+
+
+def visualize(args, root):
+    env = dict(os.environ, FASTREID_DATASETS=str(root), PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, VISUALIZE, *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def market_ids(path):
+    """(person id, camera id) from a Market-1501 file name such as 0002_c1s1_000451_03.jpg."""
+    name = os.path.basename(path)
+    return int(name.split("_")[0]), int(name.split("_")[1][1])
+
+
+def test_visualize_draws_the_ranking_that_eval_only_scores(trained, datasets_root, tmp_path):
+    train_dir = trained["simplified"]
+    result = visualize(["--config-file", PROMPTSG_CFG, "--output", str(tmp_path), "--num-vis", "3",
+                        "--max-rank", "4", *TINY, "MODEL.WEIGHTS", str(train_dir / "model_final.pth")],
+                       datasets_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = read(train_dir / "results.json")
+    again = read(tmp_path / "results.json")
+    for key in ("mAP", "Rank-1", "mINP"):
+        assert again[key] == pytest.approx(final[key], abs=1e-6), key
+    for name in ("0.jpg", "1.jpg", "2.jpg", "roc.jpg", "pos_neg_dist.jpg", "roc_info.pickle"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert not (tmp_path / "3.jpg").exists()
+    lists = read(tmp_path / "rank_lists.json")
+    assert len(lists) == 3 and [q["ap"] for q in lists] == sorted(q["ap"] for q in lists)  # worst first
+    assert lists[0]["ap"] <= final["mAP"] / 100
+    for query in lists:
+        q_pid, q_cam = market_ids(query["query"])
+        distances = [g["distance"] for g in query["top"]]
+        assert len(query["top"]) == 4 and distances == sorted(distances)
+        for g in query["top"]:
+            g_pid, g_cam = market_ids(g["image"])
+            assert g["match"] == (g_pid == q_pid)               # labels from the file names
+            assert not (g_pid == q_pid and g_cam == q_cam)      # same id, same camera: left out
+
+
+def test_visualize_without_weights_fails_in_one_line(tmp_path):
+    result = visualize(["--config-file", PROMPTSG_CFG, "--output", str(tmp_path)], tmp_path)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: MODEL.WEIGHTS is not set")
+
+
 def test_two_cpu_processes_train_and_evaluate_with_gloo(datasets_root, tmp_path):
     out_dir = tmp_path / "ddp"
     result = run(["--config-file", PROMPTSG_CFG, "--num-gpus", "2", "--dist-url", "auto", *TINY,
