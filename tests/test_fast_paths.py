@@ -535,26 +535,19 @@ def test_benchmark_prints_json_measurements_and_ratios(tmp_path, capsys):
         assert ratios[key] > 0 and isinstance(ratios["meets_targets"][key], bool)
 
 
-def test_benchmark_train_only_gives_the_training_step_ratio_alone(capsys):
+@pytest.mark.parametrize("flag, kind, measured", [
+    ("--train-only", "train", ["train_step_time_vs_baseline"]),
+    ("--inference-only", "inference", ["inference_simplified_vs_visual", "inference_composed_vs_visual"])])
+def test_benchmark_times_one_phase_alone_and_gives_its_ratios(capsys, flag, kind, measured):
     records = load_benchmark().main([
         "--config-file", str(REPO / "projects/PromptSG/configs/Base-PromptSG.yml"), "--device", "cpu",
-        "--iters", "1", "--warmup", "1", "--rounds", "1", "--batch", "8", "--train-only", *TINY_OPTS])
-    assert {r["kind"] for r in records} == {"setup", "memory", "train", "summary", "ratios"}
+        "--iters", "1", "--warmup", "1", "--rounds", "1", "--batch", "8", "--test-batch", "8", flag, *TINY_OPTS])
+    assert {r["kind"] for r in records} == {"setup", "memory", kind, "summary", "ratios"}
     ratios = records[-1]
-    assert ratios["train_step_time_vs_baseline"] > 0 and ratios["inference_simplified_vs_visual"] is None
-    assert list(ratios["meets_targets"]) == ["train_step_time_vs_baseline"]
-    assert "train_step_time_vs_baseline" in capsys.readouterr().out
-
-
-def test_benchmark_inference_only_gives_the_inference_ratios_alone(capsys):
-    records = load_benchmark().main([
-        "--config-file", str(REPO / "projects/PromptSG/configs/Base-PromptSG.yml"), "--device", "cpu",
-        "--iters", "1", "--warmup", "1", "--rounds", "1", "--test-batch", "8", "--inference-only", *TINY_OPTS])
-    assert {r["kind"] for r in records} == {"setup", "memory", "inference", "summary", "ratios"}
-    ratios = records[-1]
-    assert ratios["train_step_time_vs_baseline"] is None and ratios["inference_composed_vs_visual"] > 0
-    assert list(ratios["meets_targets"]) == ["inference_simplified_vs_visual", "inference_composed_vs_visual"]
-    assert "inference_simplified_vs_visual" in capsys.readouterr().out
+    assert list(ratios["meets_targets"]) == measured
+    for key in ("inference_simplified_vs_visual", "inference_composed_vs_visual", "train_step_time_vs_baseline"):
+        assert (ratios[key] > 0) if key in measured else ratios[key] is None, key
+    assert measured[0] in capsys.readouterr().out
 
 
 def test_benchmark_baseline_is_the_visual_only_model():
