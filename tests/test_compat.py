@@ -45,7 +45,7 @@ def _batch(n_ids=4, per_id=2, size=(64, 32)):
 
 def test_all_patches_are_applied_once():
     assert compat.apply_all() == compat.APPLIED
-    assert len(set(compat.APPLIED)) == len(compat.APPLIED) == 11
+    assert len(set(compat.APPLIED)) == len(compat.APPLIED) == 13
 
 
 def test_fastreid_imports_only_with_the_import_aliases():
@@ -293,3 +293,151 @@ def test_optimizer_groups_share_hyper_parameters_and_update_exactly_as_per_param
             sched["warmup_sched"].step()
     for (name, a), b in zip(merged_model.named_parameters(), reference_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---- 12-13. GPU stream races: the loss log and DataLoaderX's batches ----
+
+class ScaledLosses(torch.nn.Module):
+    """Two losses of one weight, ``loss_a = w * x`` and ``loss_b = 2 * w * x``, for a batch x."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        return {"loss_a": self.w * x, "loss_b": 2 * self.w * x}
+
+
+def _simple_trainer(inputs, device="cpu"):
+    from fastreid.engine.train_loop import SimpleTrainer
+
+    model = ScaledLosses().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)      # w: 1 -> 1 - 1.5 x per step
+    return SimpleTrainer(model, [torch.tensor(x, device=device) for x in inputs], optimizer, None)
+
+
+def _history(storage, name):
+    return storage.history(name).values() if name in storage.histories() else []
+
+
+def test_deferred_loss_log_writes_fastreid_values_under_their_own_iteration(monkeypatch):
+    """The waiting path (used on CUDA), run on the CPU: each step's losses are written at the next
+    step, under their own iteration, with FastReID's values, total and data time."""
+    monkeypatch.setattr(compat, "DEFERRED_LOSS_LOG_DEVICES", ("cuda", "cpu"))
+    inputs = [1.0, 0.5, 0.25]
+    trainer = _simple_trainer(inputs)
+    w = 1.0
+    expected = []                                    # hand-computed (loss_a, loss_b, total) per step
+    for x in inputs:
+        expected.append((w * x, 2 * w * x, 3 * w * x))
+        w -= 0.5 * 3 * x
+    with EventStorage(0) as storage:
+        for step in range(3):
+            trainer.iter = storage.iter = step
+            trainer.run_step()
+            assert [it for _, it in _history(storage, "loss_a")] == list(range(step))  # one step late
+            assert storage.iter == step
+        trainer.flush_metrics()
+        logged = [(a, b, t) for (a, _), (b, _), (t, _) in zip(
+            *(_history(storage, name) for name in ("loss_a", "loss_b", "total_loss")))]
+        assert [it for _, it in _history(storage, "total_loss")] == [0, 1, 2]
+        assert [it for _, it in _history(storage, "data_time")] == [0, 1, 2]
+    assert [v for row in logged for v in row] == pytest.approx([v for row in expected for v in row])
+
+    fastreid = _simple_trainer(inputs)               # FastReID's own log, at once
+    fastreid._write_metrics = lambda *args: fastreid.fastreid_write_metrics(*args)
+    with EventStorage(0) as reference:
+        for step in range(3):
+            fastreid.iter = reference.iter = step
+            fastreid.run_step()
+    for name in ("loss_a", "loss_b", "total_loss"):
+        assert _history(storage, name) == _history(reference, name)  # the same floats, iterations
+
+
+def test_deferred_loss_log_names_the_iteration_of_a_nan_loss(monkeypatch):
+    monkeypatch.setattr(compat, "DEFERRED_LOSS_LOG_DEVICES", ("cuda", "cpu"))
+    trainer = _simple_trainer([1.0, float("nan"), 1.0])
+    with EventStorage(0) as storage:
+        for step in range(2):
+            trainer.iter = storage.iter = step
+            trainer.run_step()                       # the NaN of step 1 is not read yet
+        trainer.iter = storage.iter = 2
+        with pytest.raises(FloatingPointError, match="iteration=1!"):
+            trainer.run_step()
+
+
+def test_default_trainer_writes_the_last_loss_of_each_epoch_at_once(monkeypatch):
+    """The epoch's hooks (writers, checkpoint, evaluation) run after its last step: they must see it."""
+    from types import SimpleNamespace
+
+    from fastreid.engine import DefaultTrainer
+
+    monkeypatch.setattr(compat, "DEFERRED_LOSS_LOG_DEVICES", ("cuda", "cpu"))
+    inner = _simple_trainer([1.0] * 6)
+    trainer = SimpleNamespace(_trainer=inner, iters_per_epoch=3)
+    with EventStorage(0) as storage:
+        seen = []
+        for step in range(6):
+            trainer.iter = storage.iter = step
+            DefaultTrainer.run_step(trainer)
+            seen.append([it for _, it in _history(storage, "loss_a")][-1:])
+    assert seen == [[], [0], [2], [2], [3], [5]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+@pytest.mark.parametrize("log", ["patched", "fastreid"])
+def test_cuda_loss_log_reads_the_loss_the_gpu_wrote(log):
+    """The GPU is kept busy before it writes the loss. FastReID's side-stream read does not wait
+    for it and logs the stale 0; the patched log does not stop the host and logs 3 a step later."""
+    trainer = _simple_trainer([])
+    cycles = 200_000_000                             # about 0.1 s on a current GPU
+    with EventStorage(5) as storage:
+        trainer.iter = 5
+        loss = torch.zeros((), device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda._sleep(cycles)
+        loss.add_(3.0)                               # runs after the sleep
+        if log == "fastreid":
+            trainer.fastreid_write_metrics({"loss_a": loss}, 0.0)
+            assert _history(storage, "total_loss") == [(0.0, 5)]
+            return
+        trainer._write_metrics({"loss_a": loss, "loss_b": loss * 2}, 0.0)
+        after = torch.cuda.Event()
+        after.record()
+        assert not after.query()                     # the host did not wait for the GPU
+        trainer.flush_metrics()
+    assert _history(storage, "loss_a") == [(3.0, 5)] and _history(storage, "total_loss") == [(9.0, 5)]
+
+
+class _ConstantImages(torch.utils.data.Dataset):
+    """Image i is filled with the value i."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return {"images": torch.full((3, 64, 32), float(index)), "targets": index}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+@pytest.mark.parametrize("loader_next", ["patched", "fastreid"])
+def test_cuda_loader_batch_is_not_overwritten_before_the_training_stream_reads_it(monkeypatch, loader_next):
+    """The training stream is kept busy before it reads each batch, while the host moves on and
+    drops it. Without ``record_stream`` a later batch's copy reuses its memory first."""
+    from fastreid.data import data_utils
+    from fastreid.data.build import DataLoaderX, fast_batch_collator
+
+    if loader_next == "fastreid":
+        monkeypatch.setattr(data_utils.DataLoaderX, "__next__", data_utils.DataLoaderX.__next__.fastreid_next)
+    loader = DataLoaderX(0, dataset=_ConstantImages(), batch_size=1, num_workers=0,
+                         collate_fn=fast_batch_collator, pin_memory=True)
+    torch.cuda.synchronize()
+    sums = []
+    for batch in loader:
+        torch.cuda._sleep(20_000_000)                # the training stream is busy ...
+        sums.append(batch["images"].sum())           # ... when it reads this batch
+    read = [round(s.item() / (3 * 64 * 32)) for s in sums]
+    if loader_next == "patched":
+        assert read == list(range(8))
+    else:
+        assert read != list(range(8))                # FastReID's loader: later batches read instead

@@ -18,6 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import promptsg.interaction
 from fastreid.engine import DefaultTrainer
+from fastreid.engine.train_loop import SimpleTrainer
+from fastreid.evaluation import DatasetEvaluator, inference_on_dataset
 from fastreid.modeling import build_model
 from fastreid.utils.events import EventStorage
 from promptsg.clip_weights import create_clip_model
@@ -333,7 +335,7 @@ def test_top1_accuracy_equals_fastreid_log_accuracy():
 
 
 def test_deferred_scalar_logs_cpu_values_at_once():
-    from promptsg.losses import DeferredScalar
+    from promptsg.deferred_log import DeferredScalar
 
     log = DeferredScalar("acc")
     with EventStorage(0) as storage:
@@ -342,17 +344,22 @@ def test_deferred_scalar_logs_cpu_values_at_once():
 
 
 @needs_cuda
-def test_deferred_scalar_logs_cuda_values_one_put_later():
-    from promptsg.losses import DeferredScalar
+def test_deferred_scalar_logs_cuda_values_one_put_later_under_their_iteration():
+    """The GPU is kept busy before it writes the first value: its copy still reads 0.25."""
+    from promptsg.deferred_log import DeferredScalar
 
     log = DeferredScalar("acc")
-    with EventStorage(0) as storage:
-        log.put(torch.tensor(0.25, device="cuda"))
+    with EventStorage(3) as storage:
+        value = torch.zeros((), device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda._sleep(100_000_000)
+        log.put(value.add_(0.25))
         assert "acc" not in storage.latest()
+        storage.iter = 4
         log.put(torch.tensor(0.75, device="cuda"))
-        assert storage.latest()["acc"][0] == 0.25
+        assert storage.history("acc").values() == [(0.25, 3)]
         log.flush()
-        assert storage.latest()["acc"][0] == 0.75
+        assert storage.history("acc").values() == [(0.25, 3), (0.75, 4)]
 
 
 def test_model_logs_the_training_accuracy():
@@ -432,42 +439,103 @@ def test_fused_optimizer_keeps_classes_without_fused_kernels():
 
 # ---- torch.compile ----
 
-@pytest.mark.skipif(not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")),
-                    reason="torch.compile on CPU needs a C++ compiler (none on PATH)")
-def test_compiled_model_gives_the_eager_losses_gradients_features_and_checkpoint(tmp_path):
-    """MODEL.PROMPTSG.COMPILE: the same numbers as eager mode and an interchangeable checkpoint."""
-    cfg = tiny_cfg(**{"MODEL.PROMPTSG.INFERENCE_PROMPT": "composed"})
+needs_cxx = pytest.mark.skipif(not any(shutil.which(cxx) for cxx in ("g++", "c++", "clang++")),
+                               reason="torch.compile on CPU needs a C++ compiler (none on PATH)")
+
+
+class RecordedFeatures(DatasetEvaluator):
+    """A FastReID evaluator that keeps the features it is given."""
+
+    def reset(self):
+        self.features = []
+
+    def process(self, inputs, outputs):
+        self.features.append(outputs.cpu())
+
+    def evaluate(self):
+        return {}
+
+
+class BatchLoader(list):
+    """Batches that FastReID's ``inference_on_dataset`` takes as its data loader."""
+
+    @property
+    def dataset(self):
+        return range(sum(len(b["targets"]) for b in self))
+
+
+def train_and_test_like_fastreid(cfg, state, batches):
+    """FastReID's training step (SimpleTrainer.run_step: forward, zero_grad, backward, loss log,
+    optimizer step) over ``batches``, then its flip-test inference in both prompt modes.
+
+    Returns the model, the logged losses per step, the gradients of each step (those the optimizer
+    used), the trained parameters and the features.
+    """
+    model = build_model(cfg)
+    model.load_state_dict(state)
+    optimizer, param_wrapper = DefaultTrainer.build_optimizer(cfg, model)
+    trainer = SimpleTrainer(model, batches, optimizer, param_wrapper)
+    grads = []
+    with EventStorage(0) as storage:
+        for step in range(len(batches)):
+            trainer.iter = storage.iter = step
+            trainer.run_step()
+            grads.append({n: p.grad.detach().cpu().clone() for n, p in model.named_parameters()
+                          if p.grad is not None})
+        trainer.flush_metrics()
+        losses = {name: storage.history(name).values() for name in storage.histories()
+                  if name.startswith("loss_") or name == "total_loss"}
+    params = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
+    features = {}
+    for mode in ("composed", "simplified"):
+        model.inference_prompt = mode
+        recorder = RecordedFeatures()
+        inference_on_dataset(model, BatchLoader(dict(b) for b in batches), recorder, flip_test=True)
+        features[mode] = torch.cat(recorder.features)
+    return model, losses, grads, params, features
+
+
+@pytest.mark.parametrize("device, mode", [pytest.param("cpu", "default", marks=needs_cxx),
+                                          pytest.param("cuda", "reduce-overhead", marks=needs_cuda)])
+def test_compiled_model_trains_and_tests_like_eager_through_fastreid(device, mode, tmp_path):
+    """MODEL.PROMPTSG.COMPILE through FastReID's trainer step and flip test: three steps give the
+    eager losses, gradients and weights, the features match, and the checkpoint is interchangeable.
+    On CUDA, ``reduce-overhead`` adds CUDA graphs, whose outputs live only until the next step."""
+    from torch._dynamo.utils import counters
+
+    cfg = tiny_cfg(**{"MODEL.DEVICE": device, "MODEL.PROMPTSG.INFERENCE_PROMPT": "composed",
+                      "SOLVER.OPT": "SGD", "SOLVER.BASE_LR": 0.01, "SOLVER.HEADS_LR_FACTOR": 1.0,
+                      "SOLVER.MOMENTUM": 0.9})
     torch.manual_seed(0)
-    eager = build_model(cfg)
+    state = build_model(cfg).state_dict()
+    batches = []
+    for seed in range(3):
+        inputs = batch()
+        inputs["images"] = torch.rand(inputs["images"].shape, generator=torch.Generator().manual_seed(seed)) * 255
+        batches.append(on(device, inputs))
+    eager = train_and_test_like_fastreid(cfg, state, batches)
+    counters.clear()
     cfg.defrost()
-    cfg.MODEL.PROMPTSG.COMPILE = "default"
-    compiled = build_model(cfg)
-    assert compiled.state_dict().keys() == eager.state_dict().keys()
-    compiled.load_state_dict(eager.state_dict())
-    inputs = batch()
-    results = []
-    for model in (eager, compiled):
-        model.train()
-        with EventStorage(0):
-            losses = model(inputs)
-        sum(losses.values()).backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        model.eval()
-        features = {}
-        with torch.no_grad():
-            for mode in ("composed", "simplified"):
-                model.inference_prompt = mode
-                features[mode] = model(inputs)
-        results.append((losses, grads, features))
-    (eager_losses, eager_grads, eager_feats), (losses, grads, feats) = results
-    torch.testing.assert_close({k: v.detach() for k, v in losses.items()},
-                               {k: v.detach() for k, v in eager_losses.items()}, rtol=1e-4, atol=1e-5)
-    assert grads.keys() == eager_grads.keys()
-    torch.testing.assert_close(grads, eager_grads, rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(feats, eager_feats, rtol=1e-4, atol=1e-5)
-    assert compiled.backbone._compiled_call_impl is not None      # it did run compiled
-    torch.save(compiled.state_dict(), tmp_path / "model.pth")
-    eager.load_state_dict(torch.load(tmp_path / "model.pth"))     # strict: same keys, no prefix
+    cfg.MODEL.PROMPTSG.COMPILE = mode
+    compiled = train_and_test_like_fastreid(cfg, state, batches)
+
+    (eager_model, eager_losses, eager_grads, eager_params, eager_feats) = eager
+    (model, losses, grads, params, feats) = compiled
+    assert model.backbone._compiled_call_impl is not None          # it did run compiled
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert losses.keys() == eager_losses.keys() and len(losses) == 5
+    for name, history in losses.items():
+        assert [it for _, it in history] == [0, 1, 2], name
+        torch.testing.assert_close([v for v, _ in history], [v for v, _ in eager_losses[name]],
+                                   rtol=1e-3, atol=1e-4, msg=name)
+    for step, (grad, eager_grad) in enumerate(zip(grads, eager_grads)):
+        assert grad.keys() == eager_grad.keys()
+        torch.testing.assert_close(grad, eager_grad, rtol=1e-3, atol=1e-4, msg=f"step {step}")
+    torch.testing.assert_close(params, eager_params, rtol=1e-3, atol=1e-4)   # weights moved by up to 0.08
+    assert not torch.equal(params["heads.classifier.weight"], state["heads.classifier.weight"])
+    torch.testing.assert_close(feats, eager_feats, rtol=1e-3, atol=5e-4)    # features up to about 4
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    eager_model.load_state_dict(torch.load(tmp_path / "model.pth"))  # strict: same keys, no prefix
 
 
 @pytest.mark.parametrize("mode, steps", [("", 0), ("default", 0), ("reduce-overhead", 3), ("max-autotune", 3)])

@@ -1,7 +1,8 @@
 """Compatibility patches for the PyPI ``fastreid==1.4.0`` wheel on Python 3.11, torch 2.x, NumPy 2.
 
 The wheel targets Python <= 3.9 and torch 1.13. This module applies one small, named patch per
-breakage listed in ``shared/REFERENCE.md`` section 4 that affects this project, and nothing else.
+breakage listed in ``shared/REFERENCE.md`` section 4 that affects this project, plus two GPU stream
+races found here (sections 12-13), and nothing else.
 ``import promptsg`` applies them before any FastReID module is imported; every patch is idempotent
 and has a regression test in ``tests/test_compat.py`` that fails without it.
 
@@ -139,7 +140,8 @@ def _random_affine_keywords():
 def _cpu_data_loader():
     """Without CUDA, FastReID's loaders become plain ``torch.utils.data.DataLoader``s.
 
-    With CUDA, DataLoaderX (background prefetch thread + copy stream) is kept unchanged.
+    With CUDA, DataLoaderX (background prefetch thread + copy stream) is kept, with the stream
+    fix of section 13.
     """
     import fastreid.data.build as data_build
     from fastreid.data import data_utils
@@ -399,6 +401,100 @@ def _checkpoint_atomic_save():
 
     save._promptsg_patched = True
     Checkpointer.save = save
+
+
+# ============================================================================================
+# 12-13. GPU stream races, not in REFERENCE.md: found by reading FastReID against PyTorch's CUDA
+# stream semantics. Streams from PyTorch's pool do not wait for the default stream. FastReID's
+# own forward pass used to stop the host (``.item()`` in its accuracy log, ``nonzero()`` in its
+# ID loss), which hid both; PromptSG's training step has no such stop, so the host runs ahead of
+# the GPU and both races are live. Each has CUDA tests in tests/test_compat.py that keep the GPU
+# busy (``torch.cuda._sleep``) while the host reads or frees a tensor: one for the patched code,
+# one for FastReID's.
+# ============================================================================================
+
+# Devices on which the trainer's loss log waits one step for its values. On the CPU it is written
+# at once; tests add "cpu" here to run the waiting path on a machine without a GPU.
+DEFERRED_LOSS_LOG_DEVICES = ("cuda",)
+
+
+# --------------------------------------------------------------------------------------------
+# 12. SimpleTrainer._write_metrics reads the losses on a new stream that does not wait for them
+# --------------------------------------------------------------------------------------------
+@_patch
+def _loss_log_reads_written_losses():
+    """FastReID copies each loss to the host on a fresh ``torch.cuda.Stream()`` ("so these ops
+    don't wait for DDP or backward"). That stream does not wait for the one that computed the
+    losses either, so the log can read a loss before the GPU wrote it: a stale value, or garbage
+    that trips its NaN check. Here the losses are copied on their own stream without waiting
+    (``deferred_log.DeferredLossLog``) and FastReID's ``_write_metrics`` writes them one step
+    later, under their own iteration. ``DefaultTrainer.run_step`` writes the last step of each
+    epoch at once, so the epoch's checkpoint, evaluation and log lines see every loss (and a NaN
+    loss stops training before its epoch is checkpointed)."""
+    from fastreid.engine.defaults import DefaultTrainer
+    from fastreid.engine.train_loop import SimpleTrainer
+
+    from .deferred_log import DeferredLossLog
+
+    if getattr(SimpleTrainer._write_metrics, "_promptsg_patched", False):
+        return
+    fastreid_write = SimpleTrainer._write_metrics
+    fastreid_run_step = DefaultTrainer.run_step
+
+    def _write_metrics(self, loss_dict, data_time):
+        step = DeferredLossLog(self.iter, loss_dict, data_time)
+        previous, self._pending_losses = getattr(self, "_pending_losses", None), step
+        if previous is not None:
+            previous.write(self, fastreid_write)
+        if step.device_type not in DEFERRED_LOSS_LOG_DEVICES:
+            self.flush_metrics()
+
+    def flush_metrics(self):
+        """Write the losses still waiting for the next step, if any."""
+        pending, self._pending_losses = getattr(self, "_pending_losses", None), None
+        if pending is not None:
+            pending.write(self, fastreid_write)
+
+    def run_step(self):
+        fastreid_run_step(self)
+        if (self.iter + 1) % self.iters_per_epoch == 0 and hasattr(self._trainer, "flush_metrics"):
+            self._trainer.flush_metrics()
+
+    _write_metrics._promptsg_patched = True
+    SimpleTrainer._write_metrics = _write_metrics
+    SimpleTrainer.flush_metrics = flush_metrics
+    SimpleTrainer.fastreid_write_metrics = fastreid_write
+    DefaultTrainer.run_step = run_step
+
+
+# --------------------------------------------------------------------------------------------
+# 13. DataLoaderX hands out batches copied on its stream without recording their use elsewhere
+# --------------------------------------------------------------------------------------------
+@_patch
+def _loader_batches_kept_until_used():
+    """DataLoaderX copies each batch to the GPU on its own stream and makes the training stream
+    wait for the copy, but the caching allocator still counts the batch's memory as the copy
+    stream's: once the host drops the batch, the copy of a later batch may reuse that memory
+    while the training stream has yet to read it. ``record_stream`` on the training stream keeps
+    the memory until the GPU got there (the rule in PyTorch's CUDA semantics notes)."""
+    from fastreid.data import data_utils
+
+    loader = data_utils.DataLoaderX  # FastReID's class; section 8a's subclass inherits the fix
+    if getattr(loader.__next__, "_promptsg_patched", False):
+        return
+    fastreid_next = loader.__next__
+
+    def __next__(self):
+        batch = fastreid_next(self)
+        stream = torch.cuda.current_stream()
+        for value in batch.values():
+            if isinstance(value, torch.Tensor) and value.is_cuda:
+                value.record_stream(stream)
+        return batch
+
+    __next__._promptsg_patched = True
+    __next__.fastreid_next = fastreid_next
+    loader.__next__ = __next__
 
 
 def apply_all():

@@ -11,8 +11,7 @@ compares them) and stay on the device:
     on the others, is PyTorch's ``label_smoothing = eps * C / (C - 1)``; the non-zero count is a
     device tensor.
   * ``triplet_loss``: FastReID's distances and example mining, then the ranking loss.
-  * ``DeferredScalar`` logs a CUDA scalar into FastReID's EventStorage one step later, from a
-    pinned host copy that finished long before it is read.
+  * ``top1_accuracy``: a device tensor, logged by ``deferred_log.DeferredScalar`` one step later.
 """
 import importlib
 
@@ -20,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from fastreid.modeling.losses import cross_entropy_loss as fastreid_cross_entropy_loss
 from fastreid.modeling.losses.utils import cosine_dist, euclidean_dist
-from fastreid.utils.events import get_event_storage
 
 # The module, not the package's function of the same name.
 _triplet = importlib.import_module("fastreid.modeling.losses.triplet_loss")
@@ -61,41 +59,3 @@ def triplet_loss(embedding, targets, margin, norm_feat, hard_mining):
 def top1_accuracy(logits, targets):
     """Share of rows whose highest logit is the target class, as a 0-dim tensor."""
     return (logits.argmax(dim=1) == targets).float().mean()
-
-
-class DeferredScalar:
-    """Logs a scalar tensor into FastReID's EventStorage without a host-device synchronisation.
-
-    A CPU value is logged at once. A CUDA value is copied to pinned host memory asynchronously,
-    and logged at the next ``put`` (one training step later, under that step's iteration) once its
-    copy has finished, which by then it has: FastReID's trainer reads every loss back at the end of
-    each step.
-    """
-
-    def __init__(self, name):
-        self.name = name
-        self.pending = None  # (pinned host tensor, CUDA event recorded after its copy)
-
-    def put(self, value):
-        value = value.detach()
-        if value.device.type != "cuda":
-            get_event_storage().put_scalar(self.name, float(value))
-            return
-        self.flush()
-        host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-        host.copy_(value, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        self.pending = (host, done)
-
-    def flush(self):
-        """Log the pending value, if any (waits for its copy, not for later GPU work)."""
-        if self.pending is not None:
-            host, done = self.pending
-            self.pending = None
-            if not done.query():  # normally finished already; otherwise wait for this copy only
-                done.synchronize()
-            get_event_storage().put_scalar(self.name, float(host))
-
-    def __deepcopy__(self, memo):
-        return DeferredScalar(self.name)  # a CUDA event cannot be copied; a copy starts empty

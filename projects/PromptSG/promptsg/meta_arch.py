@@ -24,7 +24,8 @@ from torch import nn
 from .clip_weights import create_clip_model
 from .config import validate_promptsg_config
 from .heads import uses_inversion
-from .losses import DeferredScalar, cross_entropy_loss, top1_accuracy, triplet_loss
+from .deferred_log import DeferredScalar
+from .losses import cross_entropy_loss, top1_accuracy, triplet_loss
 from .prompt import build_prompt_composer
 from .supcon import symmetric_supcon_loss
 
