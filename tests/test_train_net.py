@@ -1,11 +1,15 @@
 """tools/train_net.py end to end on the synthetic dataset: bad input, training, --eval-only,
-two-process CPU launch, and a FastReID BoT run whose loss falls."""
+two-process CPU launch, and a FastReID BoT run whose loss falls; the tools that read its
+checkpoints (visualize_result.py, extract_features.py)."""
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,3 +208,89 @@ def test_bot_baseline_loss_falls_over_a_short_run(datasets_root, monkeypatch, tm
             losses.append(trainer.storage.history("total_loss").latest())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.8 * first, losses
+
+
+# ---- tools/extract_features.py ----
+
+def load_extract_tool():
+    spec = importlib.util.spec_from_file_location("extract_features", os.path.join(ROOT, "tools", "extract_features.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_extract_features_search_ranks_folders_as_the_evaluation_ranks_the_test_set(trained, datasets_root, tmp_path):
+    """Query and gallery folders in, features and rankings out: the distances it ranks by give the
+    training run's own mAP (Market protocol, labels read from the file names), and the ranking
+    is what the saved features give under the cosine metric."""
+    from fastreid.evaluation.rank import evaluate_rank
+
+    tool = load_extract_tool()
+    split = datasets_root / "SyntheticMarketTiny"
+    train_dir = trained["composed"]
+    query, gallery, dist = tool.main([
+        "--config-file", PROMPTSG_CFG, "--query", str(split / "query"), "--images", str(split / "bounding_box_test"),
+        "--output", str(tmp_path), "--top-k", "5", *TINY, "MODEL.PROMPTSG.INFERENCE_PROMPT", "composed",
+        "MODEL.WEIGHTS", str(train_dir / "model_final.pth")])
+
+    query_paths = (tmp_path / "query_images.txt").read_text().split()
+    gallery_paths = (tmp_path / "images.txt").read_text().split()
+    assert gallery_paths == sorted(str(p) for p in (split / "bounding_box_test").glob("*.jpg"))
+    assert len(query_paths) == len(query) == dist.shape[0] > 0
+    np.testing.assert_array_equal(np.load(tmp_path / "features.npy"), gallery)
+    np.testing.assert_array_equal(np.load(tmp_path / "query_features.npy"), query)
+
+    # Market-1501 protocol on the tool's distances: junk images (pid -1) leave the gallery.
+    q_ids = np.array([market_ids(p) for p in query_paths])
+    g_ids = np.array([market_ids(p) for p in gallery_paths])
+    keep = g_ids[:, 0] != -1
+    cmc, all_ap, _ = evaluate_rank(dist[:, keep], q_ids[:, 0], g_ids[keep, 0], q_ids[:, 1], g_ids[keep, 1])
+    final = read(train_dir / "results.json")
+    assert np.mean(all_ap) * 100 == pytest.approx(final["mAP"], abs=1e-3)
+    assert cmc[0] * 100 == pytest.approx(final["Rank-1"], abs=1e-3)
+
+    # The ranking: cosine distances of the saved features, closest first, top 5.
+    normed = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    cosine = 1 - normed(query) @ normed(gallery).T
+    lists = read(tmp_path / "ranking.json")
+    assert [entry["query"] for entry in lists] == query_paths
+    for q, entry in enumerate(lists):
+        expected = np.argsort(cosine[q], kind="stable")[:5]
+        assert [g["image"] for g in entry["top"]] == [gallery_paths[g] for g in expected]
+        np.testing.assert_allclose([g["distance"] for g in entry["top"]], cosine[q, expected], atol=1e-5)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_extract_features_alone_writes_one_row_per_image(trained, datasets_root, tmp_path):
+    tool = load_extract_tool()
+    folder = datasets_root / "SyntheticMarketTiny" / "query"
+    _, gallery, dist = tool.main(["--config-file", PROMPTSG_CFG, "--images", str(folder), "--output", str(tmp_path),
+                                  *TINY, "MODEL.WEIGHTS", str(trained["simplified"] / "model_final.pth")])
+    assert dist is None and not (tmp_path / "ranking.json").exists()
+    assert np.load(tmp_path / "features.npy").shape == gallery.shape == (len(list(folder.glob("*.jpg"))), 64)  # tiny-ViT width
+
+
+def test_extract_features_bad_input_fails_in_one_line_before_the_model_is_built(trained, tmp_path):
+    weights = str(trained["simplified"] / "model_final.pth")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.jpg").write_bytes(b"not a jpeg")
+    tool = load_extract_tool()
+    cases = [
+        (["--images", str(tmp_path / "missing")], "--images: folder not found: "),
+        (["--images", str(tmp_path / "empty")], "--images: no .jpg/.jpeg/.png/.bmp image under "),
+        (["--images", str(tmp_path / "broken")], "corrupt or unreadable image: " + str(tmp_path / "broken" / "a.jpg")),
+    ]
+    for args, message in cases:
+        with pytest.raises(tool.InputError, match="^" + re.escape(message)):
+            tool.main(["--config-file", PROMPTSG_CFG, *args, "--output", str(tmp_path / "out"), *TINY,
+                       "MODEL.WEIGHTS", weights])
+    with pytest.raises(tool.InputError, match=r"SIE_CAMERA is on: give --camera.*0\.\.5 \(got None\)"):
+        tool.main(["--config-file", PROMPTSG_CFG, "--images", str(tmp_path), "--output", str(tmp_path / "out"), *TINY,
+                   "MODEL.CLIP.SIE_CAMERA", "True", "MODEL.CLIP.NUM_CAMERAS", "6", "MODEL.WEIGHTS", weights])
+    assert not (tmp_path / "out").exists()                      # nothing written, nothing built
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "extract_features.py"), "--config-file",
+                             PROMPTSG_CFG, "--images", str(tmp_path), "--output", str(tmp_path / "out")],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    _assert_one_line_error(result, "MODEL.WEIGHTS is not set")

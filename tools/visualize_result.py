@@ -37,10 +37,8 @@ from fastreid.evaluation import inference_on_dataset  # noqa: E402
 from fastreid.utils.checkpoint import Checkpointer  # noqa: E402
 from fastreid.utils.visualizer import Visualizer  # noqa: E402
 from promptsg import add_promptsg_config  # noqa: E402
+from promptsg.evaluation import ranked_distances  # noqa: E402
 from promptsg.preflight import InputError, check_datasets, check_weights, load_config  # noqa: E402
-
-rank_module = sys.modules["fastreid.evaluation.rank"]
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -80,26 +78,11 @@ def setup(args):
 
 
 def evaluate_and_capture(cfg, model, dataset_name):
-    """FastReID's evaluation of ``model``; returns its metrics, the test dataset and what it ranked.
-
-    ReidEvaluator builds the query-gallery distances (metric, AQE, re-ranking) and passes them to
-    ``fastreid.evaluation.rank.evaluate_rank``; a wrapper around that function records them.
-    """
+    """FastReID's evaluation of ``model``; returns its metrics, the test dataset and what it ranked
+    (the distance matrix after the metric, AQE and re-ranking: ``promptsg.evaluation.ranked_distances``)."""
     loader, evaluator = DefaultTrainer.build_evaluator(cfg, dataset_name)
-    ranked = {}
-    original = rank_module.evaluate_rank
-
-    def recording_evaluate_rank(dist, q_pids, g_pids, q_camids, g_camids, *args, **kwargs):
-        cmc, all_ap, all_inp = original(dist, q_pids, g_pids, q_camids, g_camids, *args, **kwargs)
-        ranked.update(dist=np.asarray(dist), q_pids=q_pids, g_pids=g_pids, q_camids=q_camids,
-                      g_camids=g_camids, all_ap=np.asarray(all_ap))
-        return cmc, all_ap, all_inp
-
-    rank_module.evaluate_rank = recording_evaluate_rank
-    try:
+    with ranked_distances() as ranked:
         results = inference_on_dataset(model, loader, evaluator, flip_test=cfg.TEST.FLIP.ENABLED)
-    finally:
-        rank_module.evaluate_rank = original
     return results, loader.dataset, ranked
 
 

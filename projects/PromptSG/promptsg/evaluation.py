@@ -1,4 +1,7 @@
-"""The chance level of the Market-1501 retrieval protocol, to read mAP / Rank-1 figures against."""
+"""Reading FastReID's evaluation: its chance level, and the distances its ReidEvaluator ranks."""
+import contextlib
+import importlib
+
 import numpy as np
 
 
@@ -21,3 +24,34 @@ def chance_level(q_pids, q_camids, g_pids, g_camids):
         aps.append((harmonic + (m - 1) / max(n - 1, 1) * (n - harmonic)) / n)
         top1.append(m / n)
     return float(np.mean(aps)), float(np.mean(top1))
+
+
+@contextlib.contextmanager
+def ranked_distances(rank=True):
+    """Records what FastReID's ``ReidEvaluator.evaluate`` ranks while the block runs.
+
+    The evaluator builds the query-gallery distance matrix (TEST.METRIC, then TEST.AQE and
+    TEST.RERANK when enabled) and passes it with the labels to
+    ``fastreid.evaluation.rank.evaluate_rank``; a stand-in for that function records them in the
+    dict this yields (``dist``, ``q_pids``, ``g_pids``, ``q_camids``, ``g_camids``, and ``all_ap``
+    when ranked). ``rank=False`` skips the ranking itself, for images without identity labels; the
+    evaluator's metrics are then zeros.
+    """
+    module = importlib.import_module("fastreid.evaluation.rank")
+    fastreid_evaluate_rank = module.evaluate_rank
+    ranked = {}
+
+    def evaluate_rank(dist, q_pids, g_pids, q_camids, g_camids, *args, **kwargs):
+        ranked.update(dist=np.asarray(dist), q_pids=q_pids, g_pids=g_pids, q_camids=q_camids,
+                      g_camids=g_camids)
+        if not rank:
+            return np.zeros(10), np.zeros(len(q_pids)), np.zeros(len(q_pids))
+        cmc, all_ap, all_inp = fastreid_evaluate_rank(dist, q_pids, g_pids, q_camids, g_camids, *args, **kwargs)
+        ranked["all_ap"] = np.asarray(all_ap)
+        return cmc, all_ap, all_inp
+
+    module.evaluate_rank = evaluate_rank
+    try:
+        yield ranked
+    finally:
+        module.evaluate_rank = fastreid_evaluate_rank
