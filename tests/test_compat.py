@@ -391,9 +391,14 @@ def test_cuda_loss_log_reads_the_loss_the_gpu_wrote(log):
     for it and logs the stale 0; the patched log does not stop the host and logs 3 a step later."""
     trainer = _simple_trainer([])
     cycles = 200_000_000                             # about 0.1 s on a current GPU
+    loss = torch.zeros((), device="cuda")
+    if log == "patched":                             # pinned host memory is allocated once, here
+        with EventStorage(4):
+            trainer.iter = 4
+            trainer._write_metrics({"loss_a": loss, "loss_b": loss * 2}, 0.0)
+            trainer.flush_metrics()
     with EventStorage(5) as storage:
         trainer.iter = 5
-        loss = torch.zeros((), device="cuda")
         torch.cuda.synchronize()
         torch.cuda._sleep(cycles)
         loss.add_(3.0)                               # runs after the sleep
