@@ -10,7 +10,8 @@
 #   (a) eager PyTorch: training, and inference at batch 256 (about 50 s);
 #   (b) training with MODEL.PROMPTSG.COMPILE reduce-overhead (torch.compile plus CUDA graphs;
 #       its warm-up steps include about 90 s of compilation);
-#   (c) the CUDA tests of tests/test_fast_paths.py (bf16 step, no host-device synchronisation);
+#   (c) the CUDA tests of tests/test_fast_paths.py (bf16 step, no host-device synchronisation;
+#       the compiled-model test runs in tools/gpu_compile_check.sh);
 #   (d) eager training at batch 128 (32 ids x 4);
 #   (e) the share of step time spent waiting for data, FastReID's real train loader on the
 #       synthetic dataset (generated on first use) with 8 workers;
