@@ -59,7 +59,7 @@ for tag, name in (("compiled_train", "results.json"), ("eager_eval", "eval_resul
     found[tag] = json.load(open(path)) if os.path.exists(path) else None
 eager, compiled = found["eager_eval"], found["compiled_eval"]
 found["compiled_eval_equals_eager"] = bool(eager and compiled) and all(
-    abs(eager[k] - compiled[k]) < 0.2 for k in ("mAP", "Rank-1"))   # bf16: within 0.2 points
+    abs(eager[k] - compiled[k]) < 0.05 for k in ("mAP", "Rank-1"))   # fp32 evaluation: rounding only
 json.dump(found, open(out, "w"), indent=2, default=float)
 print(json.dumps(found, default=float))
 PY
