@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# PromptSG against the CLIP visual-only baseline on one GPU, in one go: about 6.5 minutes on an
-# H100, at most 8 (each step below has a time limit; they add up to 460 s, plus the install).
+# PromptSG against the CLIP visual-only baseline on one GPU, in one go: about 7 minutes on an
+# H100, at most 8 (each step below has a time limit; they add up to 480 s, plus the install).
 #
 #   tools/fetch_gpu_wheels.sh              # here, with network: the wheels the GPU machine lacks
 #   OUT=/some/dir tools/gpu_benchmark.sh   # there, from the repository root, .whl/ carried along
@@ -15,7 +15,8 @@
 #   (d) eager training at batch 128 (32 ids x 4);
 #   (e) the share of step time spent waiting for data, FastReID's real train loader on the
 #       synthetic dataset (generated on first use) with 8 workers;
-#   (f) inference at batch 256 with MODEL.PROMPTSG.COMPILE reduce-overhead.
+#   (f) inference at batch 256 with MODEL.PROMPTSG.COMPILE reduce-overhead;
+#   (g) eager inference at batch 256 in float32, as FastReID's evaluation runs the model.
 # MODEL.PROMPTSG.COMPILE default compiled for more than 4 minutes (all training and inference
 # graphs, H100, session 2), so it is not part of this script.
 # Random CLIP weights: speed does not depend on them. Writes $OUT/gpu_benchmark.jsonl (every
@@ -48,7 +49,7 @@ bench eager_b64_t256 80 --config-file "$MARKET" --device cuda --batch 64 --test-
     --warmup 5 --iters 20 --rounds 3 "${VITB16[@]}"
 
 # (b) torch.compile with CUDA graphs, training only.
-bench cudagraphs_b64 140 --config-file "$MARKET" --device cuda --batch 64 --train-only \
+bench cudagraphs_b64 130 --config-file "$MARKET" --device cuda --batch 64 --train-only \
     --warmup 6 --iters 20 --rounds 3 "${VITB16[@]}" MODEL.PROMPTSG.COMPILE reduce-overhead
 
 # (c) the CUDA tests.
@@ -67,8 +68,12 @@ bench data_wait_vitb16 50 --config-file projects/PromptSG/configs/Synthetic/prom
     INPUT.PADDING.SIZE 10 DATALOADER.NUM_WORKERS 8
 
 # (f) torch.compile with CUDA graphs, inference only.
-bench cudagraphs_t256 90 --config-file "$MARKET" --device cuda --test-batch 256 --inference-only \
+bench cudagraphs_t256 80 --config-file "$MARKET" --device cuda --test-batch 256 --inference-only \
     --warmup 3 --iters 20 --rounds 3 "${VITB16[@]}" MODEL.PROMPTSG.COMPILE reduce-overhead
+
+# (g) float32 inference (no autocast), what FastReID's evaluator and tools/extract_features.py run.
+bench eager_fp32_t256 40 --config-file "$MARKET" --device cuda --test-batch 256 --inference-only \
+    --warmup 2 --iters 10 --rounds 3 "${VITB16[@]}" SOLVER.AMP.ENABLED False
 
 log "done: $(grep -c . "$JSONL") JSON lines in $JSONL"
 grep '"kind": "ratios"\|"kind": "data_wait"\|"kind": "summary"' "$JSONL" | tee -a "$LOG"
