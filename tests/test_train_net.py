@@ -294,3 +294,32 @@ def test_extract_features_bad_input_fails_in_one_line_before_the_model_is_built(
                              PROMPTSG_CFG, "--images", str(tmp_path), "--output", str(tmp_path / "out")],
                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     _assert_one_line_error(result, "MODEL.WEIGHTS is not set")
+
+
+def test_extract_features_in_bf16_stays_close_to_float32(trained, datasets_root, tmp_path):
+    """--bf16: the model under bf16 autocast (faster on GPUs; here CPU autocast), the distances in
+    float32. Features and the Market mAP stay close to the float32 run's."""
+    from fastreid.evaluation.rank import evaluate_rank
+
+    tool = load_extract_tool()
+    split = datasets_root / "SyntheticMarketTiny"
+    folders = ["--config-file", PROMPTSG_CFG, "--query", str(split / "query"), "--images", str(split / "bounding_box_test")]
+    opts = [*TINY, "MODEL.PROMPTSG.INFERENCE_PROMPT", "composed", "MODEL.WEIGHTS", str(trained["composed"] / "model_final.pth")]
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        flags = ["--output", str(tmp_path / precision)] + (["--bf16"] if precision == "bf16" else [])
+        runs[precision] = tool.main([*folders, *flags, *opts])
+    (q32, g32, d32), (q16, g16, d16) = runs["fp32"], runs["bf16"]
+    assert d16.dtype == np.float32 and g16.dtype == np.float32
+    assert not np.array_equal(g16, g32)                          # it did run in bf16
+    normed = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    cosine = np.sum(normed(np.vstack([q16, g16])) * normed(np.vstack([q32, g32])), axis=1)
+    assert cosine.min() > 0.99, cosine.min()
+    paths = (tmp_path / "fp32" / "images.txt").read_text().split()
+    queries = (tmp_path / "fp32" / "query_images.txt").read_text().split()
+    q_ids, g_ids = np.array([market_ids(p) for p in queries]), np.array([market_ids(p) for p in paths])
+    keep = g_ids[:, 0] != -1
+    maps = [np.mean(evaluate_rank(d[:, keep], q_ids[:, 0], g_ids[keep, 0], q_ids[:, 1], g_ids[keep, 1])[1]) * 100
+            for d in (d32, d16)]
+    print(f"mAP float32 {maps[0]:.2f}, bf16 {maps[1]:.2f}; min feature cosine {cosine.min():.4f}")
+    assert abs(maps[0] - maps[1]) < 2.0, maps

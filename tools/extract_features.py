@@ -11,8 +11,8 @@
 Works for every model tools/train_net.py trains (PromptSG with the config's test prompt, the CLIP
 baseline, FastReID's own baselines). Images go through exactly what ``train_net.py --eval-only``
 does with a test set: FastReID's test transforms, test loader and ``inference_on_dataset`` (flip
-test when TEST.FLIP.ENABLED), and the search ranks by the distances FastReID's ReidEvaluator
-computes (TEST.METRIC, then TEST.AQE and TEST.RERANK when enabled). A missing folder, a folder
+test when TEST.FLIP.ENABLED, float32 unless ``--bf16``), and the search ranks by the distances
+FastReID's ReidEvaluator computes (TEST.METRIC, then TEST.AQE and TEST.RERANK when enabled). A missing folder, a folder
 without images, a corrupt image or a missing checkpoint stops the tool with one line naming it,
 before the model is built. Models with SIE (MODEL.CLIP.SIE_CAMERA) need ``--camera``: the
 training-set camera index whose embedding the images get.
@@ -58,6 +58,9 @@ def parse_args(argv=None):
     parser.add_argument("--top-k", type=int, default=10, help="images per query in ranking.json")
     parser.add_argument("--camera", type=int, default=None,
                         help="camera index for models with SIE (MODEL.CLIP.SIE_CAMERA)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="run the model under bf16 autocast (faster on GPUs; FastReID's "
+                             "evaluation, and this tool by default, run it in float32)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
     if args.top_k < 1:
@@ -120,12 +123,27 @@ class KeptFeatures(DatasetEvaluator):
         return self.ranker.evaluate() if self.ranker is not None else {}
 
 
-def embed_and_rank(cfg, model, query_paths, gallery_paths, camera):
-    """(query features, gallery features, query-gallery distances or None), by FastReID's test path."""
+class BF16Autocast(torch.nn.Module):
+    """``model`` run under bf16 autocast; what follows it (the distances) stays float32."""
+
+    def __init__(self, model, device_type):
+        super().__init__()
+        self.model, self.device_type = model, device_type
+
+    def forward(self, inputs):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.model(inputs)
+
+
+def embed_and_rank(cfg, model, query_paths, gallery_paths, camera, bf16=False):
+    """(query features, gallery features, query-gallery distances or None), by FastReID's test path;
+    ``bf16``: the model runs under bf16 autocast, the features and distances stay float32."""
     items = [(path, 0, camera) for path in query_paths + gallery_paths]
     test_set = CommDataset(items, build_transforms(cfg, is_train=False), relabel=False)
     loader, num_query = build_reid_test_loader(cfg, test_set=test_set, num_query=len(query_paths))
     kept = KeptFeatures(ReidEvaluator(cfg, num_query) if query_paths else None)
+    if bf16:
+        model = BF16Autocast(model, torch.device(cfg.MODEL.DEVICE).type)
     with ranked_distances(rank=False) as ranked:
         inference_on_dataset(model, loader, kept, flip_test=cfg.TEST.FLIP.ENABLED)
     features = torch.cat(kept.features).numpy()
@@ -165,7 +183,7 @@ def main(argv=None):
 
     model = DefaultTrainer.build_model(cfg)
     Checkpointer(model).load(cfg.MODEL.WEIGHTS)
-    query, gallery, dist = embed_and_rank(cfg, model, query_paths, gallery_paths, camera)
+    query, gallery, dist = embed_and_rank(cfg, model, query_paths, gallery_paths, camera, args.bf16)
 
     write_features(args.output, "", gallery, gallery_paths)
     summary = f"{len(gallery_paths)} images -> {args.output}/features.npy {gallery.shape}"
