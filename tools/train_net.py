@@ -17,6 +17,7 @@ from fastreid.config import get_cfg
 from fastreid.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from fastreid.utils import comm
 from fastreid.utils.checkpoint import Checkpointer
+from fastreid.utils.env import seed_all_rng
 from fastreid.utils.logger import setup_logger
 from promptsg import add_promptsg_config
 from promptsg.preflight import InputError, check_datasets, check_weights, load_config
@@ -26,8 +27,11 @@ def setup(args):
     cfg = add_promptsg_config(get_cfg())
     load_config(cfg, args.config_file, args.opts)
     cfg.freeze()
-    default_setup(cfg, args)
-    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="promptsg")
+    default_setup(cfg, args)                  # seeds every RNG at random (FastReID has no SEED)
+    logger = setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="promptsg")
+    if cfg.SEED >= 0:
+        seed_all_rng(cfg.SEED + comm.get_rank())
+        logger.info("SEED %d: RNGs seeded with %d", cfg.SEED, cfg.SEED + comm.get_rank())
     return cfg
 
 

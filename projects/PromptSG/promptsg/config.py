@@ -73,6 +73,11 @@ def add_promptsg_config(cfg):
     cfg.MODEL.LOSSES.SUPCON.I2T = True
     # Use the text-to-image term L_t2i (Table 3 row c turns it off).
     cfg.MODEL.LOSSES.SUPCON.T2I = True
+
+    # Seed of torch, NumPy and Python's RNGs (process k of a distributed run: SEED + k), set by
+    # tools/train_net.py before the model and the data loaders are built. -1: FastReID's own
+    # behaviour, a fresh random seed each run (written to the log).
+    cfg.SEED = -1
     return cfg
 
 
