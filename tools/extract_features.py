@@ -32,16 +32,14 @@ import numpy as np
 import torch
 
 import promptsg  # noqa: F401  (patches FastReID, registers PromptSG)
-from fastreid.config import get_cfg
 from fastreid.data.build import build_reid_test_loader
 from fastreid.data.common import CommDataset
 from fastreid.data.transforms import build_transforms
 from fastreid.engine import DefaultTrainer
 from fastreid.evaluation import DatasetEvaluator, ReidEvaluator, inference_on_dataset
 from fastreid.utils.checkpoint import Checkpointer
-from promptsg import add_promptsg_config
 from promptsg.evaluation import ranked_distances
-from promptsg.preflight import InputError, check_weights, load_config, verify_image
+from promptsg.preflight import InputError, load_checkpoint_config, verify_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -86,10 +84,7 @@ def list_images(folders, flag):
 
 def setup(args):
     """The config and the camera index, checked before anything is built."""
-    cfg = load_config(add_promptsg_config(get_cfg()), args.config_file, args.opts)
-    if not cfg.MODEL.WEIGHTS:
-        raise InputError("MODEL.WEIGHTS is not set: give the trained checkpoint (MODEL.WEIGHTS FILE)")
-    check_weights(cfg, eval_only=True)
+    cfg = load_checkpoint_config(args.config_file, args.opts)
     camera = 0
     if "CLIP" in cfg.MODEL and cfg.MODEL.CLIP.SIE_CAMERA:
         cameras = cfg.MODEL.CLIP.NUM_CAMERAS
@@ -97,7 +92,6 @@ def setup(args):
             raise InputError(f"MODEL.CLIP.SIE_CAMERA is on: give --camera, a training camera index "
                              f"in 0..{cameras - 1} (got {args.camera})")
         camera = args.camera
-    cfg.MODEL.BACKBONE.PRETRAIN = False
     cfg.TEST.ROC.ENABLED = False          # the images carry no identity labels
     cfg.freeze()
     return cfg, camera

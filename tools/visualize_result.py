@@ -31,14 +31,12 @@ matplotlib.use("Agg")  # files only, no display
 import numpy as np  # noqa: E402
 
 import promptsg  # noqa: E402,F401  (patches FastReID, registers PromptSG)
-from fastreid.config import get_cfg  # noqa: E402
 from fastreid.engine import DefaultTrainer  # noqa: E402
 from fastreid.evaluation import inference_on_dataset  # noqa: E402
 from fastreid.utils.checkpoint import Checkpointer  # noqa: E402
 from fastreid.utils.visualizer import Visualizer  # noqa: E402
-from promptsg import add_promptsg_config  # noqa: E402
 from promptsg.evaluation import ranked_distances  # noqa: E402
-from promptsg.preflight import InputError, check_datasets, check_weights, load_config  # noqa: E402
+from promptsg.preflight import InputError, check_datasets, load_checkpoint_config  # noqa: E402
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -62,17 +60,13 @@ def parse_args(argv=None):
 
 def setup(args):
     """The config, checked like train_net.py --eval-only checks it (one line per bad input)."""
-    cfg = load_config(add_promptsg_config(get_cfg()), args.config_file, args.opts)
-    if not cfg.MODEL.WEIGHTS:
-        raise InputError("MODEL.WEIGHTS is not set: give the checkpoint to visualize (MODEL.WEIGHTS FILE)")
-    check_weights(cfg, eval_only=True)
+    cfg = load_checkpoint_config(args.config_file, args.opts)
     dataset = args.dataset or (cfg.DATASETS.TESTS[0] if cfg.DATASETS.TESTS else None)
     if dataset is None:
         raise InputError(f"{args.config_file}: DATASETS.TESTS is empty; name a test set with --dataset")
     test_only = cfg.clone()
     test_only.DATASETS.NAMES, test_only.DATASETS.TESTS = (), (dataset,)   # no training data needed
     check_datasets(test_only, os.getenv("FASTREID_DATASETS", "datasets"))
-    cfg.MODEL.BACKBONE.PRETRAIN = False
     cfg.freeze()
     return cfg, dataset
 

@@ -442,12 +442,14 @@ def _loss_log_reads_written_losses():
     fastreid_run_step = DefaultTrainer.run_step
 
     def _write_metrics(self, loss_dict, data_time):
-        step = DeferredLossLog(self.iter, loss_dict, data_time)
-        previous, self._pending_losses = getattr(self, "_pending_losses", None), step
+        if next(iter(loss_dict.values())).device.type not in DEFERRED_LOSS_LOG_DEVICES:
+            self.flush_metrics()
+            fastreid_write(self, loss_dict, data_time)         # host values: written at once
+            return
+        previous, self._pending_losses = (getattr(self, "_pending_losses", None),
+                                          DeferredLossLog(self.iter, loss_dict, data_time))
         if previous is not None:
             previous.write(self, fastreid_write)
-        if step.device_type not in DEFERRED_LOSS_LOG_DEVICES:
-            self.flush_metrics()
 
     def flush_metrics(self):
         """Write the losses still waiting for the next step, if any."""

@@ -25,8 +25,7 @@ class HostCopy:
 
     def __init__(self, tensor):
         tensor = tensor.detach()
-        self.device_type = tensor.device.type
-        if self.device_type != "cuda":
+        if tensor.device.type != "cuda":
             self._host, self._done = tensor.to("cpu", copy=True), None
             return
         # Queued on the stream that computed the tensor, so the copy reads it after it was written.
@@ -88,10 +87,6 @@ class DeferredLossLog:
         self.names = list(loss_dict)
         self.copy = HostCopy(torch.stack([loss_dict[name].detach().float() for name in self.names]))
         self.data_time = data_time
-
-    @property
-    def device_type(self):
-        return self.copy.device_type
 
     def write(self, trainer, fastreid_write):
         values = {name: torch.tensor(value) for name, value in zip(self.names, self.copy.tolist())}

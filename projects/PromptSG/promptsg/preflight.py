@@ -51,6 +51,21 @@ def check_weights(cfg, eval_only):
             raise InputError(f"MODEL.CLIP.PRETRAINED file not found: {pretrained}")
 
 
+def load_checkpoint_config(config_file, opts):
+    """A PromptSG/FastReID config for a tool that reads a trained checkpoint: merged and checked
+    like ``train_net.py --eval-only`` (MODEL.WEIGHTS required and present), not yet frozen."""
+    from fastreid.config import get_cfg
+
+    from .config import add_promptsg_config
+
+    cfg = load_config(add_promptsg_config(get_cfg()), config_file, opts)
+    if not cfg.MODEL.WEIGHTS:
+        raise InputError("MODEL.WEIGHTS is not set: give the trained checkpoint (MODEL.WEIGHTS FILE)")
+    check_weights(cfg, eval_only=True)
+    cfg.MODEL.BACKBONE.PRETRAIN = False
+    return cfg
+
+
 def _looks_like_path(value):
     return os.sep in value or value.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
 
