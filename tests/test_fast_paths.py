@@ -126,29 +126,39 @@ def test_composed_training_encodes_nine_tokens_with_the_full_context_gradient(mo
     torch.testing.assert_close(s_fast.grad, s_full.grad, rtol=1e-4, atol=1e-6)
 
 
-# ---- the MIM's last block computes only the query row ----
+# ---- the MIM computes only the last block's query row, and never projects keys and values ----
 
 def full_block_row(block, x, index):
     """The reference for query_row_forward: the whole block, then the row."""
     return block(x)[:, index]
 
 
+def full_cross_block(block, query, patches):
+    """The reference for cross_block_forward: open_clip's block, keys and values projected."""
+    return block(query, k_x=patches, v_x=patches)
+
+
+MIM_FAST_PATHS = {"query_row_forward": full_block_row, "cross_block_forward": full_cross_block}
+
+
+@pytest.mark.parametrize("fast_path", MIM_FAST_PATHS)
 @pytest.mark.parametrize("query", ["pooled", "tokens"])
 @pytest.mark.parametrize("prompt", ["simplified", "composed"])
-def test_head_feature_with_one_row_last_block_equals_the_full_block(monkeypatch, prompt, query):
+def test_head_feature_with_mim_fast_path_equals_the_full_blocks(monkeypatch, prompt, query, fast_path):
     model = build_model(tiny_cfg(**{"MODEL.PROMPTSG.INFERENCE_PROMPT": prompt,
                                     "MODEL.PROMPTSG.MIM.QUERY": query})).eval()
     rows = []
     model.heads.mim.blocks[-1].mlp.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[1]))
     with torch.no_grad():
         fast = model(batch())
-        monkeypatch.setattr(promptsg.interaction, "query_row_forward", full_block_row)
+        monkeypatch.setattr(promptsg.interaction, fast_path, MIM_FAST_PATHS[fast_path])
         full = model(batch())
-    assert rows[0] == 1                          # the fast path runs the MLP on one token
+    assert rows[0] == 1                          # the fast path runs the last MLP on one token
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
 
 
-def test_training_losses_and_gradients_with_one_row_last_block_equal_the_full_block(monkeypatch):
+@pytest.mark.parametrize("fast_path", MIM_FAST_PATHS)
+def test_training_losses_and_gradients_with_mim_fast_path_equal_the_full_blocks(monkeypatch, fast_path):
     model = build_model(tiny_cfg()).train()
 
     def losses_and_grads():
@@ -159,10 +169,11 @@ def test_training_losses_and_gradients_with_one_row_last_block_equal_the_full_bl
         return {k: v.detach() for k, v in losses.items()}, grads
 
     fast_losses, fast_grads = losses_and_grads()
-    monkeypatch.setattr(promptsg.interaction, "query_row_forward", full_block_row)
+    monkeypatch.setattr(promptsg.interaction, fast_path, MIM_FAST_PATHS[fast_path])
     full_losses, full_grads = losses_and_grads()
     torch.testing.assert_close(fast_losses, full_losses, rtol=1e-5, atol=1e-6)
-    assert fast_grads.keys() == full_grads.keys() and any(k.startswith("heads.mim.blocks") for k in fast_grads)
+    assert fast_grads.keys() == full_grads.keys()
+    assert any(k.startswith("heads.mim.cross") and "in_proj" in k for k in fast_grads)
     torch.testing.assert_close(fast_grads, full_grads, rtol=1e-4, atol=1e-5)
 
 

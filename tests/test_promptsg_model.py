@@ -12,7 +12,7 @@ from fastreid.engine import DefaultTrainer
 from fastreid.modeling import build_model
 from fastreid.utils.events import EventStorage
 from promptsg.clip_weights import create_clip_model
-from promptsg.interaction import MultimodalInteraction, query_row_forward
+from promptsg.interaction import MultimodalInteraction, few_query_attention, query_row_forward
 from promptsg.inversion import InversionNet
 from promptsg.prompt import build_prompt_composer
 from promptsg.supcon import supcon_loss, symmetric_supcon_loss
@@ -111,6 +111,29 @@ def test_query_row_forward_equals_the_full_block():
     block = mim.blocks[0]
     for index in (0, 3):
         torch.testing.assert_close(query_row_forward(block, x, index), block(x)[:, index], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("queries", [1, 3])
+def test_few_query_attention_equals_multihead_attention_values_and_gradients(queries):
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(24, 4, batch_first=True)
+    torch.nn.init.normal_(attn.in_proj_bias)      # PyTorch starts the biases at zero
+    q, kv = torch.randn(2, queries, 24, requires_grad=True), torch.randn(2, 11, 24, requires_grad=True)
+    cotangent = torch.randn(2, queries, 24)
+    results = []
+    for fn in (lambda: few_query_attention(attn, q, kv), lambda: attn(q, kv, kv, need_weights=False)[0]):
+        attn.zero_grad(set_to_none=True)
+        q.grad = kv.grad = None
+        out = fn()
+        (out * cotangent).sum().backward()
+        results.append((out.detach(), q.grad, kv.grad, {n: p.grad for n, p in attn.named_parameters()}))
+    (out, q_grad, kv_grad, grads), (ref, ref_q_grad, ref_kv_grad, ref_grads) = results
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(q_grad, ref_q_grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kv_grad, ref_kv_grad, rtol=1e-5, atol=1e-6)
+    # The key bias has no effect on the output (it shifts every logit of a query equally).
+    torch.testing.assert_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+    assert ref_grads["in_proj_bias"][24:48].abs().max() < 1e-6
 
 
 def test_cross_attention_is_softmax_qk_v_with_text_as_query():

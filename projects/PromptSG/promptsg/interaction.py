@@ -11,8 +11,13 @@ Design choices the paper leaves open (see the project README):
     final feature = the EOT position);
   * the self-attention blocks attend over the query and the patches: with a single query token,
     self-attention over the query alone would be an identity mixing.
+
+Two exact fast paths (tests/test_promptsg_model.py, tests/test_fast_paths.py): only the query row
+of the last block is computed (``query_row_forward``), and attention with a few queries never
+projects the keys and values (``few_query_attention``).
 """
 import torch
+import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
@@ -38,7 +43,7 @@ class MultimodalInteraction(nn.Module):
     def forward(self, query, patches, out_index=0):
         """query (B, Q, E), patches (B, M, E) -> the output at query position ``out_index`` (B, E)."""
         for blk in self.cross:
-            query = blk(query, k_x=patches, v_x=patches)         # Eq. 7: softmax(QK^T/sqrt(d))V
+            query = cross_block_forward(blk, query, patches)     # Eq. 7: softmax(QK^T/sqrt(d))V
         if not self.blocks:
             return query[:, out_index]
         x = torch.cat([query, patches], dim=1)                  # (B, Q + M, E)
@@ -56,6 +61,34 @@ def query_row_forward(block, x, index):
     """
     normed = block.ln_1(x)
     q = x[:, index:index + 1]
-    q = q + block.ls_1(block.attention(q_x=normed[:, index:index + 1], k_x=normed, v_x=normed))
+    q = q + block.ls_1(few_query_attention(block.attn, normed[:, index:index + 1], normed))
     q = q + block.ls_2(block.mlp(block.ln_2(q)))
     return q[:, 0]
+
+
+def cross_block_forward(block, query, patches):
+    """``block(query, k_x=patches, v_x=patches)`` for a cross-attention ``ResidualAttentionBlock``."""
+    x = query + block.ls_1(few_query_attention(block.attn, block.ln_1(query), block.ln_1_kv(patches)))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def few_query_attention(attn, q, kv):
+    """``attn(q, kv, kv)[0]`` of a batch-first ``nn.MultiheadAttention``, for few queries.
+
+    q (B, Q, E), kv (B, N, E) -> (B, Q, E). The key and value projections are folded into the
+    query side instead of being applied to the N tokens (cost H*Q*N*E rather than N*E^2, for H
+    heads): per head h, q_h . (W_k,h x_n + b_k,h) = (W_k,h^T q_h) . x_n + const, and the
+    constant drops out of the softmax; sum_n a_n (W_v,h x_n + b_v,h) = W_v,h (sum_n a_n x_n) + b_v,h
+    as the weights a_n sum to one. Cheaper than the projections while Q * H < E (the MIM: Q = 1
+    pooled prompt or the prompt's tokens, H = 8, E = 512). No attention dropout (open_clip has none).
+    """
+    batch, queries, width = q.shape
+    heads = attn.num_heads
+    w_q, w_k, w_v = attn.in_proj_weight.view(3, heads, width // heads, width).unbind(0)  # (H, d, E) each
+    b_q, _, b_v = attn.in_proj_bias.chunk(3)
+    q = F.linear(q, w_q.reshape(width, width), b_q).view(batch, queries, heads, -1) * attn.head_dim ** -0.5
+    q = torch.einsum("bqhd,hde->bqhe", q, w_k)                     # W_k,h^T q_h: (B, Q, H, E)
+    weights = torch.einsum("bqhe,bne->bqhn", q, kv).softmax(dim=-1)
+    context = torch.einsum("bqhn,bne->bqhe", weights, kv)          # sum_n a_n x_n: (B, Q, H, E)
+    out = torch.einsum("bqhe,hde->bqhd", context, w_v).reshape(batch, queries, width) + b_v
+    return attn.out_proj(out)
