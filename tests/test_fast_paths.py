@@ -1,8 +1,9 @@
 """PromptSG's fast paths give the numbers of the plain computation, inside the whole model.
 
 Each shortcut (cached simplified prompt, prompt-length text encoding, one-row last MIM block,
-bf16 autocast, no host-device synchronisation) is checked through ``build_model`` against a
-computation written here: open_clip's own 77-token text path, or the full last block.
+key/value projections folded into the MIM's one-query attention, bf16 autocast, no host-device
+synchronisation) is checked through ``build_model`` against a computation written here:
+open_clip's own 77-token text path, or open_clip's full MIM blocks.
 tools/benchmark.py, which measures what these shortcuts buy, is run once on a tiny model.
 """
 import importlib.util
@@ -175,6 +176,24 @@ def test_training_losses_and_gradients_with_mim_fast_path_equal_the_full_blocks(
     assert fast_grads.keys() == full_grads.keys()
     assert any(k.startswith("heads.mim.cross") and "in_proj" in k for k in fast_grads)
     torch.testing.assert_close(fast_grads, full_grads, rtol=1e-4, atol=1e-5)
+
+
+def test_mim_fast_paths_under_bf16_autocast_are_as_close_to_float32_as_the_full_blocks(monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg()).eval()
+    for blk in [*model.heads.mim.cross, *model.heads.mim.blocks]:
+        torch.nn.init.normal_(blk.attn.in_proj_bias, std=0.5)     # PyTorch starts them at zero
+    inputs = batch()
+    with torch.no_grad():
+        exact = model(inputs)
+        with torch.autocast("cpu", torch.bfloat16):
+            fast = model(inputs).float()
+            for name, reference in MIM_FAST_PATHS.items():
+                monkeypatch.setattr(promptsg.interaction, name, reference)
+            full = model(inputs).float()
+    fast_error, full_error = (fast - exact).abs().max(), (full - exact).abs().max()
+    assert 0 < full_error < 0.05 * exact.abs().max()              # bf16 rounding, nothing worse
+    assert fast_error <= 1.5 * full_error
 
 
 # ---- CUDA: bf16 autocast and no host-device synchronisation ----
