@@ -4,6 +4,7 @@
 #
 #   tools/fetch_gpu_wheels.sh              # here, with network: the wheels the GPU machine lacks
 #   OUT=/some/dir tools/gpu_benchmark.sh   # there, from the repository root, .whl/ carried along
+#   STEPS="a f" OUT=/some/dir tools/gpu_benchmark.sh   # only the steps named (default: all)
 #
 # ViT-B/16 at 256x128, training batch 64 (16 ids x 4), bf16 autocast, fused Adam, in order of
 # priority (every JSON line is kept as soon as it is written):
@@ -28,6 +29,13 @@ LOG="$OUT/gpu_benchmark.log"
 JSONL="$OUT/gpu_benchmark.jsonl"
 source tools/gpu_env.sh
 : >"$JSONL"
+STEPS=${STEPS:-a b c d e f g}
+for s in $STEPS; do
+    [[ $s == [a-g] ]] || { log "STEPS: unknown step '$s' (the steps are a to g)"; exit 2; }
+done
+log "steps: $STEPS"
+# step X: whether step X is to run.
+step() { [[ " $STEPS " == *" $1 "* ]]; }
 
 # bench TAG SECONDS ARGS...: one tools/benchmark.py run, its JSON lines appended to $JSONL.
 bench() {
@@ -45,34 +53,36 @@ VITB16=(MODEL.CLIP.NAME ViT-B-16 MODEL.CLIP.PRETRAINED "" MODEL.DEVICE cuda SOLV
 MARKET=projects/PromptSG/configs/Market1501/vit.yml
 
 # (a) eager: 64 training images (the paper's batch), 256 per inference batch.
-bench eager_b64_t256 80 --config-file "$MARKET" --device cuda --batch 64 --test-batch 256 \
+step a && bench eager_b64_t256 80 --config-file "$MARKET" --device cuda --batch 64 --test-batch 256 \
     --warmup 5 --iters 20 --rounds 3 "${VITB16[@]}"
 
 # (b) torch.compile with CUDA graphs, training only.
-bench cudagraphs_b64 130 --config-file "$MARKET" --device cuda --batch 64 --train-only \
+step b && bench cudagraphs_b64 130 --config-file "$MARKET" --device cuda --batch 64 --train-only \
     --warmup 6 --iters 20 --rounds 3 "${VITB16[@]}" MODEL.PROMPTSG.COMPILE reduce-overhead
 
 # (c) the CUDA tests.
-log "pytest tests/test_fast_paths.py -k \"cuda and not compiled\""
-timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_paths.py -k "cuda and not compiled" 2>&1 | tee -a "$LOG"
-log "pytest: exit ${PIPESTATUS[0]}"
+if step c; then
+    log "pytest tests/test_fast_paths.py -k \"cuda and not compiled\""
+    timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_paths.py -k "cuda and not compiled" 2>&1 | tee -a "$LOG"
+    log "pytest: exit ${PIPESTATUS[0]}"
+fi
 
 # (d) eager training at batch 128.
-bench eager_b128 40 --config-file "$MARKET" --device cuda --batch 128 --train-only \
+step d && bench eager_b128 40 --config-file "$MARKET" --device cuda --batch 128 --train-only \
     --warmup 4 --iters 10 --rounds 3 "${VITB16[@]}"
 
 # (e) data loading: ViT-B/16 at 256x128 on the synthetic dataset, 8 workers, bf16.
-bench data_wait_vitb16 50 --config-file projects/PromptSG/configs/Synthetic/promptsg_small_vit.yml \
+step e && bench data_wait_vitb16 50 --config-file projects/PromptSG/configs/Synthetic/promptsg_small_vit.yml \
     --device cuda --data-wait 60 --warmup 10 --batch 64 "${VITB16[@]}" MODEL.CLIP.STRIDE 16 \
     MODEL.PROMPTSG.MIM.HEADS 8 INPUT.SIZE_TRAIN "[256, 128]" INPUT.SIZE_TEST "[256, 128]" \
     INPUT.PADDING.SIZE 10 DATALOADER.NUM_WORKERS 8
 
 # (f) torch.compile with CUDA graphs, inference only.
-bench cudagraphs_t256 80 --config-file "$MARKET" --device cuda --test-batch 256 --inference-only \
+step f && bench cudagraphs_t256 80 --config-file "$MARKET" --device cuda --test-batch 256 --inference-only \
     --warmup 3 --iters 20 --rounds 3 "${VITB16[@]}" MODEL.PROMPTSG.COMPILE reduce-overhead
 
 # (g) float32 inference (no autocast), what FastReID's evaluator and tools/extract_features.py run.
-bench eager_fp32_t256 40 --config-file "$MARKET" --device cuda --test-batch 256 --inference-only \
+step g && bench eager_fp32_t256 40 --config-file "$MARKET" --device cuda --test-batch 256 --inference-only \
     --warmup 2 --iters 10 --rounds 3 "${VITB16[@]}" SOLVER.AMP.ENABLED False
 
 log "done: $(grep -c . "$JSONL") JSON lines in $JSONL"
