@@ -12,7 +12,7 @@
 # (b) tools/train_net.py with the compiled model: 2 epochs of the synthetic small-ViT PromptSG
 #     (random CLIP weights, bf16, FastReID's AMP trainer), evaluated with FastReID's flip test
 #     (two model calls per batch);
-# (c) --eval-only of that checkpoint, eager and compiled: the same mAP / Rank-1 is expected.
+# (c) --eval-only of that checkpoint, eager and compiled: the same mAP / Rank-1 up to rounding.
 # Writes $OUT/gpu_compile_check.log and $OUT/gpu_compile_check.json (the results of b-c, and
 # whether the compiled evaluation equals the eager one).
 set -uo pipefail
@@ -58,8 +58,13 @@ for tag, name in (("compiled_train", "results.json"), ("eager_eval", "eval_resul
     path = os.path.join(work, tag, name)
     found[tag] = json.load(open(path)) if os.path.exists(path) else None
 eager, compiled = found["eager_eval"], found["compiled_eval"]
+# Compiled kernels round differently and can swap near-tied gallery images (on the CPU, COMPILE
+# default against eager on SyntheticMarket with the flip test: 50.85 vs 50.88 mAP, the same Rank-1):
+# allow 0.5 mAP points and 2 of the 249 queries' Rank-1. Overwritten CUDA-graph outputs raise an
+# error or give garbage features, far outside that.
+TOLERANCE = {"mAP": 0.5, "Rank-1": 100 * 2 / 249 + 1e-6}
 found["compiled_eval_equals_eager"] = bool(eager and compiled) and all(
-    abs(eager[k] - compiled[k]) < 0.05 for k in ("mAP", "Rank-1"))   # fp32 evaluation: rounding only
+    abs(eager[k] - compiled[k]) <= tol for k, tol in TOLERANCE.items())
 json.dump(found, open(out, "w"), indent=2, default=float)
 print(json.dumps(found, default=float))
 PY
