@@ -83,12 +83,12 @@ def few_query_attention(attn, q, kv):
     pooled prompt or the prompt's tokens, H = 8, E = 512). No attention dropout (open_clip has none).
     """
     batch, queries, width = q.shape
-    heads = attn.num_heads
-    w_q, w_k, w_v = attn.in_proj_weight.view(3, heads, width // heads, width).unbind(0)  # (H, d, E) each
+    per_head = (attn.num_heads, attn.head_dim, width)
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)                   # (E, E) each
     b_q, _, b_v = attn.in_proj_bias.chunk(3)
-    q = F.linear(q, w_q.reshape(width, width), b_q).view(batch, queries, heads, -1) * attn.head_dim ** -0.5
-    q = torch.einsum("bqhd,hde->bqhe", q, w_k)                     # W_k,h^T q_h: (B, Q, H, E)
+    q = F.linear(q, w_q, b_q).view(batch, queries, *per_head[:2]) * attn.head_dim ** -0.5
+    q = torch.einsum("bqhd,hde->bqhe", q, w_k.view(per_head))      # W_k,h^T q_h: (B, Q, H, E)
     weights = torch.einsum("bqhe,bne->bqhn", q, kv).softmax(dim=-1)
     context = torch.einsum("bqhn,bne->bqhe", weights, kv)          # sum_n a_n x_n: (B, Q, H, E)
-    out = torch.einsum("bqhe,hde->bqhd", context, w_v).reshape(batch, queries, width) + b_v
+    out = torch.einsum("bqhe,hde->bqhd", context, w_v.view(per_head)).reshape(batch, queries, width) + b_v
     return attn.out_proj(out)
