@@ -19,7 +19,7 @@
 #   (f) inference at batch 256 with MODEL.PROMPTSG.COMPILE reduce-overhead;
 #   (g) eager inference at batch 256 in float32, as FastReID's evaluation runs the model.
 # MODEL.PROMPTSG.COMPILE default compiled for more than 4 minutes (all training and inference
-# graphs, H100, session 2), so it is not part of this script.
+# graphs, H100, 2026-11-27, commit 3917911), so it is not part of this script.
 # Random CLIP weights: speed does not depend on them. Writes $OUT/gpu_benchmark.jsonl (every
 # measurement, tagged by run) and $OUT/gpu_benchmark.log (everything printed).
 set -uo pipefail
