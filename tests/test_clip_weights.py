@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from open_clip.transformer import QuickGELU
 
 from promptsg.clip_backbone import CLIPVisualBackbone
-from promptsg.clip_weights import create_clip_model, resize_grid_pos_embed
+from promptsg.clip_weights import create_clip_model, resize_grid_pos_embed, set_resnet_last_stride
 
 TEXT = open_clip.tokenize(["a photo of a person.", "a photo of a red car."])
 
@@ -94,6 +94,47 @@ def test_resnet_model_at_256x128_has_8x4_attnpool_grid():
     assert model.encode_image(_images(256, 128)).shape == (2, 64)
 
 
+# ---- RN50's last stride (re-ID convention, CLIP-ReID) ----
+
+def test_resnet_last_stride_1_gives_a_16x8_map_and_a_16x8_attnpool_grid(tmp_path):
+    source = _source_model("tiny-RN")
+    path = str(tmp_path / "native.pt")
+    torch.save(source.state_dict(), path)
+    model = create_clip_model("tiny-RN", path, (256, 128), last_stride=1, activation="gelu").eval()
+    visual = model.visual
+    expected = _bilinear_grid(source.visual.attnpool.positional_embedding.detach(), (7, 7), (16, 8))
+    torch.testing.assert_close(visual.attnpool.positional_embedding.detach(), expected)
+    assert visual.attnpool.grid_size == (16, 8)
+    with torch.no_grad():
+        layer4 = visual.forward_intermediates(_images(256, 128), indices=[4], intermediates_only=True)
+        out = CLIPVisualBackbone(visual, image_size=(256, 128)).eval()(_images(256, 128))
+    assert layer4["image_intermediates"][0].shape[-2:] == (16, 8)
+    assert out.tokens.shape == (2, 128, 64) and out.embedding.shape == (2, 64)
+
+
+def test_resnet_last_stride_2_is_last_stride_1_average_pooled_before_the_last_relu():
+    """Bottleneck's 2x2 pools commute with its 1x1 convolutions and eval-mode BatchNorms, so the
+    first layer4 block at stride 2 is the stride-1 block's pre-activation, 2x2 average pooled."""
+    torch.manual_seed(0)
+    stride2 = _source_model("tiny-RN")
+    stride1 = _source_model("tiny-RN")
+    set_resnet_last_stride(stride1.visual, 1)
+    assert list(stride1.state_dict()) == list(stride2.state_dict())          # checkpoints unchanged
+    blocks = [m.visual.layer4[0] for m in (stride1, stride2)]
+    for block in blocks:
+        block.act3 = torch.nn.Identity()
+    x = torch.randn(2, blocks[0].conv1.in_channels, 8, 4)
+    with torch.no_grad():
+        full, pooled = (block(x) for block in blocks)
+    assert full.shape[-2:] == (8, 4) and pooled.shape[-2:] == (4, 2)
+    torch.testing.assert_close(pooled, F.avg_pool2d(full, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_resnet_last_stride_must_be_1_or_2():
+    with pytest.raises(ValueError, match="LAST_STRIDE must be 1 or 2"):
+        create_clip_model("tiny-RN", "", (256, 128), last_stride=3)
+
+
 # ---- checkpoint formats ----
 
 @pytest.mark.parametrize("name", ["tiny-ViT", "tiny-RN"])
@@ -118,7 +159,7 @@ def test_plain_state_dict_loads(name, tmp_path):
     source = _source_model(name)
     path = str(tmp_path / "clip_state_dict.pth")
     torch.save(source.state_dict(), path)
-    _assert_same_outputs(create_clip_model(name, path, (224, 224)), source)
+    _assert_same_outputs(create_clip_model(name, path, (224, 224), activation="gelu"), source)
 
 
 def test_open_clip_training_checkpoint_loads(tmp_path):
@@ -126,7 +167,7 @@ def test_open_clip_training_checkpoint_loads(tmp_path):
     path = str(tmp_path / "epoch_3.pt")
     state_dict = {"module." + k: v for k, v in source.state_dict().items()}
     torch.save({"epoch": 3, "name": "tiny", "state_dict": state_dict}, path)
-    _assert_same_outputs(create_clip_model("tiny-ViT", path, (224, 224)), source)
+    _assert_same_outputs(create_clip_model("tiny-ViT", path, (224, 224), activation="gelu"), source)
 
 
 @pytest.mark.parametrize("stride, grid", [(16, (16, 8)), (12, (21, 10))])
@@ -134,7 +175,7 @@ def test_native_vit_checkpoint_is_resized_once_to_256x128(stride, grid, tmp_path
     source = _source_model("tiny-ViT")
     path = str(tmp_path / "native.pt")
     torch.save(source.state_dict(), path)
-    model = create_clip_model("tiny-ViT", path, (256, 128), patch_stride=stride).eval()
+    model = create_clip_model("tiny-ViT", path, (256, 128), patch_stride=stride, activation="gelu").eval()
     native = source.visual.positional_embedding.detach()
     expected = _bilinear_grid(native, (14, 14), grid)  # straight from 14x14
     assert torch.equal(model.visual.positional_embedding[0], native[0])
@@ -146,7 +187,7 @@ def test_native_resnet_checkpoint_attnpool_resized_to_8x4(tmp_path):
     source = _source_model("tiny-RN")
     path = str(tmp_path / "native.pt")
     torch.save(source.state_dict(), path)
-    model = create_clip_model("tiny-RN", path, (256, 128)).eval()
+    model = create_clip_model("tiny-RN", path, (256, 128), activation="gelu").eval()
     expected = _bilinear_grid(source.visual.attnpool.positional_embedding.detach(), (7, 7), (8, 4))
     torch.testing.assert_close(model.visual.attnpool.positional_embedding.detach(), expected)
     assert model.encode_image(_images(256, 128)).shape == (2, 64)
@@ -156,8 +197,60 @@ def test_checkpoint_saved_at_256x128_reloads_without_resizing(tmp_path):
     first = create_clip_model("tiny-ViT", "", (256, 128))
     path = str(tmp_path / "reid.pt")
     torch.save(first.state_dict(), path)
-    again = create_clip_model("tiny-ViT", path, (256, 128))
+    again = create_clip_model("tiny-ViT", path, (256, 128), activation="gelu")
     assert torch.equal(again.visual.positional_embedding, first.visual.positional_embedding)
+
+
+# ---- the activation: OpenAI's QuickGELU or GELU, never a silent guess ----
+
+def test_plain_state_dict_of_a_plain_model_name_is_refused_until_the_activation_is_named(tmp_path):
+    path = str(tmp_path / "openai_state_dict.pt")
+    torch.save(_source_model("tiny-ViT", quick_gelu=True).state_dict(), path)
+    with pytest.raises(ValueError) as error:
+        create_clip_model("tiny-ViT", path)
+    message = str(error.value)
+    assert path in message and "MODEL.CLIP.ACTIVATION" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("quick_gelu", [True, False])
+def test_named_activation_builds_it_and_reproduces_the_source(quick_gelu, tmp_path):
+    source = _source_model("tiny-ViT", quick_gelu=quick_gelu)
+    path = str(tmp_path / "state_dict.pt")
+    torch.save(source.state_dict(), path)
+    loaded = create_clip_model("tiny-ViT", path, (224, 224), activation="quick_gelu" if quick_gelu else "gelu")
+    assert isinstance(loaded.transformer.resblocks[0].mlp.gelu, QuickGELU) == quick_gelu
+    assert isinstance(loaded.visual.transformer.resblocks[0].mlp.gelu, QuickGELU) == quick_gelu
+    _assert_same_outputs(loaded, source)
+
+
+def test_the_wrong_activation_changes_the_features(tmp_path):
+    """Why the choice must not be silent: QuickGELU weights run with GELU give other features."""
+    source = _source_model("tiny-ViT", quick_gelu=True)
+    path = str(tmp_path / "state_dict.pt")
+    torch.save(source.state_dict(), path)
+    wrong = create_clip_model("tiny-ViT", path, (224, 224), activation="gelu").eval()
+    with torch.no_grad():
+        assert not torch.allclose(wrong.encode_image(_images(batch=1)), source.encode_image(_images(batch=1)),
+                                  rtol=1e-3, atol=1e-4)
+
+
+def test_quickgelu_model_name_needs_no_activation(tmp_path):
+    config = open_clip.get_model_config("tiny-ViT")          # registered as a "-quickgelu" twin
+    open_clip.factory._MODEL_CONFIGS["tiny-ViT-quickgelu"] = {**config, "quick_gelu": True}
+    try:
+        source = _source_model("tiny-ViT", quick_gelu=True)
+        path = str(tmp_path / "state_dict.pt")
+        torch.save(source.state_dict(), path)
+        loaded = create_clip_model("tiny-ViT-quickgelu", path, (224, 224))
+    finally:
+        del open_clip.factory._MODEL_CONFIGS["tiny-ViT-quickgelu"]
+    assert isinstance(loaded.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    _assert_same_outputs(loaded, source)
+
+
+def test_unknown_activation_is_refused():
+    with pytest.raises(ValueError, match="MODEL.CLIP.ACTIVATION must be one of"):
+        create_clip_model("tiny-ViT", "", activation="relu")
 
 
 def test_tag_is_downloaded_by_open_clip_then_loaded_as_a_file(tmp_path, monkeypatch):
@@ -183,7 +276,7 @@ def test_mismatched_checkpoint_raises_value_error_naming_file_and_keys(tmp_path)
     path = str(tmp_path / "rn_weights.pt")
     torch.save(_source_model("tiny-RN").state_dict(), path)
     with pytest.raises(ValueError) as error:
-        create_clip_model("tiny-ViT", path)
+        create_clip_model("tiny-ViT", path, activation="gelu")
     message = str(error.value)
     assert path in message and "visual." in message and "\n" not in message
 
@@ -194,7 +287,7 @@ def test_shape_mismatch_is_reported_with_the_key(tmp_path):
     path = str(tmp_path / "bad.pt")
     torch.save(state_dict, path)
     with pytest.raises(ValueError, match=r"shape mismatch \(1\): visual\.proj \(64, 32\) vs \(64, 64\)"):
-        create_clip_model("tiny-ViT", path)
+        create_clip_model("tiny-ViT", path, activation="gelu")
 
 
 def test_unreadable_file_raises_value_error(tmp_path):

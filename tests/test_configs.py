@@ -4,6 +4,7 @@ receiving a gradient (what DistributedDataParallel requires, REFERENCE.md 4.10).
 import glob
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ from fastreid.evaluation import ReidEvaluator, inference_on_dataset
 from fastreid.modeling import build_model
 from fastreid.utils.events import EventStorage
 from promptsg.datasets import SyntheticMarket
+from promptsg.evaluation import ranked_distances
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTSG_CONFIGS = sorted(
@@ -111,5 +113,53 @@ def test_promptsg_config_trains_a_step_and_evaluates(path, tiny_data):
     test_set = CommDataset(tiny_data.query + tiny_data.gallery, build_transforms(cfg, is_train=False), relabel=False)
     test_loader, num_query = build_reid_test_loader(
         test_set=test_set, test_batch_size=32, num_query=len(tiny_data.query), num_workers=0)
-    results = inference_on_dataset(model, test_loader, ReidEvaluator(cfg, num_query))
-    assert 0.0 <= results["mAP"] <= 100.0 and 0.0 <= results["Rank-1"] <= 100.0
+    with ranked_distances() as ranked:
+        results = inference_on_dataset(model, test_loader, ReidEvaluator(cfg, num_query))
+    # The evaluation ranks the cosine distances of the model's own test features ...
+    feats = model_features(model.eval(), test_loader)
+    expected_dist = 1 - feats[:num_query] @ feats[num_query:].t()
+    np.testing.assert_allclose(ranked["dist"], expected_dist.numpy(), atol=1e-5)
+    # ... and scores them as scikit-learn does, with the Market protocol.
+    expected_map, expected_rank1 = market_metrics_by_sklearn(ranked)
+    assert results["mAP"] == pytest.approx(expected_map, abs=1e-3)
+    assert results["Rank-1"] == pytest.approx(expected_rank1, abs=1e-3)
+
+
+def model_features(model, loader):
+    """L2-normalised features of every test image, the model called directly."""
+    with torch.no_grad():
+        return torch.nn.functional.normalize(torch.cat([model(b) for b in loader]), dim=1)
+
+
+def market_metrics_by_sklearn(ranked):
+    """mAP and Rank-1 (in %) of a distance matrix with the Market protocol (a query's same-identity,
+    same-camera gallery images left out), by scikit-learn."""
+    from sklearn.metrics import average_precision_score
+
+    g_pids, g_cams = np.asarray(ranked["g_pids"]), np.asarray(ranked["g_camids"])
+    aps, hits = [], []
+    for dist, pid, cam in zip(ranked["dist"], ranked["q_pids"], ranked["q_camids"]):
+        keep = ~((g_pids == pid) & (g_cams == cam))
+        relevant = (g_pids == pid)[keep]
+        # Exactly tied distances (a random tiny ResNet's features barely differ) are ordered as
+        # NumPy's argsort of the whole row orders them, FastReID's convention: score = -position.
+        position = np.empty(len(dist))
+        position[np.argsort(dist)] = np.arange(len(dist))
+        if relevant.any():
+            aps.append(average_precision_score(relevant, -position[keep]))
+            hits.append(relevant[np.argmin(position[keep])])
+    return 100 * np.mean(aps), 100 * np.mean(hits)
+
+
+@pytest.mark.parametrize("path", [p for p in PROMPTSG_CONFIGS if os.path.basename(p) == "rn50.yml"], ids=_id)
+def test_rn50_configs_run_layer4_at_last_stride_1(path):
+    """Re-ID's last stride 1, as CLIP-ReID: a 16x8 map and 128 tokens at 256x128, not 8x4."""
+    from fastreid.modeling.backbones import BACKBONE_REGISTRY
+
+    cfg = load(path)
+    assert cfg.MODEL.BACKBONE.LAST_STRIDE == 1 and cfg.INPUT.SIZE_TRAIN == [256, 128]
+    cfg.MODEL.CLIP.NAME, cfg.MODEL.CLIP.PRETRAINED = "tiny-RN", ""
+    backbone = BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)(cfg).eval()
+    with torch.no_grad():
+        out = backbone(torch.randn(1, 3, 256, 128))
+    assert backbone.visual.attnpool.grid_size == (16, 8) and out.tokens.shape == (1, 128, 64)

@@ -124,7 +124,7 @@ def test_composed_training_encodes_nine_tokens_with_the_full_context_gradient(mo
     cotangent = torch.randn_like(full)
     (fast * cotangent).sum().backward()
     (full * cotangent).sum().backward()
-    torch.testing.assert_close(s_fast.grad, s_full.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(s_fast.grad, s_full.grad, rtol=1e-3, atol=1e-5)   # float32 rounding of 9 vs 77 tokens
 
 
 # ---- the MIM computes only the last block's query row, and never projects keys and values ----
@@ -236,14 +236,14 @@ def composed_model(device):
     return build_model(tiny_cfg(**{"MODEL.DEVICE": device, "MODEL.PROMPTSG.INFERENCE_PROMPT": "composed"}))
 
 
-class RecordedScalar:
-    """Stands in for PromptSG's DeferredScalar: keeps what would be logged."""
+class RecordedScalars:
+    """Stands in for PromptSG's DeferredScalars: keeps what would be logged."""
 
     def __init__(self):
         self.values = []
 
-    def put(self, value):
-        self.values.append(value)
+    def put(self, values):
+        self.values.append(values)
 
 
 class HostReads(TorchDispatchMode):
@@ -266,17 +266,20 @@ class HostReads(TorchDispatchMode):
 def test_forward_and_backward_read_no_tensor_value_back_to_the_host():
     """The CPU stand-in for the CUDA sync check below: no op that needs a tensor's values on the host.
 
-    The accuracy log is replaced by a recorder here (on CPU it converts to a float at once; on CUDA
-    DeferredScalar defers that, covered by the CUDA test and the tests of DeferredScalar).
+    The training log (accuracy, alignment diagnostics) is replaced by a recorder here (on CPU it
+    converts to floats at once; on CUDA DeferredScalars defers that, covered by the CUDA test and
+    the tests of DeferredScalars).
     """
     model = composed_model("cpu")
-    model.accuracy = RecordedScalar()
+    model.train_log = RecordedScalars()
     inputs = batch()
     train_and_infer(model, inputs)               # fills the simplified-prompt cache
     with HostReads() as reads:
         train_and_infer(model, inputs)
     assert reads.seen == []
-    assert len(model.accuracy.values) == 2 and model.accuracy.values[1].shape == ()
+    logged = model.train_log.values[1]
+    assert len(model.train_log.values) == 2 and {"cls_accuracy", "align_i2t_top1"} <= set(logged)
+    assert all(value.shape == () for value in logged.values())
 
 
 @needs_cuda
@@ -291,9 +294,10 @@ def test_cuda_forward_and_backward_never_synchronise_with_the_host(amp):
         train_and_infer(model, inputs, amp)      # logs the previous step's accuracy, no sync
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    with EventStorage(0) as storage:             # this step's accuracy is pending until the next
-        model.accuracy.flush()
-    assert 0.0 <= storage.latest()["cls_accuracy"][0] <= 1.0
+    with EventStorage(0) as storage:             # this step's log is pending until the next
+        model.train_log.flush()
+    logged = storage.latest()
+    assert {"cls_accuracy", "align_i2t_top1", "collapse_v_cos", "pseudo_token_norm_ratio"} <= set(logged)
 
 
 # ---- the ID loss and the accuracy log, without host reads ----
@@ -364,40 +368,32 @@ def test_top1_accuracy_equals_fastreid_log_accuracy():
     assert float(top1_accuracy(logits, targets)) == 0.5 == storage.latest()["cls_accuracy"][0]
 
 
-def test_deferred_scalar_logs_cpu_values_at_once():
-    from promptsg.deferred_log import DeferredScalar
+def test_deferred_scalars_log_cpu_values_at_once():
+    from promptsg.deferred_log import DeferredScalars
 
-    log = DeferredScalar("acc")
+    log = DeferredScalars()
     with EventStorage(0) as storage:
-        log.put(torch.tensor(0.25))
-        assert storage.latest()["acc"][0] == 0.25
+        log.put({"acc": torch.tensor(0.25), "cos": torch.tensor(0.5)})
+        assert storage.latest()["acc"][0] == 0.25 and storage.latest()["cos"][0] == 0.5
 
 
 @needs_cuda
-def test_deferred_scalar_logs_cuda_values_one_put_later_under_their_iteration():
+def test_deferred_scalars_log_cuda_values_one_put_later_under_their_iteration():
     """The GPU is kept busy before it writes the first value: its copy still reads 0.25."""
-    from promptsg.deferred_log import DeferredScalar
+    from promptsg.deferred_log import DeferredScalars
 
-    log = DeferredScalar("acc")
+    log = DeferredScalars()
     with EventStorage(3) as storage:
         value = torch.zeros((), device="cuda")
         torch.cuda.synchronize()
         torch.cuda._sleep(100_000_000)
-        log.put(value.add_(0.25))
+        log.put({"acc": value.add_(0.25), "cos": torch.ones((), device="cuda")})
         assert "acc" not in storage.latest()
         storage.iter = 4
-        log.put(torch.tensor(0.75, device="cuda"))
-        assert storage.history("acc").values() == [(0.25, 3)]
+        log.put({"acc": torch.tensor(0.75, device="cuda"), "cos": torch.zeros((), device="cuda")})
+        assert storage.history("acc").values() == [(0.25, 3)] and storage.history("cos").values() == [(1.0, 3)]
         log.flush()
         assert storage.history("acc").values() == [(0.25, 3), (0.75, 4)]
-
-
-def test_model_logs_the_training_accuracy():
-    model = build_model(tiny_cfg()).train()
-    with EventStorage(0) as storage:
-        model(batch())
-    accuracy = storage.latest()["cls_accuracy"][0]
-    assert 0.0 <= accuracy <= 1.0
 
 
 # ---- the visual-only model skips the patch tokens ----
@@ -629,8 +625,22 @@ def test_benchmark_prints_json_measurements_and_ratios(tmp_path, capsys):
     assert all(r["step_s"] > 0 and r["images_per_s"] > 0 for r in by_kind["train"] + by_kind["inference"])
     ratios = by_kind["ratios"][-1]
     assert records[-1] is ratios
+    assert ratios == {**ratios, **expected_ratios(by_kind["summary"][0]["median"])}
     for key in ("inference_simplified_vs_visual", "inference_composed_vs_visual", "train_step_time_vs_baseline"):
-        assert ratios[key] > 0 and isinstance(ratios["meets_targets"][key], bool)
+        assert isinstance(ratios["meets_targets"][key], bool)
+
+
+def expected_ratios(median):
+    """The ratios from the summary's median step times: throughput PromptSG / visual-only baseline,
+    step time PromptSG / baseline."""
+    base, psg = median["baseline"], median["promptsg"]
+    out = {}
+    if "inference_visual_step_s" in base:
+        out["inference_simplified_vs_visual"] = base["inference_visual_step_s"] / psg["inference_simplified_step_s"]
+        out["inference_composed_vs_visual"] = base["inference_visual_step_s"] / psg["inference_composed_step_s"]
+    if "train_step_s" in base:
+        out["train_step_time_vs_baseline"] = psg["train_step_s"] / base["train_step_s"]
+    return out
 
 
 @pytest.mark.parametrize("flag, kind, measured", [
@@ -643,8 +653,10 @@ def test_benchmark_times_one_phase_alone_and_gives_its_ratios(capsys, flag, kind
     assert {r["kind"] for r in records} == {"setup", "memory", kind, "summary", "ratios"}
     ratios = records[-1]
     assert list(ratios["meets_targets"]) == measured
+    expected = expected_ratios(next(r for r in records if r["kind"] == "summary")["median"])
+    assert sorted(expected) == sorted(measured)
     for key in ("inference_simplified_vs_visual", "inference_composed_vs_visual", "train_step_time_vs_baseline"):
-        assert (ratios[key] > 0) if key in measured else ratios[key] is None, key
+        assert ratios[key] == expected[key] if key in measured else ratios[key] is None, key
     assert measured[0] in capsys.readouterr().out
 
 

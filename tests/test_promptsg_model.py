@@ -160,29 +160,38 @@ def test_cross_attention_is_softmax_qk_v_with_text_as_query():
 
 # ---- symmetric supervised contrastive loss (Eq. 4-6) ----
 
-def _supcon_by_the_equations(v, l, y, tau):
-    """Eq. 5 and 6 written out with loops (positives averaged, see supcon.py)."""
+def _supcon_by_the_equations(v, l, y, tau, positives="sum"):
+    """Eq. 5 and 6 written out with loops: the sum over the positives, or their mean."""
     def one_direction(a, c):
         total = 0.0
         for n in range(len(a)):
             sims = [float(F.cosine_similarity(a[n], c[i], dim=0)) / tau for i in range(len(c))]
             log_denominator = math.log(sum(math.exp(s) for s in sims))
-            positives = [p for p in range(len(c)) if y[p] == y[n]]
-            total += sum(sims[p] - log_denominator for p in positives) / len(positives)
+            terms = [sims[p] - log_denominator for p in range(len(c)) if y[p] == y[n]]
+            total += sum(terms) / (len(terms) if positives == "mean" else 1)
         return -total / len(a)
     return one_direction(v, l), one_direction(l, v)
 
 
-def test_supcon_matches_equations_4_to_6():
+@pytest.mark.parametrize("positives", ["sum", "mean"])
+def test_supcon_matches_equations_4_to_6(positives):
     torch.manual_seed(0)
     v, l = torch.randn(8, 16), torch.randn(8, 16)
-    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    i2t, t2i = _supcon_by_the_equations(v, l, y.tolist(), 0.07)
-    assert float(supcon_loss(v, l, y, 0.07)) == pytest.approx(i2t, rel=1e-5)
-    assert float(supcon_loss(l, v, y, 0.07)) == pytest.approx(t2i, rel=1e-5)
-    assert float(symmetric_supcon_loss(v, l, y, 0.07)) == pytest.approx(i2t + t2i, rel=1e-5)
-    assert float(symmetric_supcon_loss(v, l, y, 0.07, i2t=False)) == pytest.approx(t2i, rel=1e-5)
-    assert float(symmetric_supcon_loss(v, l, y, 0.07, t2i=False)) == pytest.approx(i2t, rel=1e-5)
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3])                 # 3, 2, 1 and 2 positives
+    i2t, t2i = _supcon_by_the_equations(v, l, y.tolist(), 0.07, positives)
+    assert float(supcon_loss(v, l, y, 0.07, positives)) == pytest.approx(i2t, rel=1e-5)
+    assert float(supcon_loss(l, v, y, 0.07, positives)) == pytest.approx(t2i, rel=1e-5)
+    both = lambda **kw: float(symmetric_supcon_loss(v, l, y, 0.07, positives=positives, **kw))  # noqa: E731
+    assert both() == pytest.approx(i2t + t2i, rel=1e-5)
+    assert both(i2t=False) == pytest.approx(t2i, rel=1e-5)
+    assert both(t2i=False) == pytest.approx(i2t, rel=1e-5)
+
+
+def test_supcon_sum_is_k_times_the_mean_with_k_images_per_identity():
+    torch.manual_seed(0)
+    v, l = torch.randn(12, 16), torch.randn(12, 16)
+    y = torch.arange(3).repeat_interleave(4)
+    assert float(supcon_loss(v, l, y, 0.1, "sum")) == pytest.approx(4 * float(supcon_loss(v, l, y, 0.1, "mean")))
 
 
 def test_supcon_hand_computed_value():
@@ -319,3 +328,251 @@ def test_chance_level_matches_the_mean_ap_of_random_rankings():
     aps = [np.mean(evaluate_rank(rng.random((2, 65)).astype(np.float32), q_pids, g_pids, q_cams, g_cams,
                                  use_cython=False)[1]) for _ in range(3000)]
     assert np.mean(aps) == pytest.approx(expected_map, rel=0.05)
+
+
+# ---- alignment diagnostics (what the training log shows) ----
+
+def test_mean_pairwise_cosine_by_hand():
+    from promptsg.diagnostics import mean_pairwise_cosine
+
+    x = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 3.0]])   # pairs: cos 1, 0, 0
+    assert float(mean_pairwise_cosine(x)) == pytest.approx(1 / 3)
+    assert float(mean_pairwise_cosine(torch.tensor([[1.0, 1.0]] * 4))) == pytest.approx(1.0)
+
+
+def test_in_batch_top1_by_hand():
+    from promptsg.diagnostics import in_batch_top1
+
+    targets = torch.tensor([0, 0, 1])
+    similarity = torch.tensor([[0.9, 0.1, 0.5],     # row 0 -> column 0: same identity
+                               [0.1, 0.2, 0.8],     # row 1 -> column 2: other identity
+                               [0.7, 0.3, 0.6]])    # row 2 -> column 0: other identity
+    rows, cols = in_batch_top1(similarity, targets)
+    assert float(rows) == pytest.approx(1 / 3)
+    # columns: 0 -> row 0 (same), 1 -> row 2 (other), 2 -> row 1 (other)
+    assert float(cols) == pytest.approx(1 / 3)
+
+
+def test_model_logs_its_batch_accuracy_and_alignment_diagnostics():
+    """The logged values equal the same quantities computed by hand from the model's own tensors."""
+    model = build_model(tiny_cfg()).train()
+    seen = {}
+    model.backbone.register_forward_hook(lambda m, args, out: seen.update(v=out.embedding))
+    model.heads.inversion.register_forward_hook(lambda m, args, out: seen.update(s=out))
+    model.heads.classifier.register_forward_hook(lambda m, args, out: seen.update(logits=out))
+    compose = model.text.compose
+    model.text.compose = lambda s, **kw: seen.setdefault("l", compose(s, **kw))
+    inputs = batch()
+    with EventStorage(0) as storage:
+        model(inputs)
+    logged = {k: v[0] for k, v in storage.latest().items()}
+    v, s, l, y = seen["v"].detach(), seen["s"].detach(), seen["l"].detach(), inputs["targets"].tolist()
+    n = len(y)
+    cos = lambda a, b: float(F.cosine_similarity(a, b, dim=0))  # noqa: E731
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    i2t = sum(y[max(range(n), key=lambda j: cos(v[i], l[j]))] == y[i] for i in range(n)) / n
+    t2i = sum(y[max(range(n), key=lambda i: cos(v[i], l[j]))] == y[j] for j in range(n)) / n
+    token_norm = sum(float(e.norm()) for e in model.text.token_embedding.weight) / len(model.text.token_embedding.weight)
+    expected = {
+        "cls_accuracy": sum(int(seen["logits"][i].argmax()) == y[i] for i in range(n)) / n,
+        "align_i2t_top1": i2t,
+        "align_t2i_top1": t2i,
+        "collapse_v_cos": sum(cos(v[i], v[j]) for i, j in pairs) / len(pairs),
+        "collapse_text_cos": sum(cos(l[i], l[j]) for i, j in pairs) / len(pairs),
+        "pseudo_token_norm_ratio": sum(float(x.norm()) for x in s) / n / token_norm,
+    }
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+# ---- wiring: which tensors each loss and module sees (Fig. 3, Eq. 10) ----
+# Each expected value is recomputed from the encoder's captured outputs with the model's own
+# modules run by hand (open_clip's blocks at full length, FastReID's losses, the loops above), so
+# a loss applied to the wrong tensor, a dropped factor or a mis-wired module shows as a mismatch.
+
+from fastreid.modeling.losses import cross_entropy_loss as fastreid_cross_entropy  # noqa: E402
+from fastreid.modeling.losses import triplet_loss as fastreid_triplet  # noqa: E402
+
+TAU = 0.05
+
+
+def reference_mim(mim, query, patches, out_index):
+    """The MIM by open_clip's blocks at full length: cross-attention of the query over the patches,
+    then self-attention over [query; patches], read at query position ``out_index``."""
+    for block in mim.cross:
+        query = block(query, k_x=patches, v_x=patches)
+    x = torch.cat([query, patches], dim=1)
+    for block in mim.blocks:
+        x = block(x)
+    return x[:, out_index]
+
+
+def run_capturing_visual(model, inputs):
+    """The model's output and the visual encoder's output (v keeps its gradient)."""
+    seen = {}
+
+    def keep(module, args, out):
+        out.embedding.retain_grad() if out.embedding.requires_grad else None
+        seen["visual"] = out
+
+    handle = model.backbone.register_forward_hook(keep)
+    try:
+        with EventStorage(0):
+            out = model(inputs)
+    finally:
+        handle.remove()
+    return out, seen["visual"]
+
+
+def supcon_by_loops(v, l, y):
+    i2t, t2i = _supcon_by_the_equations(v, l, y.tolist(), TAU, "sum")
+    return 0.5 * (i2t + t2i)
+
+
+def test_training_losses_are_eq10_on_the_right_tensors():
+    """L_ID and L_Triplet on the MIM output (the MIM queried by l_p = T(f_theta(v))), the triplet also
+    on each visual state, summed, and lambda * L_SupCon between v and l_p."""
+    model = build_model(tiny_cfg(**{"MODEL.LOSSES.SUPCON.TEMPERATURE": TAU})).train()
+    inputs = batch()
+    y = inputs["targets"]
+    losses, visual = run_capturing_visual(model, inputs)
+    with torch.no_grad():
+        v = visual.embedding
+        l_p = model.text.compose(model.heads.inversion(v))
+        feat = reference_mim(model.heads.mim, l_p[:, None], visual.tokens, 0)
+        logits = model.heads.classifier(model.heads.bottleneck(feat))
+        expected = {
+            "loss_cls": fastreid_cross_entropy(logits, y, 0.1, 0.2),
+            "loss_triplet": fastreid_triplet(feat, y, 0.3, False, True),
+            "loss_triplet_visual": sum(fastreid_triplet(s, y, 0.3, False, True) for s in visual.states),
+            "loss_supcon": supcon_by_loops(v, l_p, y),
+        }
+    assert len(visual.states) == 3 and set(losses) == set(expected)
+    for key, value in expected.items():
+        assert float(losses[key].detach()) == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
+
+
+def test_supcon_gradient_reaches_v_directly_and_through_f_theta():
+    model = build_model(tiny_cfg(**{"MODEL.LOSSES.SUPCON.TEMPERATURE": TAU})).train()
+    inputs = batch()
+    losses, visual = run_capturing_visual(model, inputs)
+    losses["loss_supcon"].backward()
+    v = visual.embedding.detach().requires_grad_()
+    l_p = model.text.compose(model.heads.inversion(v))
+    a, c = F.normalize(v, dim=1), F.normalize(l_p, dim=1)
+    positive = (inputs["targets"][:, None] == inputs["targets"][None, :]).float()
+    i2t = -(F.log_softmax(a @ c.t() / TAU, dim=1) * positive).sum(1).mean()
+    t2i = -(F.log_softmax(c @ a.t() / TAU, dim=1) * positive).sum(1).mean()
+    expected, = torch.autograd.grad(0.5 * (i2t + t2i), v, retain_graph=True)
+    torch.testing.assert_close(visual.embedding.grad, expected, rtol=1e-4, atol=1e-6)
+    # The path through f_theta matters: without it the gradient is another one.
+    l_fixed = l_p.detach()
+    c = F.normalize(l_fixed, dim=1)
+    cut = -(F.log_softmax(a @ c.t() / TAU, dim=1) * positive).sum(1).mean() \
+        - (F.log_softmax(c @ a.t() / TAU, dim=1) * positive).sum(1).mean()
+    without_f_theta, = torch.autograd.grad(0.5 * cut, v)
+    assert not torch.allclose(expected, without_f_theta, rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("query, out_index", [("pooled", 0), ("tokens", 8)])
+def test_test_feature_is_the_mim_output_at_the_query_position(query, out_index):
+    """Composed prompt at test time: pooled l_p as the one query, or every prompt token with the
+    feature read at the end-of-text token ("A photo of a X person." has it at index 8)."""
+    model = build_model(tiny_cfg(**{"MODEL.PROMPTSG.MIM.QUERY": query,
+                                    "MODEL.PROMPTSG.INFERENCE_PROMPT": "composed"})).eval()
+    inputs = batch()
+    with torch.no_grad():
+        feat, visual = run_capturing_visual(model, inputs)
+        pooled, tokens = model.text.compose(model.heads.inversion(visual.embedding), return_tokens=True)
+        queries = pooled[:, None] if query == "pooled" else tokens
+        expected = reference_mim(model.heads.mim, queries, visual.tokens, out_index)
+    assert tokens.shape[1] == 9
+    torch.testing.assert_close(feat, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_visual_only_model_applies_each_triplet_once():
+    """Without a MIM the feature is v: L_Triplet on v, the state triplets on x_{L-1} and x_L only."""
+    cfg = tiny_cfg(**{"MODEL.LOSSES.NAME": '("CrossEntropyLoss", "TripletLoss")',
+                      "MODEL.PROMPTSG.COMPOSE_TRAIN": "False",
+                      "MODEL.PROMPTSG.MIM.CROSS_LAYERS": "0", "MODEL.PROMPTSG.MIM.SELF_LAYERS": "0"})
+    model = build_model(cfg).train()
+    inputs = batch()
+    y = inputs["targets"]
+    losses, visual = run_capturing_visual(model, inputs)
+    with torch.no_grad():
+        x_prev, x_last, v = visual.states
+        logits = model.heads.classifier(model.heads.bottleneck(v))
+        expected = {
+            "loss_cls": fastreid_cross_entropy(logits, y, 0.1, 0.2),
+            "loss_triplet": fastreid_triplet(v, y, 0.3, False, True),
+            "loss_triplet_visual": fastreid_triplet(x_prev, y, 0.3, False, True)
+            + fastreid_triplet(x_last, y, 0.3, False, True),
+        }
+    assert v is visual.embedding and set(losses) == set(expected)
+    for key, value in expected.items():
+        assert float(losses[key].detach()) == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
+
+
+def test_pseudo_tokens_start_distributed_like_the_word_embeddings():
+    """PSEUDO_TOKEN_INIT token: in a training batch s* has the word embeddings' per-dimension mean
+    and standard deviation (BatchNorm standardises, then applies them; its eps shrinks the standard
+    deviation by sqrt(var / (var + eps))); unit: PyTorch's 0 and 1, a norm far above any word's."""
+    inputs = batch()
+    norms = {}
+    for init in ("token", "unit"):
+        model = build_model(tiny_cfg(**{"MODEL.PROMPTSG.PSEUDO_TOKEN_INIT": init})).train()
+        table = model.text.token_embedding.weight.detach()
+        with torch.no_grad():
+            v = model.backbone(model.preprocess_image(inputs), with_tokens=False).embedding
+            s = model.heads.inversion(v)
+            var = model.heads.inversion.mlp(v).var(0, unbiased=False)
+        mean, std = (table.mean(0), table.std(0)) if init == "token" else (torch.zeros(64), torch.ones(64))
+        torch.testing.assert_close(s.mean(0), mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(s.std(0, unbiased=False), std * (var / (var + 1e-5)).sqrt(), rtol=1e-3, atol=1e-6)
+        norms[init] = float(s.norm(dim=1).mean())
+    word = float(table.norm(dim=1).mean())
+    assert norms["token"] < 2 * word and norms["unit"] > 10 * word
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_simplified_query_share_replaces_the_mim_query_not_the_supcon_prompt(share):
+    model = build_model(tiny_cfg(**{"MODEL.LOSSES.SUPCON.TEMPERATURE": TAU,
+                                    "MODEL.PROMPTSG.SIMPLIFIED_QUERY_SHARE": share})).train()
+    seen = {}
+    model.heads.register_forward_pre_hook(lambda m, args: seen.update(query=args[1]))
+    inputs = batch()
+    losses, visual = run_capturing_visual(model, inputs)
+    with torch.no_grad():
+        l_p = model.text.compose(model.heads.inversion(visual.embedding))
+        simple = model.text.simple(len(l_p), "cpu")
+    torch.testing.assert_close(seen["query"][:, 0], simple if share == 1.0 else l_p)
+    assert float(losses["loss_supcon"].detach()) == pytest.approx(
+        supcon_by_loops(visual.embedding.detach(), l_p, inputs["targets"]), rel=1e-5)
+
+
+def test_simplified_query_share_mixes_per_image():
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(**{"MODEL.PROMPTSG.SIMPLIFIED_QUERY_SHARE": 0.5})).train()
+    query = torch.randn(400, 1, 64)
+    mixed = model.mix_simplified_query(query)
+    simple = model.text.simple(1, "cpu")[0]
+    is_simple = (mixed[:, 0] == simple).all(1)
+    assert torch.equal(mixed[~is_simple], query[~is_simple])
+    assert 0.4 < float(is_simple.float().mean()) < 0.6                     # 200 +- 10 expected
+
+
+def test_visual_only_model_logs_the_collapse_of_v_and_no_prompt_diagnostics():
+    cfg = tiny_cfg(**{"MODEL.LOSSES.NAME": '("CrossEntropyLoss", "TripletLoss")',
+                      "MODEL.PROMPTSG.COMPOSE_TRAIN": "False",
+                      "MODEL.PROMPTSG.MIM.CROSS_LAYERS": "0", "MODEL.PROMPTSG.MIM.SELF_LAYERS": "0"})
+    model = build_model(cfg).train()
+    seen = {}
+    model.backbone.register_forward_hook(lambda m, args, out: seen.update(v=out.embedding.detach()))
+    with EventStorage(0) as storage:
+        model(batch())
+    logged = {k: v[0] for k, v in storage.latest().items()}
+    v = seen["v"]
+    pairs = [(i, j) for i in range(len(v)) for j in range(len(v)) if i != j]
+    expected = sum(float(F.cosine_similarity(v[i], v[j], dim=0)) for i, j in pairs) / len(pairs)
+    assert set(logged) == {"cls_accuracy", "collapse_v_cos"}
+    assert logged["collapse_v_cos"] == pytest.approx(expected, rel=1e-5)

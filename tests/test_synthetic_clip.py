@@ -157,7 +157,7 @@ def test_checkpoint_loads_through_create_clip_model_with_identical_outputs(pretr
     path = root / "tiny-ViT.pt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     assert set(checkpoint) == {"epoch", "state_dict"} and checkpoint["epoch"] == summary["epoch"]
-    loaded = create_clip_model("tiny-ViT", pretrained=str(path), image_size=(128, 64)).eval()
+    loaded = create_clip_model("tiny-ViT", pretrained=str(path), image_size=(128, 64), activation="gelu").eval()
     model.eval()
     images = torch.randn(3, 3, 128, 64, generator=torch.Generator().manual_seed(0))
     text = open_clip.get_tokenizer("tiny-ViT")([describe_person(_person()), "a person in a red cap."])

@@ -1,6 +1,7 @@
 """Tests of the SyntheticMarket generator, its FastReID dataset class and its difficulty."""
 import hashlib
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -157,7 +158,7 @@ def test_interrupted_generation_leaves_nothing_usable(tmp_path, monkeypatch):
     assert _digest(tmp_path / "Other") == digest
 
 
-def test_fastreid_dataset_class(tmp_path):
+def test_fastreid_dataset_class(tmp_path, caplog):
     assert DATASET_REGISTRY.get("SyntheticMarket") is SyntheticMarket
     ds = DATASET_REGISTRY.get("SyntheticMarket")(root=str(tmp_path), **SMALL)
     c = ds.manifest["counts"]
@@ -174,8 +175,14 @@ def test_fastreid_dataset_class(tmp_path):
         assert isinstance(pid, int) and pid >= 0 and 0 <= camid < 6
         assert MARKET_RE.search(os.path.basename(path)).group(1) == f"{pid:04d}"
     assert {pid for _, pid, _ in ds.gallery} >= {pid for _, pid, _ in ds.query} | {0}
-    ds.show_train()
-    ds.show_test()
+    with caplog.at_level(logging.INFO, logger="fastreid.data.datasets.bases"):
+        ds.show_train()
+        ds.show_test()
+    # FastReID's summary tables: subset, identities, images, cameras.
+    num_cams = len({c for _, _, c in ds.train})
+    assert re.search(rf"\|\s*train\s*\|\s*12\s*\|\s*{len(ds.train)}\s*\|\s*{num_cams}\s*\|", caplog.text)
+    assert re.search(rf"\|\s*query\s*\|\s*8\s*\|\s*{len(ds.query)}\s*\|", caplog.text)
+    assert re.search(rf"\|\s*gallery\s*\|\s*9\s*\|\s*{len(ds.gallery)}\s*\|", caplog.text)  # + distractors
 
 
 def test_colour_histogram_probe_is_above_chance_but_far_from_solved(default_dataset):

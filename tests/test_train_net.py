@@ -122,6 +122,20 @@ def test_eval_only_reproduces_the_training_run(trained, datasets_root, mode, tmp
         assert again[key] == pytest.approx(final[key], abs=1e-6), key
 
 
+def test_training_log_holds_the_alignment_diagnostics(trained):
+    """metrics.json (and so tensorboard, from the same event storage) and log.txt carry them."""
+    from promptsg.diagnostics import DIAGNOSTICS
+
+    out_dir = trained["simplified"]
+    records = [json.loads(line) for line in (out_dir / "metrics.json").read_text().splitlines()]
+    training = [r for r in records if "loss_supcon" in r]
+    assert training and all(set(DIAGNOSTICS) <= set(r) for r in training)
+    log = (out_dir / "log.txt").read_text()
+    line = re.compile(r"epoch/iter: \d+/\d+  " + "  ".join(rf"{k}: [-0-9.e]+" for k in DIAGNOSTICS))
+    assert len(line.findall(log)) >= len(training)
+    assert list(out_dir.glob("events.out.tfevents.*"))
+
+
 # ---- tools/visualize_result.py ----
 
 VISUALIZE = os.path.join(ROOT, "tools", "visualize_result.py")

@@ -39,7 +39,7 @@ from promptsg.datasets.synthetic import (CAPTION_VERSION, GENERATOR_VERSION, gen
 # budget, batch 32 at lr 1e-3 aligned best (zero-shot top-1 among 10: 73%; batch 64 at lr 1e-3:
 # 70%, at 2e-3: 48%; batch 16: 53%), and 2 images of 3000 identities beat 1 of 6000 or 3 of 2000.
 DEFAULTS = dict(model="small-ViT", steps=340, batch=32, lr=1e-3, warmup=30, weight_decay=0.1,
-                num_ids=3000, images_per_id=2, eval_ids=200, seed=0)
+                num_ids=3000, images_per_id=2, eval_ids=200, seed=0, size=(128, 64))
 PAD = 4               # pad-and-crop augmentation, pixels
 CHOICES = 10          # captions an image chooses from in the zero-shot check
 
@@ -59,6 +59,8 @@ def parse_args(argv=None):
     parser.add_argument("--eval-ids", type=int, default=DEFAULTS["eval_ids"],
                         help="further pool identities held out for the zero-shot check")
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"], help="pool and training seed")
+    parser.add_argument("--size", type=int, nargs=2, default=DEFAULTS["size"], metavar=("H", "W"),
+                        help="image height and width of the pool (the re-ID images' size by default)")
     parser.add_argument("--pool", default=os.path.join(root, "pool"), help="caption pool directory")
     parser.add_argument("--out", default=None, help="checkpoint (default: <root>/SyntheticCLIP/<model>.pt)")
     parser.add_argument("--log-every", type=int, default=50, help="print the loss every N steps")
@@ -77,7 +79,7 @@ def run_params(args):
     """Everything the checkpoint depends on; an equal sidecar means the checkpoint is reused."""
     keys = ("model", "steps", "batch", "lr", "warmup", "weight_decay", "num_ids", "images_per_id",
             "eval_ids", "seed")
-    return {**{k: getattr(args, k) for k in keys}, "pad": PAD,
+    return {**{k: getattr(args, k) for k in keys}, "size": list(args.size), "pad": PAD,
             "generator_version": GENERATOR_VERSION, "caption_version": CAPTION_VERSION}
 
 
@@ -188,7 +190,7 @@ def pretrain(args):
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     pool = generate_caption_pool(args.pool, seed=args.seed, num_ids=args.num_ids + args.eval_ids,
-                                 images_per_id=args.images_per_id)
+                                 images_per_id=args.images_per_id, height=args.size[0], width=args.size[1])
     images, captions, held_out = load_pool(args.pool, args.num_ids)
     height, width = images.shape[-2:]
     train_idx = torch.nonzero(~held_out).flatten()

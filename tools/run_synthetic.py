@@ -75,6 +75,7 @@ def main():
 
     import promptsg  # noqa: F401
     from fastreid.data.datasets import DATASET_REGISTRY
+    from promptsg.diagnostics import alignment_report
     from promptsg.evaluation import chance_level
 
     data = DATASET_REGISTRY.get("SyntheticMarket")(root=root)
@@ -89,7 +90,9 @@ def main():
     ]
     table = ["| Model | mAP | Rank-1 | Train time |", "|:--|--:|--:|--:|"]
     table += [f"| {name} | {m:.1f} | {r:.1f} | {t} |" for name, m, r, t in rows]
-    text = "\n".join(table)
+    alignment, alignment_line = alignment_report(promptsg_dir)
+    text = "\n".join(table) + (f"\n\nPromptSG at the end of training (median of its last 20 iterations, "
+                               f"metrics.json): {alignment_line}" if alignment_line else "")
     p, check = pretraining["params"], pretraining["zero_shot"]
     header = (f"SyntheticMarket test split: {len(data.query)} queries, {len(data.gallery)} gallery images; "
               f"device: {device}, torch threads: {torch.get_num_threads()}\n"
@@ -105,7 +108,8 @@ def main():
     with open(os.path.join(OUT, "results.json"), "w") as f:
         pretraining = {k: v for k, v in pretraining.items() if k != "losses"}
         json.dump({"chance": {"mAP": chance_map, "Rank-1": chance_r1},
-                   "clip_pretraining": {**pretraining, "wall_seconds": pretrain_seconds}, **runs},
+                   "clip_pretraining": {**pretraining, "wall_seconds": pretrain_seconds},
+                   "promptsg_alignment_at_end": alignment, **runs},
                   f, indent=2, default=float)
 
 

@@ -20,7 +20,15 @@ from fastreid.utils.checkpoint import Checkpointer
 from fastreid.utils.env import seed_all_rng
 from fastreid.utils.logger import setup_logger
 from promptsg import add_promptsg_config
+from promptsg.diagnostics import AlignmentPrinter
 from promptsg.preflight import InputError, check_datasets, check_weights, load_config
+
+
+class Trainer(DefaultTrainer):
+    """FastReID's trainer; its log also shows the training accuracy and PromptSG's alignment."""
+
+    def build_writers(self):
+        return super().build_writers() + [AlignmentPrinter()]
 
 
 def setup(args):
@@ -50,13 +58,13 @@ def main(args):
     if args.eval_only:
         cfg.defrost()
         cfg.MODEL.BACKBONE.PRETRAIN = False
-        model = DefaultTrainer.build_model(cfg)
+        model = Trainer.build_model(cfg)
         Checkpointer(model).load(cfg.MODEL.WEIGHTS)
-        results = DefaultTrainer.test(cfg, model)
+        results = Trainer.test(cfg, model)
         save_results(cfg, results, "eval_results.json")
         return results
 
-    trainer = DefaultTrainer(cfg)
+    trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     results = trainer.train()
     save_results(cfg, results, "results.json")

@@ -40,7 +40,8 @@ class CLIPVisualBackbone(nn.Module):
             positional-embedding grid) and owned by this module from then on.
         image_size: (H, W) of the input images.
         stride: ViT patch stride; None = patch size, smaller = overlapping patches (CLIP-ReID).
-            ModifiedResNet has a fixed output stride of 32 and ignores it.
+            ModifiedResNet ignores it: its output stride is set when the model is created
+            (``create_clip_model(last_stride=...)``, MODEL.BACKBONE.LAST_STRIDE).
         num_cameras: > 0 adds SIE, a learnable per-camera embedding (N_cam, C), truncated-normal
             init with std 0.02, added to the CLS token after the position embedding (ViT only).
         sie_coe: scale of the SIE camera embedding.
@@ -191,7 +192,8 @@ def build_clip_backbone(cfg, clip_model=None):
             "MODEL.CLIP.SIE_CAMERA needs MODEL.CLIP.NUM_CAMERAS > 0 (set it from the training set)"
         )
     if clip_model is None:
-        clip_model = create_clip_model(clip_cfg.NAME, clip_cfg.PRETRAINED, image_size, clip_cfg.STRIDE)
+        clip_model = create_clip_model(clip_cfg.NAME, clip_cfg.PRETRAINED, image_size, clip_cfg.STRIDE,
+                                       cfg.MODEL.BACKBONE.LAST_STRIDE, cfg.MODEL.CLIP.ACTIVATION)
     return CLIPVisualBackbone(
         clip_model.visual,
         image_size=image_size,

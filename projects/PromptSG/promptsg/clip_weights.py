@@ -33,10 +33,12 @@ open_clip.add_model_config(CLIP_CONFIG_DIR)
 # Entries of OpenAI's TorchScript archives (and traced open_clip models) that are not weights.
 _NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
-# The output stride of open_clip's ModifiedResNet (stem 4, then three 2x stages).
-RESNET_OUTPUT_STRIDE = 32
+# The stride of open_clip's ModifiedResNet before layer4 (stem 4, then layer2 and layer3 at 2 each);
+# layer4 adds its own stride: 2 as built (output stride 32), 1 with the re-ID "last stride 1" (16).
+RESNET_STRIDE_BEFORE_LAYER4 = 16
 
 Grid = Tuple[int, int]
+ACTIVATIONS = ("", "quick_gelu", "gelu")  # MODEL.CLIP.ACTIVATION; "" = read it from the weights
 
 
 def create_clip_model(
@@ -44,6 +46,8 @@ def create_clip_model(
     pretrained: str = "",
     image_size: Sequence[int] = (256, 128),
     patch_stride: Optional[int] = None,
+    last_stride: Optional[int] = None,
+    activation: str = "",
 ) -> open_clip.CLIP:
     """Build open_clip model `name` in float32 with weights from `pretrained`, at `image_size`.
 
@@ -56,15 +60,23 @@ def create_clip_model(
         image_size: (H, W) the visual tower will see.
         patch_stride: ViT patch stride (None = patch size). Giving it here resizes the
             checkpoint's positional embedding once, straight to the final grid. ModifiedResNet
-            towers have a fixed output stride of 32 and ignore it.
+            towers ignore it.
+        last_stride: stride of a ModifiedResNet's layer4, 1 or 2 (None: 2, as open_clip builds
+            it); 1 is re-ID's "last stride 1" (output stride 16: a 16x8 map at 256x128), as in
+            CLIP-ReID. ViT towers ignore it.
 
-    OpenAI's CLIP was trained with QuickGELU: it is switched on for OpenAI TorchScript archives
-    and for tags whose open_clip entry says so; for a plain OpenAI state dict use a "-quickgelu"
-    model name (e.g. "ViT-B-16-quickgelu").
+        activation: the MLP activation the weights were trained with, "quick_gelu" (OpenAI's
+            CLIP) or "gelu"; "" reads it from the weights: QuickGELU for OpenAI TorchScript
+            archives, the open_clip entry of a tag, the model name's config for random weights
+            or a "-quickgelu" name. A plain state dict under any other name does not say, and
+            is refused until ``activation`` names it: the wrong one silently shifts every feature.
     """
     image_size = (int(image_size[0]), int(image_size[1]))
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"MODEL.CLIP.ACTIVATION must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    forced = {"quick_gelu": True, "gelu": False}.get(activation)
     if not pretrained:
-        model = _build_model(name, quick_gelu=False)
+        model = _build_model(name, quick_gelu=forced, last_stride=last_stride)
         logger.warning(
             "\n" + "!" * 78 + "\n"
             f"!! MODEL.CLIP.PRETRAINED is empty: CLIP model '{name}' starts from random weights.\n"
@@ -75,12 +87,26 @@ def create_clip_model(
         set_visual_resolution(model.visual, image_size, patch_stride)
         return model
 
-    path, quick_gelu = _resolve_pretrained(name, pretrained)
+    path, tag_quick_gelu = _resolve_pretrained(name, pretrained)
     state_dict, is_torchscript = read_clip_state_dict(path)
-    model = _build_model(name, quick_gelu=quick_gelu or is_torchscript)
+    if forced is not None:
+        quick_gelu, source = forced, "MODEL.CLIP.ACTIVATION"
+    elif is_torchscript:
+        quick_gelu, source = True, "an OpenAI TorchScript archive"
+    elif tag_quick_gelu is not None:
+        quick_gelu, source = tag_quick_gelu, f"open_clip's entry for '{pretrained}'"
+    elif _model_config(name).get("quick_gelu", False):
+        quick_gelu, source = True, f"the model name '{name}'"
+    else:
+        raise ValueError(
+            f"MODEL.CLIP.PRETRAINED={path} is a state dict that does not say which activation its CLIP "
+            f"was trained with: set MODEL.CLIP.ACTIVATION quick_gelu (OpenAI's weights) or gelu "
+            f"(e.g. open_clip models trained with GELU)")
+    model = _build_model(name, quick_gelu=quick_gelu, last_stride=last_stride)
     _load_state_dict(model, state_dict, path, name, image_size, patch_stride)
     set_visual_resolution(model.visual, image_size, patch_stride)
-    logger.info(f"Loaded CLIP weights for '{name}' from {path}")
+    logger.info(f"Loaded CLIP weights for '{name}' from {path}, "
+                f"{'QuickGELU' if quick_gelu else 'GELU'} activation ({source})")
     return model
 
 
@@ -146,7 +172,8 @@ def visual_grid(visual: nn.Module, image_size: Sequence[int], patch_stride: Opti
     """The token grid the visual tower produces for (H, W) images.
 
     ViT: ((H - P) // s + 1, (W - P) // s + 1) for patch size P and stride s (default P).
-    ModifiedResNet: (H // 32, W // 32); H and W must be multiples of 32.
+    ModifiedResNet: (H // S, W // S) for its output stride S (32, or 16 with last stride 1);
+    H and W must be multiples of S.
     """
     height, width = image_size
     if isinstance(visual, VisionTransformer):
@@ -156,9 +183,31 @@ def visual_grid(visual: nn.Module, image_size: Sequence[int], patch_stride: Opti
             raise ValueError(f"ViT patch stride must be in [1, {min(patch_h, patch_w)}], got {stride}")
         return ((height - patch_h) // stride + 1, (width - patch_w) // stride + 1)
     _pos_embed_owner(visual)  # type check
-    if height % RESNET_OUTPUT_STRIDE or width % RESNET_OUTPUT_STRIDE:
-        raise ValueError(f"ModifiedResNet needs an image size divisible by 32, got {tuple(image_size)}")
-    return (height // RESNET_OUTPUT_STRIDE, width // RESNET_OUTPUT_STRIDE)
+    stride = resnet_output_stride(visual)
+    if height % stride or width % stride:
+        raise ValueError(f"ModifiedResNet at output stride {stride} needs an image size divisible by {stride}, "
+                         f"got {tuple(image_size)}")
+    return (height // stride, width // stride)
+
+
+def resnet_output_stride(visual: ModifiedResNet) -> int:
+    """Output stride of a ModifiedResNet: 16 times the stride of its layer4."""
+    return RESNET_STRIDE_BEFORE_LAYER4 * visual.layer4[0].stride
+
+
+def set_resnet_last_stride(visual: ModifiedResNet, stride: int) -> None:
+    """Run a ModifiedResNet's layer4 at ``stride`` (1 or 2), in place; parameters are unchanged.
+
+    open_clip's Bottleneck downsamples with a 2x2 average pool on both branches (after conv2,
+    and before the 1x1 projection of the shortcut); stride 1 replaces both pools by identities.
+    """
+    if stride not in (1, 2):
+        raise ValueError(f"MODEL.BACKBONE.LAST_STRIDE must be 1 or 2 for a CLIP ModifiedResNet, got {stride}")
+    block = visual.layer4[0]
+    pool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+    block.avgpool = pool
+    block.downsample[0] = pool                   # the shortcut's pool, named "-1" in the checkpoint
+    block.stride = stride
 
 
 def set_visual_resolution(
@@ -210,30 +259,40 @@ def _set_pos_embed(visual: nn.Module, pos_embed: torch.Tensor, grid: Grid) -> No
     owner.grid_size = tuple(grid)
 
 
-def _build_model(name: str, quick_gelu: bool) -> open_clip.CLIP:
+def _model_config(name: str) -> dict:
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
         raise ValueError(
             f"MODEL.CLIP.NAME='{name}' is not an open_clip model config "
             f"(e.g. ViT-B-16, RN50, tiny-ViT, tiny-RN)"
         )
+    return model_cfg
+
+
+def _build_model(name: str, quick_gelu: Optional[bool], last_stride: Optional[int] = None) -> open_clip.CLIP:
+    """open_clip CLIP ``name``; quick_gelu None keeps the activation of the name's config."""
+    model_cfg = _model_config(name)
     vision_cfg, text_cfg = model_cfg["vision_cfg"], model_cfg["text_cfg"]
     if model_cfg.pop("custom_text", False) or "timm_model_name" in vision_cfg or "hf_model_name" in text_cfg:
         raise ValueError(
             f"MODEL.CLIP.NAME='{name}' is not a standard CLIP (OpenAI-style ViT or ModifiedResNet "
             f"visual tower with a CLIP text transformer)"
         )
-    model_cfg["quick_gelu"] = model_cfg.get("quick_gelu", False) or quick_gelu
+    if quick_gelu is not None:
+        model_cfg["quick_gelu"] = quick_gelu
     model = open_clip.CLIP(**model_cfg)  # float32, random init
     _pos_embed_owner(model.visual)  # type check
+    if last_stride is not None and isinstance(model.visual, ModifiedResNet):
+        set_resnet_last_stride(model.visual, last_stride)
     return model
 
 
-def _resolve_pretrained(name: str, pretrained: str) -> Tuple[str, bool]:
-    """Turn MODEL.CLIP.PRETRAINED into a local file; returns (path, tag says QuickGELU)."""
+def _resolve_pretrained(name: str, pretrained: str) -> Tuple[str, Optional[bool]]:
+    """Turn MODEL.CLIP.PRETRAINED into a local file; returns (path, QuickGELU or not for a tag,
+    None for a file)."""
     path = os.path.expanduser(pretrained)
     if os.path.isfile(path):
-        return path, False
+        return path, None
     if os.sep in pretrained or "/" in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES):
         raise FileNotFoundError(f"MODEL.CLIP.PRETRAINED={pretrained}: no such file")
     pretrained_cfg = open_clip.get_pretrained_cfg(name, pretrained)

@@ -1,6 +1,8 @@
 """Config keys added by the PromptSG project (paper symbols in brackets)."""
 from fastreid.config import CfgNode as CN
 
+from .supcon import POSITIVE_REDUCTIONS
+
 
 def add_promptsg_config(cfg):
     """Add PromptSG's keys to a FastReID config. Idempotent."""
@@ -16,6 +18,10 @@ def add_promptsg_config(cfg):
     # ("openai", "laion2b_s34b_b88k"; downloads), or a local file (OpenAI TorchScript
     # archive, plain state dict, or open_clip checkpoint).
     cfg.MODEL.CLIP.PRETRAINED = ""
+    # MLP activation the weights were trained with: "quick_gelu" (OpenAI's CLIP), "gelu", or ""
+    # to read it from the weights (TorchScript archive, open_clip tag, "-quickgelu" name); a plain
+    # state dict under another name is refused until this names it.
+    cfg.MODEL.CLIP.ACTIVATION = ""
     # Patch-embedding stride of the ViT tower; < patch size gives overlapping patches.
     cfg.MODEL.CLIP.STRIDE = 16
     # SIE: a learnable per-camera embedding added to the CLS token (ViT only).
@@ -35,8 +41,15 @@ def add_promptsg_config(cfg):
     cfg.MODEL.PROMPTSG.COMPOSE_TRAIN = True
     # Prompt used at test time: "simplified" (cached text embedding) or "composed" (per-image s*).
     cfg.MODEL.PROMPTSG.INFERENCE_PROMPT = "simplified"
+    # Beyond the paper: share of training images whose MIM query is the simplified prompt's
+    # embedding instead of their composed prompt's (trains the MIM for the test-time simplified
+    # prompt; L_SupCon still ties every image to its composed prompt). 0 = the paper.
+    cfg.MODEL.PROMPTSG.SIMPLIFIED_QUERY_SHARE = 0.0
     # Hidden width of the inversion network f_theta (Sec. 4.1, 3-layer MLP).
     cfg.MODEL.PROMPTSG.INVERSION_HIDDEN = 512
+    # Initial scale and shift of f_theta's last BatchNorm: "token" (the per-dimension std and mean
+    # of the text tower's word embeddings: s* starts at a word's scale) or "unit" (PyTorch's 1, 0).
+    cfg.MODEL.PROMPTSG.PSEUDO_TOKEN_INIT = "token"
 
     # Multimodal interaction module (Sec. 4.2, Table 5).
     cfg.MODEL.PROMPTSG.MIM = CN()
@@ -67,8 +80,11 @@ def add_promptsg_config(cfg):
     cfg.MODEL.LOSSES.SUPCON = CN()
     # lambda in Eq. 10.
     cfg.MODEL.LOSSES.SUPCON.SCALE = 0.5
-    # Temperature tau (not given in the paper; CLIP's initial logit scale is 1/0.07).
-    cfg.MODEL.LOSSES.SUPCON.TEMPERATURE = 0.07
+    # Temperature tau of the cosine similarity (Eq. 1-6). 0: CLIP's own learned temperature,
+    # 1 / exp(logit_scale) of the loaded weights (Eq. 1 is CLIP's zero-shot rule; OpenAI: 0.01).
+    cfg.MODEL.LOSSES.SUPCON.TEMPERATURE = 0.0
+    # Reduction over each anchor's positives: "sum" (Eq. 5-6) or "mean" (Khosla et al.).
+    cfg.MODEL.LOSSES.SUPCON.POSITIVES = "sum"
     # Use the image-to-text term L_i2t (Table 3 row b turns it off).
     cfg.MODEL.LOSSES.SUPCON.I2T = True
     # Use the text-to-image term L_t2i (Table 3 row c turns it off).
@@ -100,12 +116,19 @@ def validate_promptsg_config(cfg):
         fail(f"MODEL.PROMPTSG.INFERENCE_PROMPT must be 'simplified' or 'composed', got {p.INFERENCE_PROMPT!r}")
     if p.COMPILE not in COMPILE_MODES:
         fail(f"MODEL.PROMPTSG.COMPILE must be one of {list(COMPILE_MODES)}, got {p.COMPILE!r}")
+    if p.PSEUDO_TOKEN_INIT not in ("token", "unit"):
+        fail(f"MODEL.PROMPTSG.PSEUDO_TOKEN_INIT must be 'token' or 'unit', got {p.PSEUDO_TOKEN_INIT!r}")
     if p.MIM.QUERY not in ("pooled", "tokens"):
         fail(f"MODEL.PROMPTSG.MIM.QUERY must be 'pooled' or 'tokens', got {p.MIM.QUERY!r}")
     if p.FEATURE not in ("mim", "concat"):
         fail(f"MODEL.PROMPTSG.FEATURE must be 'mim' or 'concat', got {p.FEATURE!r}")
     if cfg.MODEL.HEADS.NECK_FEAT not in ("before", "after"):
         fail(f"MODEL.HEADS.NECK_FEAT must be 'before' or 'after', got {cfg.MODEL.HEADS.NECK_FEAT!r}")
+    if not 0.0 <= p.SIMPLIFIED_QUERY_SHARE <= 1.0:
+        fail(f"MODEL.PROMPTSG.SIMPLIFIED_QUERY_SHARE must be in [0, 1], got {p.SIMPLIFIED_QUERY_SHARE}")
+    if p.SIMPLIFIED_QUERY_SHARE > 0 and not (p.COMPOSE_TRAIN and p.MIM.CROSS_LAYERS > 0 and p.MIM.QUERY == "pooled"):
+        fail("MODEL.PROMPTSG.SIMPLIFIED_QUERY_SHARE > 0 needs COMPOSE_TRAIN, a MIM (MIM.CROSS_LAYERS > 0) "
+             "and MIM.QUERY pooled")
     if p.MIM.CROSS_LAYERS < 0 or p.MIM.SELF_LAYERS < 0:
         fail("MODEL.PROMPTSG.MIM.CROSS_LAYERS and SELF_LAYERS must be >= 0")
     if p.MIM.CROSS_LAYERS == 0 and p.MIM.SELF_LAYERS > 0:
@@ -113,6 +136,12 @@ def validate_promptsg_config(cfg):
     if "SupConLoss" in names and not p.COMPOSE_TRAIN:
         fail("MODEL.LOSSES.NAME has SupConLoss but MODEL.PROMPTSG.COMPOSE_TRAIN is False: "
              "the loss ties images to their composed prompts")
+    if cfg.MODEL.LOSSES.SUPCON.POSITIVES not in POSITIVE_REDUCTIONS:
+        fail(f"MODEL.LOSSES.SUPCON.POSITIVES must be one of {list(POSITIVE_REDUCTIONS)}, "
+             f"got {cfg.MODEL.LOSSES.SUPCON.POSITIVES!r}")
+    if cfg.MODEL.LOSSES.SUPCON.TEMPERATURE < 0:
+        fail(f"MODEL.LOSSES.SUPCON.TEMPERATURE must be > 0, or 0 for CLIP's own temperature, "
+             f"got {cfg.MODEL.LOSSES.SUPCON.TEMPERATURE}")
     if "SupConLoss" in names and not (cfg.MODEL.LOSSES.SUPCON.I2T or cfg.MODEL.LOSSES.SUPCON.T2I):
         fail("MODEL.LOSSES.SUPCON: both I2T and T2I are off; remove SupConLoss from MODEL.LOSSES.NAME")
     if p.INFERENCE_PROMPT == "composed" and not p.COMPOSE_TRAIN:

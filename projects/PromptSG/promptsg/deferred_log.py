@@ -2,16 +2,17 @@
 
 A value on the GPU reaches the host through a copy. Waiting for it at once (``.item()``) stops the
 host until the GPU has finished all the work queued before it, so the host can no longer queue
-the next step while the GPU runs this one. PromptSG's training step has no such stop (issue 4).
+the next step while the GPU runs this one. PromptSG's training step has no such stop.
 Its logs therefore use ``HostCopy``: the copy is queued on the stream that computed the value, into
 pinned host memory, and the value is read one training step later. By then the copy has long
 finished, and waiting for it costs nothing.
 
-  * ``DeferredScalar``: the training accuracy that the model logs (``cls_accuracy``).
+  * ``DeferredScalars``: what the model logs in training, the accuracy (``cls_accuracy``) and the
+    alignment diagnostics (``diagnostics.py``).
   * ``DeferredLossLog``: the loss dict that FastReID's trainer logs after each step (patched in
     through ``compat.py``, section 12). Each value is written under its own iteration.
 
-On the CPU a copy is an ordinary copy. ``DeferredScalar`` then logs at once, and the trainer's
+On the CPU a copy is an ordinary copy. ``DeferredScalars`` then logs at once, and the trainer's
 loss log waits only where its values are on a device named in ``compat.DEFERRED_LOSS_LOG_DEVICES``.
 """
 import contextlib
@@ -42,35 +43,38 @@ class HostCopy:
         return self._host.tolist()
 
 
-class DeferredScalar:
-    """Logs a scalar tensor into FastReID's EventStorage without a host-device synchronisation.
+class DeferredScalars:
+    """Logs scalar tensors into FastReID's EventStorage without a host-device synchronisation.
 
-    A CPU value is logged at once. A CUDA value is copied (``HostCopy``) and logged at the next
-    ``put`` (or ``flush``), one training step later, under the iteration it was put at.
+    ``put({name: 0-dim tensor})``: CPU values are logged at once. CUDA values are stacked into one
+    tensor, copied (``HostCopy``) and logged at the next ``put`` (or ``flush``), one training step
+    later, under the iteration they were put at.
     """
 
-    def __init__(self, name):
-        self.name = name
-        self.pending = None  # (HostCopy of the last CUDA value, its iteration), not logged yet
+    def __init__(self):
+        self.pending = None  # (names, HostCopy of the last CUDA values, their iteration), not logged yet
 
-    def put(self, value):
-        value = value.detach()
+    def put(self, values):
+        names = list(values)
+        stacked = torch.stack([values[name].detach().float() for name in names])
         storage = get_event_storage()
-        if value.device.type != "cuda":
-            storage.put_scalar(self.name, float(value))
+        if stacked.device.type != "cuda":
+            for name, value in zip(names, stacked.tolist()):
+                storage.put_scalar(name, value)
             return
         self.flush()
-        self.pending = HostCopy(value), storage.iter
+        self.pending = names, HostCopy(stacked), storage.iter
 
     def flush(self):
-        """Log the pending value, if any."""
+        """Log the pending values, if any."""
         if self.pending is not None:
-            (copy, iteration), self.pending = self.pending, None
+            (names, copy, iteration), self.pending = self.pending, None
             with at_iteration(get_event_storage(), iteration) as storage:
-                storage.put_scalar(self.name, copy.tolist())
+                for name, value in zip(names, copy.tolist()):
+                    storage.put_scalar(name, value)
 
     def __deepcopy__(self, memo):
-        return DeferredScalar(self.name)  # a CUDA event cannot be copied; a copy starts empty
+        return DeferredScalars()  # a CUDA event cannot be copied; a copy starts empty
 
 
 class DeferredLossLog:

@@ -1,4 +1,5 @@
 """Inversion network f_theta (Sec. 4.1): global visual embedding v -> pseudo word token s*."""
+import torch
 from torch import nn
 
 
@@ -25,3 +26,11 @@ class InversionNet(nn.Module):
     def forward(self, v):
         """(B, E) -> s* (B, D)."""
         return self.bn(self.mlp(v))
+
+    @torch.no_grad()
+    def init_like_token_embeddings(self, table):
+        """Start s* distributed like the text tower's word embeddings ``table`` (V, D): the
+        BatchNorm's scale and shift become their per-dimension standard deviation and mean
+        (PyTorch's default, 1 and 0, gives s* a norm of about sqrt(D), far above any word's)."""
+        self.bn.weight.copy_(table.float().std(dim=0))
+        self.bn.bias.copy_(table.float().mean(dim=0))

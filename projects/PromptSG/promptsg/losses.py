@@ -11,7 +11,7 @@ compares them) and stay on the device:
     on the others, is PyTorch's ``label_smoothing = eps * C / (C - 1)``; the non-zero count is a
     device tensor.
   * ``triplet_loss``: FastReID's distances and example mining, then the ranking loss.
-  * ``top1_accuracy``: a device tensor, logged by ``deferred_log.DeferredScalar`` one step later.
+  * ``top1_accuracy``: a device tensor, logged by ``deferred_log.DeferredScalars`` one step later.
 """
 import importlib
 

@@ -13,6 +13,7 @@ MODEL.PROMPTSG.COMPILE compiles the visual encoder, the text encoder, the head a
 with torch.compile (parameter names, checkpoints and results unchanged; tests/test_fast_paths.py).
 """
 import logging
+from typing import NamedTuple, Optional
 
 import torch
 from fastreid.config import configurable
@@ -24,7 +25,8 @@ from torch import nn
 from .clip_weights import create_clip_model
 from .config import validate_promptsg_config
 from .heads import uses_inversion
-from .deferred_log import DeferredScalar
+from .deferred_log import DeferredScalars
+from .diagnostics import alignment_diagnostics, mean_pairwise_cosine
 from .losses import cross_entropy_loss, top1_accuracy, triplet_loss
 from .prompt import build_prompt_composer
 from .supcon import symmetric_supcon_loss
@@ -40,7 +42,7 @@ class PromptSG(nn.Module):
 
     @configurable
     def __init__(self, *, backbone, text, heads, pixel_mean, pixel_std, compose_train,
-                 inference_prompt, mim_query, loss_kwargs, compile_mode=""):
+                 inference_prompt, mim_query, loss_kwargs, compile_mode="", simplified_query_share=0.0):
         super().__init__()
         self.backbone = backbone
         self.text = text        # frozen PromptComposer, or None for the visual-only baseline
@@ -48,10 +50,11 @@ class PromptSG(nn.Module):
         self.compose_train = compose_train
         self.inference_prompt = inference_prompt
         self.mim_query = mim_query
+        self.simplified_query_share = simplified_query_share
         self.loss_kwargs = loss_kwargs
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, -1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, -1, 1, 1), False)
-        self.accuracy = DeferredScalar("cls_accuracy")
+        self.train_log = DeferredScalars()   # accuracy and alignment diagnostics, no host sync
         self.compile_mode = compile_mode
         self._loss_terms = loss_terms
         if compile_mode in CUDA_GRAPH_MODES:
@@ -72,13 +75,16 @@ class PromptSG(nn.Module):
         validate_promptsg_config(cfg)
         p, losses = cfg.MODEL.PROMPTSG, cfg.MODEL.LOSSES
         clip_model = create_clip_model(cfg.MODEL.CLIP.NAME, cfg.MODEL.CLIP.PRETRAINED,
-                                       tuple(cfg.INPUT.SIZE_TRAIN), cfg.MODEL.CLIP.STRIDE)
+                                       tuple(cfg.INPUT.SIZE_TRAIN), cfg.MODEL.CLIP.STRIDE,
+                                       cfg.MODEL.BACKBONE.LAST_STRIDE, cfg.MODEL.CLIP.ACTIVATION)
         backbone = BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)(cfg, clip_model=clip_model)
         needs_text = uses_inversion(cfg) or p.MIM.CROSS_LAYERS > 0
         text = (build_prompt_composer(clip_model, cfg.MODEL.CLIP.NAME, p.PROMPT, p.SIMPLE_PROMPT)
                 if needs_text else None)
         heads = REID_HEADS_REGISTRY.get(cfg.MODEL.HEADS.NAME)(
             cfg, embed_dim=backbone.out_dim, token_dim=text.width if text is not None else 0)
+        if heads.inversion is not None and p.PSEUDO_TOKEN_INIT == "token":
+            heads.inversion.init_like_token_embeddings(text.token_embedding.weight)
         return {
             "backbone": backbone,
             "text": text,
@@ -88,6 +94,7 @@ class PromptSG(nn.Module):
             "compose_train": p.COMPOSE_TRAIN,
             "inference_prompt": p.INFERENCE_PROMPT,
             "mim_query": p.MIM.QUERY,
+            "simplified_query_share": p.SIMPLIFIED_QUERY_SHARE,
             "compile_mode": p.COMPILE,
             "loss_kwargs": {
                 "loss_names": losses.NAME,
@@ -95,8 +102,9 @@ class PromptSG(nn.Module):
                 "tri": {"margin": losses.TRI.MARGIN, "norm_feat": losses.TRI.NORM_FEAT,
                         "hard_mining": losses.TRI.HARD_MINING, "scale": losses.TRI.SCALE},
                 "tri_visual_states": p.TRIPLET_ON_VISUAL_STATES,
-                "supcon": {"scale": losses.SUPCON.SCALE, "temperature": losses.SUPCON.TEMPERATURE,
-                           "i2t": losses.SUPCON.I2T, "t2i": losses.SUPCON.T2I},
+                "supcon": {"scale": losses.SUPCON.SCALE, "temperature": supcon_temperature(cfg, clip_model),
+                           "i2t": losses.SUPCON.I2T, "t2i": losses.SUPCON.T2I,
+                           "positives": losses.SUPCON.POSITIVES},
             },
         }
 
@@ -115,43 +123,86 @@ class PromptSG(nn.Module):
         camids = batched_inputs.get("camids") if isinstance(batched_inputs, dict) else None
         visual = self.backbone(images, camids, with_tokens=self.heads.mim is not None)
         composed = self.compose_train if self.training else self.inference_prompt == "composed"
-        text, query, out_index = self.prompt_features(visual, composed)
+        prompt = self.prompt_features(visual, composed)
 
         if not self.training:
-            feat = self.heads(visual, query, out_index)
+            feat = self.heads(visual, prompt.query, prompt.out_index)
             # Under CUDA graphs the next call reuses this output's memory (FastReID's flip test
             # calls the model twice before averaging): hand out a copy.
             return feat.clone() if self.compile_mode in CUDA_GRAPH_MODES else feat
         targets = batched_inputs["targets"]
-        outputs = self.heads(visual, query, out_index, targets)
-        return self.losses(outputs, visual, text, targets)
+        query = prompt.query
+        if self.simplified_query_share > 0 and prompt.pseudo_tokens is not None:
+            query = self.mix_simplified_query(query)
+        outputs = self.heads(visual, query, prompt.out_index, targets)
+        return self.losses(outputs, visual, prompt, targets)
+
+    def mix_simplified_query(self, query):
+        """MODEL.PROMPTSG.SIMPLIFIED_QUERY_SHARE (beyond the paper): each image's MIM query (B, 1, E)
+        is the simplified prompt's embedding with this probability, else its composed prompt's."""
+        simple = self.text.simple(len(query), query.device)[:, None, :].to(query.dtype)   # (B, 1, E)
+        use_simple = torch.rand(len(query), 1, 1, device=query.device) < self.simplified_query_share
+        return torch.where(use_simple, simple, query)
 
     def prompt_features(self, visual, composed):
-        """The prompt embedding l_p (B, E) and the MIM query built from it (B, Q, E)."""
+        """s* (B, D) if composed, the prompt embedding l_p (B, E) and the MIM query (B, Q, E)."""
         if self.text is None:
-            return None, None, 0
+            return PromptFeatures()
         need_tokens = self.mim_query == "tokens" and self.heads.mim is not None
         batch = len(visual.embedding)
+        pseudo_tokens = None
         if composed:
             pseudo_tokens = self.heads.inversion(visual.embedding)            # s* = f_theta(v)
             out = self.text.compose(pseudo_tokens, return_tokens=need_tokens)
         elif self.heads.mim is not None:
             out = self.text.simple(batch, visual.embedding.device, return_tokens=need_tokens)
         else:
-            return None, None, 0                                               # text is not used
+            return PromptFeatures()                                            # text is not used
         if need_tokens:
             text, tokens = out
-            return text, tokens, tokens.shape[1] - 1                           # EOT is the last token
-        return out, out[:, None, :], 0
+            return PromptFeatures(pseudo_tokens, text, tokens, tokens.shape[1] - 1)  # EOT: last token
+        return PromptFeatures(pseudo_tokens, out, out[:, None, :], 0)
 
     def preprocess_image(self, batched_inputs):
         images = batched_inputs["images"] if isinstance(batched_inputs, dict) else batched_inputs
         return (images.to(self.device) - self.pixel_mean) / self.pixel_std
 
-    def losses(self, outputs, visual, text, targets):
-        """L = L_Triplet + L_ID + lambda * L_SupCon (Eq. 10), by MODEL.LOSSES.NAME."""
-        self.accuracy.put(top1_accuracy(outputs["pred_class_logits"].detach(), targets))
-        return self._loss_terms(self.loss_kwargs, outputs, visual, text, targets, self.heads.mim is not None)
+    def losses(self, outputs, visual, prompt, targets):
+        """L = L_Triplet + L_ID + lambda * L_SupCon (Eq. 10), by MODEL.LOSSES.NAME.
+
+        Also logs the training accuracy, the collapse of v and, where s* is composed, the other
+        alignment diagnostics.
+        """
+        log = {"cls_accuracy": top1_accuracy(outputs["pred_class_logits"].detach(), targets)}
+        if prompt.pseudo_tokens is not None:
+            log.update(alignment_diagnostics(visual.embedding, prompt.text, targets, prompt.pseudo_tokens,
+                                             self.text.token_norm()))
+        else:
+            log["collapse_v_cos"] = mean_pairwise_cosine(visual.embedding.detach())
+        self.train_log.put(log)
+        return self._loss_terms(self.loss_kwargs, outputs, visual, prompt.text, targets, self.heads.mim is not None)
+
+
+def supcon_temperature(cfg, clip_model):
+    """tau of L_SupCon: MODEL.LOSSES.SUPCON.TEMPERATURE, or with 0 CLIP's own, 1 / exp(logit_scale)."""
+    if cfg.MODEL.LOSSES.SUPCON.TEMPERATURE > 0:
+        return float(cfg.MODEL.LOSSES.SUPCON.TEMPERATURE)
+    tau = 1.0 / float(clip_model.logit_scale.detach().exp())
+    if "SupConLoss" in cfg.MODEL.LOSSES.NAME:
+        logger.info("L_SupCon temperature: CLIP's own, tau = 1 / exp(logit_scale) = %.4f", tau)
+    return tau
+
+
+class PromptFeatures(NamedTuple):
+    """The text side of one forward pass (all None for a model that uses no text).
+
+    pseudo_tokens: s* (B, D) when the prompt is composed; text: l_p (B, E); query: the MIM query
+    (B, Q, E); out_index: the query position the MIM output is read at.
+    """
+    pseudo_tokens: Optional[torch.Tensor] = None
+    text: Optional[torch.Tensor] = None
+    query: Optional[torch.Tensor] = None
+    out_index: int = 0
 
 
 def loss_terms(kw, outputs, visual, text, targets, has_mim):
@@ -175,5 +226,5 @@ def loss_terms(kw, outputs, visual, text, targets, has_mim):
     if "SupConLoss" in names:
         sc = kw["supcon"]
         loss_dict["loss_supcon"] = sc["scale"] * symmetric_supcon_loss(
-            visual.embedding, text, targets, sc["temperature"], sc["i2t"], sc["t2i"])
+            visual.embedding, text, targets, sc["temperature"], sc["i2t"], sc["t2i"], sc["positives"])
     return loss_dict

@@ -50,7 +50,7 @@ class PromptComposer(nn.Module):
         self.register_buffer("prompt_ids", ids[:prompt_len].clone(), persistent=False)
         self.register_buffer("simple_ids", simple_ids[:simple_len].clone(), persistent=False)
         self.prompt_eot, self.simple_eot = prompt_len - 1, simple_len - 1  # Python ints: no device sync
-        self._simple_cache = {}
+        self._simple_cache = {}  # per device: the simplified prompt's embedding, the token-embedding norm
         self.register_load_state_dict_post_hook(lambda module, keys: module._simple_cache.clear())
 
     @property
@@ -63,6 +63,15 @@ class PromptComposer(nn.Module):
         """Width E of the joint image-text space."""
         proj = self.text_projection
         return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
+
+    def token_norm(self):
+        """Mean norm of the token embeddings (0-dim tensor on their device), computed once."""
+        weight = self.token_embedding.weight
+        key = ("token_norm", weight.device)
+        if key not in self._simple_cache:
+            with torch.no_grad():
+                self._simple_cache[key] = weight.float().norm(dim=1).mean()
+        return self._simple_cache[key]
 
     def train(self, mode=True):
         """The text tower stays in eval mode: it is frozen."""

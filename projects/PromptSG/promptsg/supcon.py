@@ -1,30 +1,38 @@
 """Symmetric supervised contrastive loss L_SupCon = L_i2t + L_t2i (Sec. 4.1, Eq. 4-6).
 
-Positives P(n) of sample n are the batch samples with its identity (n included); each anchor's
-log-likelihood is averaged over its positives, as in Khosla et al.'s SupCon (the paper's Eq. 5-6
-write a plain sum; the mean keeps the scale independent of the instances per identity).
+Positives P(n) of sample n are the batch samples with its identity (n included). The similarity
+is the cosine over a temperature tau (Eq. 1). Each anchor's log-likelihoods are summed over its
+positives, as Eq. 5-6 write them (``positives="sum"``); ``positives="mean"`` divides by their
+number, as Khosla et al.'s SupCon does (a K-times weaker loss and gradient with K images per
+identity).
 """
 import torch
 import torch.nn.functional as F
 
+POSITIVE_REDUCTIONS = ("sum", "mean")
 
-def supcon_loss(anchors, candidates, targets, temperature):
-    """One direction: -mean_n mean_{p in P(n)} log softmax_i(sim(a_n, c_i) / tau)[p].
 
-    anchors, candidates: (N, E); targets: (N,) identities.
+def supcon_loss(anchors, candidates, targets, temperature, positives="sum"):
+    """One direction: -mean_n reduce_{p in P(n)} log softmax_i(sim(a_n, c_i) / tau)[p].
+
+    anchors, candidates: (N, E); targets: (N,) identities; positives: "sum" (Eq. 5-6) or "mean".
     """
     a = F.normalize(anchors.float(), dim=1)
     c = F.normalize(candidates.float(), dim=1)
     log_prob = F.log_softmax(a @ c.t() / temperature, dim=1)            # (N, N)
-    positives = (targets[:, None] == targets[None, :]).float()
-    return -((log_prob * positives).sum(1) / positives.sum(1)).mean()
+    is_positive = (targets[:, None] == targets[None, :]).float()
+    per_anchor = (log_prob * is_positive).sum(1)
+    if positives == "mean":
+        per_anchor = per_anchor / is_positive.sum(1)
+    return -per_anchor.mean()
 
 
-def symmetric_supcon_loss(image_embeds, text_embeds, targets, temperature=0.07, i2t=True, t2i=True):
+def symmetric_supcon_loss(image_embeds, text_embeds, targets, temperature, i2t=True, t2i=True,
+                          positives="sum"):
     """L_SupCon = L_i2t (images as anchors, Eq. 5) + L_t2i (prompts as anchors, Eq. 6)."""
     loss = image_embeds.new_zeros((), dtype=torch.float32)
     if i2t:
-        loss = loss + supcon_loss(image_embeds, text_embeds, targets, temperature)
+        loss = loss + supcon_loss(image_embeds, text_embeds, targets, temperature, positives)
     if t2i:
-        loss = loss + supcon_loss(text_embeds, image_embeds, targets, temperature)
+        loss = loss + supcon_loss(text_embeds, image_embeds, targets, temperature, positives)
     return loss

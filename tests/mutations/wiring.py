@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Mutation check of the model tests: each wiring bug below, applied alone to a copy of the
+package, must make ``tests/test_promptsg_model.py`` fail.
+
+    python tests/mutations/wiring.py            # prints one line per mutation, exits 1 if one survives
+
+The bugs are realistic one-line slips in how the model wires the paper's formulas together (the
+formulas themselves have their own tests): the wrong tensor into a loss or a module, a dropped
+factor, a mean for a sum.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE = REPO / "projects" / "PromptSG" / "promptsg"
+
+# (name, file in the package, text, replacement)
+MUTATIONS = [
+    ("tokens query read at position 0, not at the EOT token", "meta_arch.py",
+     "tokens, tokens.shape[1] - 1)", "tokens, 0)"),
+    ("lambda dropped from Eq. 10", "meta_arch.py",
+     'loss_dict["loss_supcon"] = sc["scale"] * symmetric_supcon_loss(', 'loss_dict["loss_supcon"] = symmetric_supcon_loss('),
+    ("SupCon on the MIM output instead of v", "meta_arch.py",
+     'visual.embedding, text, targets, sc["temperature"]', 'outputs["features"], text, targets, sc["temperature"]'),
+    ("v detached before f_theta", "meta_arch.py",
+     "self.heads.inversion(visual.embedding)", "self.heads.inversion(visual.embedding.detach())"),
+    ("visual-state triplets averaged, not summed", "meta_arch.py",
+     "sum(triplet(s) for s in states)", "sum(triplet(s) for s in states) / len(states)"),
+    ("MIM self-attention over the query alone", "interaction.py",
+     "x = torch.cat([query, patches], dim=1)", "x = query"),
+    ("visual-only model: triplet on the embedding twice", "meta_arch.py",
+     "states = visual.states if has_mim else visual.states[:-1]", "states = visual.states"),
+    ("f_theta fed ln_post(CLS) instead of v", "meta_arch.py",
+     "self.heads.inversion(visual.embedding)", "self.heads.inversion(visual.states[1])"),
+]
+
+
+def run_tests(package_root):
+    env = dict(os.environ, PYTHONPATH=str(package_root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rf", "-p", "no:cacheprovider", "tests/test_promptsg_model.py"]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+
+
+def copy_package(tmp, mutation=None):
+    """A copy of the package in ``tmp`` with one mutation applied, checked to be what imports;
+    beside it a link to the project's configs (the package reads its tiny CLIP configs there)."""
+    copy = Path(tmp) / "promptsg"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    if not (Path(tmp) / "configs").exists():
+        (Path(tmp) / "configs").symlink_to(PACKAGE.parent / "configs")
+    if mutation is not None:
+        name, filename, text, replacement = mutation
+        source = (copy / filename).read_text()
+        if source.count(text) != 1:
+            sys.exit(f"mutation {name!r}: {text!r} is not in {filename} exactly once")
+        (copy / filename).write_text(source.replace(text, replacement))
+    probe = subprocess.run([sys.executable, "-c", "import promptsg; print(promptsg.__file__)"],
+                           env=dict(os.environ, PYTHONPATH=tmp), capture_output=True, text=True, cwd=REPO)
+    if not probe.stdout.startswith(tmp):
+        sys.exit(f"the copy is not the package imported: {probe.stdout or probe.stderr}")
+
+
+def main():
+    survived = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        copy_package(tmp)
+        clean = run_tests(tmp)
+        if clean.returncode != 0:
+            sys.exit("the tests fail without any mutation:\n" + clean.stdout[-2000:])
+        for mutation in MUTATIONS:
+            copy_package(tmp, mutation)
+            result = run_tests(tmp)
+            # pytest's exit code 1: tests ran and one failed (2-4: collection or usage errors).
+            if result.returncode not in (0, 1):
+                sys.exit(f"mutation {mutation[0]!r}: pytest could not run the tests:\n{result.stdout[-2000:]}")
+            caught = result.returncode == 1
+            failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
+            survived += not caught
+            print(f"{'caught  ' if caught else 'SURVIVED'} {mutation[0]}: {failed[0] if failed else ''}", flush=True)
+    print(f"{len(MUTATIONS) - survived} of {len(MUTATIONS)} mutations caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
