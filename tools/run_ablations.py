@@ -99,6 +99,13 @@ def parse_args(argv=None):
         parser.error(f"unknown rows {unknown} of --table {args.table}; choose from {sorted(rows)}")
     if len(args.opts) % 2:
         parser.error("overrides must be KEY VALUE pairs")
+    if args.readme:
+        markers = (f"<!-- ablations:{args.table}:start -->", f"<!-- ablations:{args.table}:end -->")
+        if not os.path.isfile(args.readme):
+            parser.error(f"--readme {args.readme}: no such file")
+        with open(args.readme) as f:
+            if not all(m in f.read() for m in markers):
+                parser.error(f"--readme {args.readme} has no {markers[0]} ... {markers[1]} markers")
     return args
 
 
@@ -201,8 +208,6 @@ def replace_between_markers(path, table, text):
     start, end = f"<!-- ablations:{table}:start -->", f"<!-- ablations:{table}:end -->"
     with open(path) as f:
         content = f.read()
-    if start not in content or end not in content:
-        raise SystemExit(f"error: {path} has no {start} ... {end} markers")
     before, rest = content.split(start, 1)
     _, after = rest.split(end, 1)
     with open(path, "w") as f:
@@ -248,8 +253,9 @@ def main(argv=None):
     summaries = {row[0]: summarise([r for r in records if r["row"] == row[0]]) for row in rows}
     text = markdown(args.table, summaries, args.seeds)
     elapsed = time.perf_counter() - start
-    footer = (f"\n\n`python tools/run_ablations.py --table {args.table} --seeds {' '.join(map(str, args.seeds))}`"
-              f"{' --rows ' + ' '.join(args.rows) if args.rows else ''}; {datetime.date.today()}, commit {commit()}, "
+    command = " ".join(["python tools/run_ablations.py --table", args.table, "--seeds", *map(str, args.seeds),
+                        *(["--rows", *args.rows] if args.rows else []), *args.opts])
+    footer = (f"\n\n`{command}`; {datetime.date.today()}, commit {commit()}, "
               f"{machine()['cpus']}-CPU {platform.machine()} machine, device {device}; {elapsed / 60:.0f} min "
               f"(runs reused from {work_dir} not counted).")
     print("\n" + text + footer)
