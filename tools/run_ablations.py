@@ -104,8 +104,9 @@ def parse_args(argv=None):
         if not os.path.isfile(args.readme):
             parser.error(f"--readme {args.readme}: no such file")
         with open(args.readme) as f:
-            if not all(m in f.read() for m in markers):
-                parser.error(f"--readme {args.readme} has no {markers[0]} ... {markers[1]} markers")
+            content = f.read()
+        if not all(m in content for m in markers):
+            parser.error(f"--readme {args.readme} has no {markers[0]} ... {markers[1]} markers")
     return args
 
 
