@@ -151,17 +151,24 @@ def run_one(row, seed, common, work_dir):
         train_net(["--config-file", config, *common, *overrides, "SEED", str(seed), "OUTPUT_DIR", out_dir],
                   os.path.join(out_dir, "train.out"))
         record["train_seconds"] = time.perf_counter() - start
+    else:   # reused: from the run's first file (its config) to its last (the results)
+        record["train_seconds"] = os.path.getmtime(results_path) - os.path.getmtime(os.path.join(out_dir, "config.yaml"))
     prompts = row_prompts(config, overrides)
     record["results"] = {prompts[0]: {m: read_json(results_path)[m] for m in METRICS}}   # train_net's own
     if "composed" in prompts:
         composed_dir = os.path.join(out_dir, "composed")
         composed_path = os.path.join(composed_dir, "eval_results.json")
-        if not os.path.isfile(composed_path):
+        if os.path.isfile(composed_path):
+            record["eval_seconds"] = (os.path.getmtime(composed_path)
+                                      - os.path.getmtime(os.path.join(composed_dir, "config.yaml")))
+        else:
             os.makedirs(composed_dir, exist_ok=True)
+            start = time.perf_counter()
             train_net(["--config-file", config, "--eval-only", *common, *overrides,
                        "MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth"),
                        "MODEL.PROMPTSG.INFERENCE_PROMPT", "composed", "OUTPUT_DIR", composed_dir],
                       os.path.join(composed_dir, "eval.out"))
+            record["eval_seconds"] = time.perf_counter() - start
         record["results"]["composed"] = {m: read_json(composed_path)[m] for m in METRICS}
     report, _ = alignment_report(out_dir)
     record["alignment"] = {k: report[k] for k in ALIGNMENT if k in report}
@@ -256,15 +263,17 @@ def main(argv=None):
     elapsed = time.perf_counter() - start
     command = " ".join(["python tools/run_ablations.py --table", args.table, "--seeds", *map(str, args.seeds),
                         *(["--rows", *args.rows] if args.rows else []), *args.opts])
+    run_seconds = sum(r["train_seconds"] + r.get("eval_seconds", 0.0) for r in records)
     footer = (f"\n\n`{command}`; {datetime.date.today()}, commit {commit()}, "
-              f"{machine()['cpus']}-CPU {platform.machine()} machine, device {device}; {elapsed / 60:.0f} min "
-              f"(runs reused from {work_dir} not counted).")
+              f"{machine()['cpus']}-CPU {platform.machine()} machine, device {device}; "
+              f"{run_seconds / 60:.0f} min of training and evaluation in all (this invocation: {elapsed / 60:.0f} min, "
+              f"runs already in {work_dir} reused).")
     print("\n" + text + footer)
     out = args.out or os.path.join(work_dir, f"{args.table}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"table": args.table, "seeds": args.seeds, "device": device, "date": str(datetime.date.today()),
-                   "commit": commit(), "machine": machine(), "wall_seconds": elapsed, "overrides": args.opts,
+                   "commit": commit(), "machine": machine(), "wall_seconds": elapsed, "run_seconds": run_seconds, "overrides": args.opts,
                    "rows": {key: {"label": label, "config": os.path.relpath(config, ROOT), "overrides": overrides}
                             for key, label, config, overrides in rows},
                    "summary": summaries, "runs": records}, f, indent=1)
