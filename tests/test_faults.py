@@ -402,3 +402,27 @@ def test_resume_of_a_finished_run_says_so_and_exits_0(tmp_path, datasets_root):
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"the run in {out} is complete (1 of 1 epochs); nothing to train" in result.stdout + result.stderr
     assert (out / "model_final.pth").stat().st_mtime_ns == before
+
+
+def test_a_resumed_seeded_run_ends_exactly_as_the_uninterrupted_run(tmp_path, datasets_root):
+    """PromptSG, 3 epochs, a checkpoint after each. The resumed run starts from a copy of the
+    uninterrupted run's folder cut back to its first checkpoint (what a kill -9 after it leaves)."""
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    args = ["--config-file", PROMPTSG_CFG, *TINY, "SOLVER.MAX_EPOCH", "3", "TEST.EVAL_PERIOD", "3",
+            "SOLVER.CHECKPOINT_PERIOD", "1", "SEED", "3"]
+    result = run([*args, "OUTPUT_DIR", str(whole)], datasets_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cut.mkdir()
+    shutil.copy(whole / "model_0000.pth", cut / "model_0000.pth")
+    (cut / "last_checkpoint").write_text("model_0000.pth")
+    result = run(["--resume", *args, "OUTPUT_DIR", str(cut)], datasets_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    expected, resumed = (json.loads((d / "results.json").read_text()) for d in (whole, cut))
+    assert resumed == expected
+    assert "resume: epoch 1, iteration" in result.stdout + result.stderr
+    a, b = (torch.load(d / "model_final.pth", map_location="cpu", weights_only=True)["model"] for d in (whole, cut))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

@@ -20,7 +20,8 @@ from fastreid.utils import comm
 from fastreid.utils.env import seed_all_rng
 from fastreid.utils.logger import setup_logger
 from promptsg import add_promptsg_config
-from promptsg.checkpoint import NonFiniteError, SaveFinalBeforeEvaluation, load_for_inference
+from promptsg.checkpoint import (NonFiniteError, SaveFinalBeforeEvaluation, load_for_inference,
+                                 resume_training_position)
 from promptsg.diagnostics import AlignmentPrinter
 from promptsg.preflight import (InputError, check_config, check_datasets, check_output_dir, check_weights,
                                 load_config)
@@ -42,9 +43,13 @@ class Trainer(DefaultTrainer):
         resuming = resume and self.checkpointer.has_checkpoint()
         self.checkpointer.skip_classifier = bool(self.cfg.MODEL.WEIGHTS_NEW_CLASSIFIER) and not resuming
         try:
-            super().resume_or_load(resume)
+            checkpoint = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
         finally:
             self.checkpointer.skip_classifier = False
+        if resuming:
+            self.start_epoch = checkpoint.get("epoch", -1) + 1
+            if self.start_epoch < self.max_epoch:
+                resume_training_position(self, checkpoint)
 
 
 def setup(args):

@@ -187,3 +187,57 @@ def newest_checkpoint(save_dir):
                            save_dir, name)
             return path
     return ""
+
+
+# ---- resuming where the run stopped ----
+
+def rng_state():
+    """The process's torch, NumPy and Python RNG states, as tensors and numbers (so the
+    checkpoint still loads with ``weights_only=True``)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype("int64")),
+            "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(gauss),
+            "python_version": int(version), "python_state": torch.tensor(internal, dtype=torch.int64),
+            "python_gauss": gauss_next}
+
+
+def set_rng_state(state):
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    random.setstate((state["python_version"], tuple(state["python_state"].tolist()), state["python_gauss"]))
+
+
+def resume_training_position(trainer, checkpoint):
+    """After ``--resume`` loaded the weights, optimizer and scheduler: continue the run where it
+    stopped. The training sampler skips the indices the finished epochs used (drawn again, without
+    loading an image, so its NumPy stream is where it was) and the RNG states saved with the
+    checkpoint are restored: on a CPU with ``DATALOADER.NUM_WORKERS 0`` a resumed seeded run ends
+    exactly as the uninterrupted one. With several processes each one's RNG state is its own and
+    only the sampler position is restored; data-loader workers reseed themselves per epoch."""
+    from fastreid.utils import comm
+
+    loader = trainer._trainer.data_loader
+    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    iterations = trainer.start_epoch * trainer.iters_per_epoch
+    if sampler is None or not hasattr(sampler, "_infinite_indices"):
+        logger.warning("resume: the training sampler %s cannot skip its used indices; the data order restarts",
+                       type(sampler).__name__)
+    else:
+        sampler.skip = iterations * loader.batch_sampler.batch_size
+        if hasattr(loader, "_shutdown_background_thread") and hasattr(loader, "iter"):
+            loader._shutdown_background_thread()
+        trainer._trainer._data_loader_iter = iter(loader)
+    if "rng" in checkpoint and comm.get_world_size() == 1:
+        set_rng_state(checkpoint["rng"])
+    logger.info("resume: epoch %d, iteration %d; sampler position and RNG states restored", trainer.start_epoch,
+                iterations)

@@ -506,7 +506,7 @@ def _checkpoint_atomic_save():
     ``--resume`` finds the newest complete checkpoint even without it."""
     from fastreid.utils.checkpoint import Checkpointer
 
-    from .checkpoint import check_finite_checkpoint, newest_checkpoint
+    from .checkpoint import check_finite_checkpoint, newest_checkpoint, rng_state
 
     if getattr(Checkpointer.save, "_promptsg_patched", False):
         return
@@ -517,6 +517,8 @@ def _checkpoint_atomic_save():
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
+        if self.checkpointables:           # a trainer's checkpoint: --resume continues its random streams
+            data["rng"] = rng_state()
         data.update(kwargs)
         basename = "{}.pth".format(name)
         save_file = os.path.join(self.save_dir, basename)
@@ -549,6 +551,34 @@ def _checkpoint_atomic_save():
     Checkpointer.tag_last_checkpoint = tag_last_checkpoint
     Checkpointer.get_checkpoint_file = get_checkpoint_file
     Checkpointer.has_checkpoint = has_checkpoint
+
+
+# --------------------------------------------------------------------------------------------
+# --resume restarts the training sampler from its first index
+# --------------------------------------------------------------------------------------------
+@_patch
+def _sampler_skips_on_resume():
+    """FastReID's training samplers are infinite streams that restart from their seed whenever the
+    loader is iterated anew, so a resumed run saw the first epochs' batches again. A sampler's
+    ``skip`` (set by ``checkpoint.resume_training_position``) drops that many of its indices first;
+    0 by default, which changes nothing."""
+    import itertools
+
+    from fastreid.data import samplers
+
+    for cls in {obj for obj in vars(samplers).values() if isinstance(obj, type)}:
+        if not (isinstance(cls, type) and hasattr(cls, "_infinite_indices")):
+            continue
+        if getattr(cls.__iter__, "_promptsg_patched", False):
+            continue
+
+        def __iter__(self, _fastreid_iter=cls.__iter__):
+            indices = _fastreid_iter(self)
+            skip = getattr(self, "skip", 0)
+            yield from itertools.islice(indices, skip, None) if skip else indices
+
+        __iter__._promptsg_patched = True
+        cls.__iter__ = __iter__
 
 
 # --------------------------------------------------------------------------------------------
