@@ -45,8 +45,9 @@ def _batch(n_ids=4, per_id=2, size=(64, 32)):
 
 def test_all_patches_are_applied_once():
     assert compat.apply_all() == compat.APPLIED
-    assert len(set(compat.APPLIED)) == len(compat.APPLIED) == 16
-    assert {"read_image_rgb", "checkpoint_load_whole", "evaluation_refuses_non_finite"} <= set(compat.APPLIED)
+    assert len(set(compat.APPLIED)) == len(compat.APPLIED) == 17
+    assert {"read_image_rgb", "checkpoint_load_whole", "evaluation_refuses_non_finite",
+            "sampler_skips_on_resume"} <= set(compat.APPLIED)
 
 
 def test_fastreid_imports_only_with_the_import_aliases():
