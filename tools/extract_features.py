@@ -37,7 +37,7 @@ from fastreid.data.common import CommDataset
 from fastreid.data.transforms import build_transforms
 from fastreid.engine import DefaultTrainer
 from fastreid.evaluation import DatasetEvaluator, ReidEvaluator, inference_on_dataset
-from fastreid.utils.checkpoint import Checkpointer
+from promptsg.checkpoint import NonFiniteError, check_finite_features, load_for_inference
 from promptsg.evaluation import ranked_distances
 from promptsg.preflight import InputError, load_checkpoint_config, verify_image
 
@@ -140,7 +140,9 @@ def embed_and_rank(cfg, model, query_paths, gallery_paths, camera, bf16=False):
         model = BF16Autocast(model, torch.device(cfg.MODEL.DEVICE).type)
     with ranked_distances(rank=False) as ranked:
         inference_on_dataset(model, loader, kept, flip_test=cfg.TEST.FLIP.ENABLED)
-    features = torch.cat(kept.features).numpy()
+    features = torch.cat(kept.features)
+    check_finite_features(features)
+    features = features.numpy()
     return features[:num_query], features[num_query:], ranked.get("dist")
 
 
@@ -176,7 +178,7 @@ def main(argv=None):
     os.makedirs(args.output, exist_ok=True)
 
     model = DefaultTrainer.build_model(cfg)
-    Checkpointer(model).load(cfg.MODEL.WEIGHTS)
+    load_for_inference(model, cfg.MODEL.WEIGHTS)
     query, gallery, dist = embed_and_rank(cfg, model, query_paths, gallery_paths, camera, args.bf16)
 
     write_features(args.output, "", gallery, gallery_paths)
@@ -196,5 +198,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except InputError as exc:
+    except (InputError, NonFiniteError) as exc:
         sys.exit(f"error: {exc}")

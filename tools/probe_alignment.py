@@ -28,7 +28,7 @@ from fastreid.data.build import build_transforms
 from fastreid.data.data_utils import read_image
 from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.engine import DefaultTrainer
-from fastreid.utils.checkpoint import Checkpointer
+from promptsg.checkpoint import NonFiniteError, load_for_inference
 from promptsg.diagnostics import alignment_diagnostics, mean_pairwise_cosine
 from promptsg.preflight import InputError, check_weights, load_config
 from promptsg.supcon import supcon_loss
@@ -114,7 +114,7 @@ def main(argv=None):
     cfg.freeze()
     model = DefaultTrainer.build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        Checkpointer(model).load(cfg.MODEL.WEIGHTS)
+        load_for_inference(model, cfg.MODEL.WEIGHTS)
     result = probe(model, images, targets)
     if args.json:
         print(json.dumps(result))
@@ -125,4 +125,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (InputError, NonFiniteError) as exc:   # a foreign or non-finite checkpoint
+        sys.exit(f"error: {exc}")

@@ -9,6 +9,7 @@ The same command trains a FastReID baseline config (configs/) or a PromptSG conf
     python tools/train_net.py --config-file CFG --num-gpus 2       # two processes (gloo on CPU)
 """
 import json
+import logging
 import os
 import sys
 
@@ -16,19 +17,39 @@ import promptsg  # noqa: F401  (patches FastReID for this stack, registers Promp
 from fastreid.config import get_cfg
 from fastreid.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from fastreid.utils import comm
-from fastreid.utils.checkpoint import Checkpointer
 from fastreid.utils.env import seed_all_rng
 from fastreid.utils.logger import setup_logger
 from promptsg import add_promptsg_config
+from promptsg.checkpoint import (NonFiniteError, SaveFinalBeforeEvaluation, load_for_inference,
+                                 resume_training_position)
 from promptsg.diagnostics import AlignmentPrinter
-from promptsg.preflight import InputError, check_datasets, check_weights, load_config
+from promptsg.preflight import (InputError, check_config, check_datasets, check_output_dir, check_weights,
+                                load_config)
 
 
 class Trainer(DefaultTrainer):
-    """FastReID's trainer; its log also shows the training accuracy and PromptSG's alignment."""
+    """FastReID's trainer; its log also shows the training accuracy and PromptSG's alignment, the
+    final model is written before the final evaluation, and MODEL.WEIGHTS loads whole (its ID
+    classifier left out only with MODEL.WEIGHTS_NEW_CLASSIFIER)."""
 
     def build_writers(self):
         return super().build_writers() + [AlignmentPrinter()]
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        return [SaveFinalBeforeEvaluation(self.checkpointer)] + hooks
+
+    def resume_or_load(self, resume=True):
+        resuming = resume and self.checkpointer.has_checkpoint()
+        self.checkpointer.skip_classifier = bool(self.cfg.MODEL.WEIGHTS_NEW_CLASSIFIER) and not resuming
+        try:
+            checkpoint = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        finally:
+            self.checkpointer.skip_classifier = False
+        if resuming:
+            self.start_epoch = checkpoint.get("epoch", -1) + 1
+            if self.start_epoch < self.max_epoch:
+                resume_training_position(self, checkpoint)
 
 
 def setup(args):
@@ -59,13 +80,22 @@ def main(args):
         cfg.defrost()
         cfg.MODEL.BACKBONE.PRETRAIN = False
         model = Trainer.build_model(cfg)
-        Checkpointer(model).load(cfg.MODEL.WEIGHTS)
+        load_for_inference(model, cfg.MODEL.WEIGHTS)
         results = Trainer.test(cfg, model)
         save_results(cfg, results, "eval_results.json")
         return results
 
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
+    if args.resume and trainer.start_epoch >= trainer.max_epoch:
+        logger = logging.getLogger("promptsg")
+        done = os.path.join(cfg.OUTPUT_DIR, "results.json")
+        logger.info("--resume: the run in %s is complete (%d of %d epochs); nothing to train. %s", cfg.OUTPUT_DIR,
+                    trainer.start_epoch, trainer.max_epoch,
+                    f"Its results: {done}" if os.path.isfile(done) else
+                    "It has no results.json: evaluate it with --eval-only MODEL.WEIGHTS "
+                    + os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
+        return {}
     results = trainer.train()
     save_results(cfg, results, "results.json")
     return results
@@ -74,7 +104,9 @@ def main(args):
 def preflight(args):
     """Fail on bad input in one line before any process is spawned or any model is built."""
     cfg = load_config(add_promptsg_config(get_cfg()), args.config_file, args.opts)
+    check_config(cfg)
     check_weights(cfg, args.eval_only)
+    check_output_dir(cfg.OUTPUT_DIR)
     check_datasets(cfg, os.getenv("FASTREID_DATASETS", "datasets"))
 
 
@@ -82,13 +114,13 @@ if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     try:
         preflight(args)
-    except InputError as exc:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except (InputError, NonFiniteError) as exc:   # bad input, a foreign checkpoint, a NaN stop
         sys.exit(f"error: {exc}")
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import promptsg  # noqa: E402,F401  (patches FastReID, registers PromptSG)
 from fastreid.engine import DefaultTrainer  # noqa: E402
 from fastreid.evaluation import inference_on_dataset  # noqa: E402
-from fastreid.utils.checkpoint import Checkpointer  # noqa: E402
+from promptsg.checkpoint import NonFiniteError, load_for_inference  # noqa: E402
 from fastreid.utils.visualizer import Visualizer  # noqa: E402
 from promptsg.evaluation import ranked_distances  # noqa: E402
 from promptsg.preflight import InputError, check_datasets, load_checkpoint_config  # noqa: E402
@@ -97,7 +97,7 @@ def main(argv=None):
     cfg, dataset_name = setup(args)
     os.makedirs(args.output, exist_ok=True)
     model = DefaultTrainer.build_model(cfg)
-    Checkpointer(model).load(cfg.MODEL.WEIGHTS)
+    load_for_inference(model, cfg.MODEL.WEIGHTS)
     results, dataset, ranked = evaluate_and_capture(cfg, model, dataset_name)
 
     visualizer = Visualizer(dataset)
@@ -128,5 +128,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except InputError as exc:
+    except (InputError, NonFiniteError) as exc:
         sys.exit(f"error: {exc}")

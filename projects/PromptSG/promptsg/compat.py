@@ -1,8 +1,10 @@
 """Compatibility patches for the PyPI ``fastreid==1.4.0`` wheel on Python 3.11, torch 2.x, NumPy 2.
 
 The wheel targets Python <= 3.9 and torch 1.13. This module applies one small, named patch per
-breakage listed in ``shared/REFERENCE.md`` section 4 that affects this project, plus two GPU stream
-races found here (sections 12-13), and nothing else.
+known breakage of the wheel that affects this project (the README's table "FastReID on today's
+stack" lists them), two GPU stream races found here (sections 12-13), and the patches that turn
+FastReID's silent wrong results into errors (partial checkpoint loads, NaN checkpoints, image
+modes read as grey), and nothing else.
 ``import promptsg`` applies them before any FastReID module is imported; every patch is idempotent
 and has a regression test in ``tests/test_compat.py`` that fails without it.
 
@@ -131,6 +133,64 @@ def _random_affine_keywords():
         namespace = types.SimpleNamespace(**{k: getattr(T, k) for k in dir(T) if not k.startswith("__")})
         namespace.RandomAffine = _RandomAffine
         transforms_build.T = namespace
+
+
+# --------------------------------------------------------------------------------------------
+# SILENT: read_image keeps an image's own mode: palette PNGs become grey index images
+# --------------------------------------------------------------------------------------------
+def image_to_rgb(image):
+    """Any PIL image as 8-bit RGB: palette (P, PA) through its palette, alpha dropped (RGBA, LA),
+    CMYK and YCbCr converted, 16- and 32-bit grey scaled from its full range to 0-255 (a plain
+    ``convert`` clips 16-bit values at 255), float grey clipped to 0-255."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        array = np.asarray(image)
+        if image.mode == "F":
+            array = np.clip(array, 0, 255)
+        elif array.dtype == np.uint16 or image.mode.startswith("I;16") or int(array.max(initial=0)) > 255:
+            array = np.clip(array.astype(np.float64) / 257.0, 0, 255)    # 0..65535 -> 0..255
+        return Image.fromarray(np.rint(array).astype(np.uint8), "L").convert("RGB")
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")                                   # palette colours, not indices
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return image
+
+
+@_patch
+def _read_image_rgb():
+    """FastReID's ``read_image`` (``format=None``, as its datasets call it) returns the file's own
+    mode: a palette PNG's pixel indices are then read as grey levels (a (153,51,51) pixel as
+    (55,55,55)), RGBA and CMYK images have 4 channels and crash the batch collation, and 16-bit grey
+    crashes without naming the file. Every image is read as RGB (``image_to_rgb``), and an
+    unreadable one raises an error that names it."""
+    from fastreid.data import common, data_utils
+    from PIL import Image, ImageOps
+
+    if getattr(data_utils.read_image, "_promptsg_patched", False):
+        return
+    fastreid_read_image = data_utils.read_image
+
+    def read_image(file_name, format=None):
+        if format not in (None, "RGB"):
+            return fastreid_read_image(file_name, format)
+        try:
+            with Image.open(file_name) as image:
+                image.load()
+                try:
+                    image = ImageOps.exif_transpose(image)
+                except Exception:  # malformed EXIF (Pillow issue 3973), as FastReID's
+                    pass
+                return image_to_rgb(image)
+        except OSError as exc:
+            raise OSError(f"cannot read image {file_name}: {exc}") from None
+
+    read_image._promptsg_patched = True
+    read_image.fastreid_read_image = fastreid_read_image
+    data_utils.read_image = read_image
+    common.read_image = read_image
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,23 +413,85 @@ def _launch_on_cpu():
 @_patch
 def _checkpoint_load():
     """Load FastReID checkpoints with ``weights_only=True`` first; checkpoints that also pickle
-    other objects (NumPy scalars, configs) are trusted local files and are loaded in full."""
+    other objects (NumPy scalars, configs) are trusted local files and are loaded in full. An
+    empty, truncated or foreign file is one line naming it (``checkpoint.CheckpointError``)."""
     from fastreid.utils.checkpoint import Checkpointer
+
+    from .checkpoint import CheckpointError
 
     if getattr(Checkpointer._load_file, "_promptsg_patched", False):
         return
 
     def _load_file(self, f):
+        if os.path.getsize(f) == 0:
+            raise CheckpointError(f"{f}: empty file, not a checkpoint")
         try:
-            return torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises UnpicklingError or RuntimeError here
-            if "weights_only" not in str(exc) and "Weights only" not in str(exc):
-                raise
-            self.logger.info("%s holds non-tensor objects; loading it with weights_only=False", f)
-            return torch.load(f, map_location="cpu", weights_only=False)
+            try:
+                data = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as exc:  # torch raises UnpicklingError or RuntimeError here
+                if "weights_only" not in str(exc) and "Weights only" not in str(exc):
+                    raise
+                self.logger.info("%s holds non-tensor objects; loading it with weights_only=False", f)
+                data = torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as exc:  # truncated zip, not a torch file at all
+            raise CheckpointError(f"{f}: not a readable checkpoint ({type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())[:200]})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            raise CheckpointError(f"{f}: not a FastReID checkpoint (no 'model' state dict; a CLIP file "
+                                  f"belongs in MODEL.CLIP.PRETRAINED)")
+        return data
 
     _load_file._promptsg_patched = True
     Checkpointer._load_file = _load_file
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints of another model load partially, and NaN weights load, without an error
+# --------------------------------------------------------------------------------------------
+@_patch
+def _checkpoint_load_whole():
+    """``Checkpointer.load`` loads a checkpoint whole or refuses it (``checkpoint.check_compatible``):
+    FastReID's loads the matching tensors, logs the rest and evaluates a half-loaded model. A
+    ``Checkpointer`` whose ``skip_classifier`` is True (evaluation, the tools, fine-tuning with
+    ``MODEL.WEIGHTS_NEW_CLASSIFIER``) leaves out the ID classifier alone, logged. Loaded weights
+    must be finite."""
+    from fastreid.utils.checkpoint import Checkpointer, _IncompatibleKeys, _strip_prefix_if_present
+
+    from .checkpoint import CheckpointError, check_compatible, first_non_finite
+
+    if getattr(Checkpointer._load_model, "_promptsg_patched", False):
+        return
+    fastreid_load = Checkpointer.load
+    Checkpointer.skip_classifier = False
+
+    def load(self, path, checkpointables=None):
+        self._promptsg_loading = path
+        try:
+            return fastreid_load(self, path, checkpointables)
+        finally:
+            self._promptsg_loading = None
+
+    def _load_model(self, checkpoint):
+        path = getattr(self, "_promptsg_loading", None) or "checkpoint"
+        state = checkpoint.pop("model")
+        self._convert_ndarray_to_tensor(state)
+        _strip_prefix_if_present(state, "module.")
+        bad = first_non_finite(state.items())
+        if bad is not None:
+            raise CheckpointError(f"{path}: {bad} holds NaN or infinity; a model with non-finite weights "
+                                  f"gives no meaningful result")
+        skipped = check_compatible(path, self.model.state_dict(), state, self.skip_classifier)
+        for key in skipped:
+            state.pop(key, None)
+        if skipped:
+            self.logger.info("%s: the ID classifier (%s) is left out: it is not used at test time, and "
+                             "fine-tuning trains a new one", path, ", ".join(skipped))
+        self.model.load_state_dict(state, strict=not skipped)
+        return _IncompatibleKeys(missing_keys=[], unexpected_keys=[], incorrect_shapes=[])
+
+    load._promptsg_patched = _load_model._promptsg_patched = True
+    Checkpointer.load = load
+    Checkpointer._load_model = _load_model
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,8 +500,13 @@ def _checkpoint_load():
 @_patch
 def _checkpoint_atomic_save():
     """``Checkpointer.save`` writes to a temporary file and renames it over the target, so an
-    interrupted save never destroys a checkpoint already on disk."""
+    interrupted save never destroys a checkpoint already on disk; and it refuses weights or
+    optimizer state holding NaN or infinity (``checkpoint.check_finite_checkpoint``), so the last
+    checkpoint written is the last good one. ``last_checkpoint`` is written atomically too, and
+    ``--resume`` finds the newest complete checkpoint even without it."""
     from fastreid.utils.checkpoint import Checkpointer
+
+    from .checkpoint import check_finite_checkpoint, newest_checkpoint, rng_state
 
     if getattr(Checkpointer.save, "_promptsg_patched", False):
         return
@@ -390,17 +517,93 @@ def _checkpoint_atomic_save():
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
+        if self.checkpointables:           # a trainer's checkpoint: --resume continues its random streams
+            data["rng"] = rng_state()
         data.update(kwargs)
         basename = "{}.pth".format(name)
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to {}".format(save_file))
+        check_finite_checkpoint(save_file, data)
         tmp_file = save_file + ".tmp"
         torch.save(data, tmp_file)
         os.replace(tmp_file, save_file)
         self.tag_last_checkpoint(basename)
 
+    def tag_last_checkpoint(self, last_filename_basename):
+        """``last_checkpoint`` written to a temporary file and renamed: a kill mid-write never
+        leaves it empty (FastReID writes it in place)."""
+        save_file = os.path.join(self.save_dir, "last_checkpoint")
+        with open(save_file + ".tmp", "w") as f:
+            f.write(last_filename_basename)
+        os.replace(save_file + ".tmp", save_file)
+
+    def get_checkpoint_file(self):
+        """The checkpoint ``last_checkpoint`` names if it is complete, else the newest complete
+        ``model_NNNN.pth`` / ``model_final.pth`` in the folder (``checkpoint.newest_checkpoint``):
+        a kill between a checkpoint's rename and the tag's write no longer restarts from scratch."""
+        return newest_checkpoint(self.save_dir)
+
+    def has_checkpoint(self):
+        return bool(self.save_dir) and bool(newest_checkpoint(self.save_dir))
+
     save._promptsg_patched = True
     Checkpointer.save = save
+    Checkpointer.tag_last_checkpoint = tag_last_checkpoint
+    Checkpointer.get_checkpoint_file = get_checkpoint_file
+    Checkpointer.has_checkpoint = has_checkpoint
+
+
+# --------------------------------------------------------------------------------------------
+# --resume restarts the training sampler from its first index
+# --------------------------------------------------------------------------------------------
+@_patch
+def _sampler_skips_on_resume():
+    """FastReID's training samplers are infinite streams that restart from their seed whenever the
+    loader is iterated anew, so a resumed run saw the first epochs' batches again. A sampler's
+    ``skip`` (set by ``checkpoint.resume_training_position``) drops that many of its indices first;
+    0 by default, which changes nothing."""
+    import itertools
+
+    from fastreid.data import samplers
+
+    for cls in {obj for obj in vars(samplers).values() if isinstance(obj, type)}:
+        if not (isinstance(cls, type) and hasattr(cls, "_infinite_indices")):
+            continue
+        if getattr(cls.__iter__, "_promptsg_patched", False):
+            continue
+
+        def __iter__(self, _fastreid_iter=cls.__iter__):
+            indices = _fastreid_iter(self)
+            skip = getattr(self, "skip", 0)
+            yield from itertools.islice(indices, skip, None) if skip else indices
+
+        __iter__._promptsg_patched = True
+        cls.__iter__ = __iter__
+
+
+# --------------------------------------------------------------------------------------------
+# SILENT: the evaluator ranks NaN features and reports a metric
+# --------------------------------------------------------------------------------------------
+@_patch
+def _evaluation_refuses_non_finite():
+    """``ReidEvaluator.evaluate`` computes distances and a mAP from whatever features it got; NaN
+    features rank at random and still print a number. It now stops in one line instead
+    (``checkpoint.check_finite_features``, one host read per evaluation)."""
+    from fastreid.evaluation.reid_evaluation import ReidEvaluator
+
+    from .checkpoint import check_finite_features
+
+    if getattr(ReidEvaluator.evaluate, "_promptsg_patched", False):
+        return
+    fastreid_evaluate = ReidEvaluator.evaluate
+
+    def evaluate(self):
+        if self._predictions:
+            check_finite_features(torch.cat([p["feats"] for p in self._predictions]), "test features")
+        return fastreid_evaluate(self)
+
+    evaluate._promptsg_patched = True
+    ReidEvaluator.evaluate = evaluate
 
 
 # ============================================================================================
@@ -430,10 +633,12 @@ def _loss_log_reads_written_losses():
     (``deferred_log.DeferredLossLog``) and FastReID's ``_write_metrics`` writes them one step
     later, under their own iteration. ``DefaultTrainer.run_step`` writes the last step of each
     epoch at once, so the epoch's checkpoint, evaluation and log lines see every loss (and a NaN
-    loss stops training before its epoch is checkpointed)."""
+    loss stops training before its epoch is checkpointed). The stop names the first non-finite
+    terms and their iteration (``checkpoint.check_finite_losses``), not every term as FastReID's."""
     from fastreid.engine.defaults import DefaultTrainer
     from fastreid.engine.train_loop import SimpleTrainer
 
+    from .checkpoint import check_finite_losses
     from .deferred_log import DeferredLossLog
 
     if getattr(SimpleTrainer._write_metrics, "_promptsg_patched", False):
@@ -441,21 +646,25 @@ def _loss_log_reads_written_losses():
     fastreid_write = SimpleTrainer._write_metrics
     fastreid_run_step = DefaultTrainer.run_step
 
+    def checked_write(self, loss_dict, data_time):
+        check_finite_losses(self.iter, loss_dict)      # names the first non-finite terms
+        fastreid_write(self, loss_dict, data_time)
+
     def _write_metrics(self, loss_dict, data_time):
         if next(iter(loss_dict.values())).device.type not in DEFERRED_LOSS_LOG_DEVICES:
             self.flush_metrics()
-            fastreid_write(self, loss_dict, data_time)         # host values: written at once
+            checked_write(self, loss_dict, data_time)          # host values: written at once
             return
         previous, self._pending_losses = (getattr(self, "_pending_losses", None),
                                           DeferredLossLog(self.iter, loss_dict, data_time))
         if previous is not None:
-            previous.write(self, fastreid_write)
+            previous.write(self, checked_write)
 
     def flush_metrics(self):
         """Write the losses still waiting for the next step, if any."""
         pending, self._pending_losses = getattr(self, "_pending_losses", None), None
         if pending is not None:
-            pending.write(self, fastreid_write)
+            pending.write(self, checked_write)
 
     def run_step(self):
         fastreid_run_step(self)

@@ -9,6 +9,11 @@ def add_promptsg_config(cfg):
     if "CLIP" in cfg.MODEL:
         return cfg
 
+    # ---- Trained checkpoints (promptsg/checkpoint.py) ----
+    # MODEL.WEIGHTS must match the model whole. True: it comes from training on another dataset,
+    # and its ID classifier (another number of identities) is left out and trained anew (logged).
+    cfg.MODEL.WEIGHTS_NEW_CLASSIFIER = False
+
     # ---- CLIP towers (open_clip) ----
     cfg.MODEL.CLIP = CN()
     # open_clip model name: "ViT-B-16", "RN50", ... or a tiny config shipped in

@@ -1,4 +1,13 @@
-"""Input checks run before any long work: each failure is one line naming the file, key or value."""
+"""Input checks run before any long work: each failure is one line naming the file, key or value.
+
+``tools/train_net.py`` runs them before any process is spawned or any model is built: the config
+(``load_config``, ``check_config``), the checkpoint and CLIP files (``check_weights``), the output
+folder (``check_output_dir``) and every image of every dataset, decoded in full (``check_datasets``;
+verified images are remembered by size and modification time, so a second start is quick).
+"""
+import concurrent.futures
+import hashlib
+import json
 import os
 
 from PIL import Image
@@ -38,6 +47,50 @@ def _key_message(exc):
     return message
 
 
+# FastReID's distance metrics (fastreid.utils.compute_dist.build_dist) and the losses its
+# meta-architectures read from MODEL.LOSSES.NAME (Baseline and MGN; PromptSG adds SupConLoss).
+METRICS = ("cosine", "euclidean", "jaccard")
+FASTREID_LOSSES = ("CrossEntropyLoss", "TripletLoss", "CircleLoss", "Cosface")
+
+
+def check_config(cfg):
+    """Values that FastReID or PromptSG would only reject at model build or at the final
+    evaluation (after every epoch has trained): one line naming the key."""
+    if cfg.TEST.METRIC not in METRICS:
+        raise InputError(f"TEST.METRIC must be one of {list(METRICS)}, got {cfg.TEST.METRIC!r}")
+    if cfg.MODEL.META_ARCHITECTURE == "PromptSG":
+        from .clip_weights import ACTIVATIONS, _model_config
+        from .config import validate_promptsg_config
+
+        try:
+            validate_promptsg_config(cfg)
+            _model_config(cfg.MODEL.CLIP.NAME)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        if cfg.MODEL.CLIP.ACTIVATION not in ACTIVATIONS:
+            raise InputError(f"MODEL.CLIP.ACTIVATION must be one of {list(ACTIVATIONS)}, "
+                             f"got {cfg.MODEL.CLIP.ACTIVATION!r}")
+    else:
+        unknown = [n for n in cfg.MODEL.LOSSES.NAME if n not in FASTREID_LOSSES]
+        if unknown:
+            raise InputError(f"MODEL.LOSSES.NAME: {unknown} not supported by {cfg.MODEL.META_ARCHITECTURE} "
+                             f"(choose from {list(FASTREID_LOSSES)})")
+
+
+def check_output_dir(path, what="OUTPUT_DIR"):
+    """The output folder must be creatable and writable before training starts."""
+    if not path:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("")
+        os.remove(probe)
+    except OSError as exc:
+        raise InputError(f"{what} {path} is not writable ({exc.strerror or exc})") from None
+
+
 def check_weights(cfg, eval_only):
     """MODEL.WEIGHTS (and a local MODEL.CLIP.PRETRAINED) must exist before anything is built."""
     weights = cfg.MODEL.WEIGHTS
@@ -45,10 +98,32 @@ def check_weights(cfg, eval_only):
         raise InputError("--eval-only needs MODEL.WEIGHTS (a checkpoint written by training)")
     if weights and not os.path.isfile(weights):
         raise InputError(f"MODEL.WEIGHTS file not found: {weights}")
+    if weights:
+        check_torch_file(weights, "MODEL.WEIGHTS")
     if "CLIP" in cfg.MODEL:
         pretrained = cfg.MODEL.CLIP.PRETRAINED
-        if pretrained and _looks_like_path(pretrained) and not os.path.isfile(pretrained):
-            raise InputError(f"MODEL.CLIP.PRETRAINED file not found: {pretrained}")
+        if pretrained and _looks_like_path(pretrained):
+            if not os.path.isfile(pretrained):
+                raise InputError(f"MODEL.CLIP.PRETRAINED file not found: {pretrained}")
+            check_torch_file(pretrained, "MODEL.CLIP.PRETRAINED")
+
+
+def check_torch_file(path, key):
+    """An empty or truncated checkpoint fails here in one line, not in torch.load's traceback:
+    ``torch.save`` and TorchScript archives are zip files, whose directory sits at the end, so a
+    truncated one has none (checked without reading the tensors)."""
+    import zipfile
+
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{key} {path} is an empty file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                archive.infolist()
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise InputError(f"{key} {path} is truncated or corrupt ({exc})") from None
 
 
 def load_checkpoint_config(config_file, opts):
@@ -70,30 +145,75 @@ def _looks_like_path(value):
     return os.sep in value or value.endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
 
 
-def check_datasets(cfg, root, verify_images=True):
-    """Instantiate every train/test dataset (FastReID reports a missing folder) and open every
-    image header, so a missing folder or a corrupt image fails here and not mid-training."""
+def check_datasets(cfg, root, verify_images=True, cache_dir=None):
+    """Instantiate every train/test dataset (FastReID reports a missing folder) and decode every
+    image in full, so a missing folder or a corrupt or truncated image fails here, naming it, and
+    not mid-training or at the final evaluation."""
     from fastreid.data.datasets import DATASET_REGISTRY
 
     names = list(dict.fromkeys(list(cfg.DATASETS.NAMES) + list(cfg.DATASETS.TESTS)))
+    paths = []
     for name in names:
         if name not in DATASET_REGISTRY._obj_map:
             known = ", ".join(sorted(DATASET_REGISTRY._obj_map))
             raise InputError(f"unknown dataset {name!r} in DATASETS (known: {known})")
         try:
             dataset = DATASET_REGISTRY.get(name)(root=root)
-        except RuntimeError as exc:  # FastReID's check_before_run: '"<dir>" is not found'
+        except (RuntimeError, AssertionError) as exc:  # check_before_run: '"<dir>" is not found'; MSMT17 asserts
             raise InputError(f"dataset {name}: {' '.join(str(exc).split())} "
                              f"(datasets root: {os.path.abspath(root)}, set FASTREID_DATASETS)") from None
-        if verify_images:
-            for item in dataset.train + dataset.query + dataset.gallery:
-                verify_image(item[0])
+        paths += [item[0] for item in dataset.train + dataset.query + dataset.gallery]
+    if verify_images:
+        verify_images_cached(list(dict.fromkeys(paths)), cache_dir)
 
 
 def verify_image(path):
-    """Raise InputError naming ``path`` if it is not a readable image."""
+    """Raise InputError naming ``path`` if it is not an image that decodes in full. ``verify()``
+    alone checks a PNG's chunks but never decodes a JPEG's data, so a truncated JPEG passed it;
+    JPEGs are decoded at 1/8 scale (``draft``), which still reads every entropy-coded byte."""
     try:
         with Image.open(path) as image:
-            image.verify()
+            if image.format == "JPEG":
+                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
     except Exception as exc:
-        raise InputError(f"corrupt or unreadable image: {path} ({type(exc).__name__})") from None
+        raise InputError(f"corrupt or unreadable image: {path} ({type(exc).__name__}: {exc})") from None
+
+
+def _cache_file(cache_dir, paths):
+    key = hashlib.sha1(os.path.abspath(os.path.dirname(paths[0]) if paths else "").encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"verified-images-{key}.json")
+
+
+def verify_images_cached(paths, cache_dir=None, workers=None):
+    """``verify_image`` over ``paths`` on a thread pool (PIL decodes without the GIL), skipping the
+    files verified before with the same size and modification time (remembered in ``cache_dir``,
+    default ``~/.cache/promptsg``; an unwritable cache only costs the time)."""
+    if not paths:
+        return
+    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "promptsg")
+    cache_path = _cache_file(cache_dir, paths)
+    try:
+        with open(cache_path) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = {}
+    stamps = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise InputError(f"image listed by the dataset cannot be read: {path} ({exc.strerror})") from None
+        stamps[path] = [st.st_size, st.st_mtime_ns]
+    todo = [p for p in paths if known.get(os.path.abspath(p)) != stamps[p]]
+    with concurrent.futures.ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        for _ in pool.map(verify_image, todo):
+            pass
+    known.update({os.path.abspath(p): stamps[p] for p in todo})
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(cache_path + ".tmp", "w") as f:
+            json.dump(known, f)
+        os.replace(cache_path + ".tmp", cache_path)
+    except OSError:
+        pass

@@ -1,0 +1,243 @@
+"""Trained checkpoints: loaded whole or refused, written only when every number in them is finite.
+
+FastReID's ``Checkpointer`` loads what matches and logs the rest: a checkpoint of another model
+(the CLIP baseline's into PromptSG, a tiny CLIP's into a small one) loads partially and evaluates
+to a wrong mAP without an error, and a checkpoint holding NaN weights is written and evaluated.
+``compat`` routes every ``Checkpointer`` through the checks below, so ``train_net.py`` (``--eval-only``,
+``MODEL.WEIGHTS``, ``--resume``) and every tool that reads a checkpoint refuse both in one line.
+
+The one part of a trained model that may be left out is the ID classifier (``CLASSIFIER_KEYS``):
+its shape is the number of training identities. Evaluation and feature extraction never use it
+(``--eval-only`` builds it with 0 rows), and fine-tuning on another dataset
+(``MODEL.WEIGHTS_NEW_CLASSIFIER True``) trains a new one; both log that it was left out.
+"""
+import logging
+import os
+import re
+import zipfile
+
+import torch
+
+from .preflight import InputError
+
+logger = logging.getLogger(__name__)
+
+# The ID classifier's weight: FastReID's EmbeddingHead, and PromptSG's head.
+CLASSIFIER_KEYS = ("heads.weight", "heads.classifier.weight")
+
+
+class CheckpointError(InputError):
+    """A checkpoint that is unreadable, of another model, or holds non-finite numbers."""
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss or weight; the message names the term and iteration."""
+
+
+def _first(keys, n=3):
+    keys = list(keys)
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def check_compatible(path, model_state, checkpoint_state, skip_classifier):
+    """Raise CheckpointError unless ``checkpoint_state`` holds exactly ``model_state``'s keys and
+    shapes; with ``skip_classifier`` the ID classifier may be absent or of another shape.
+    Returns the classifier keys that are to be left out (not loaded)."""
+    missing = [k for k in model_state if k not in checkpoint_state]
+    unexpected = [k for k in checkpoint_state if k not in model_state]
+    reshaped = [k for k in model_state if k in checkpoint_state
+                and tuple(model_state[k].shape) != tuple(checkpoint_state[k].shape)]
+    skipped = []
+    if skip_classifier:
+        skipped = [k for k in missing + unexpected + reshaped if k in CLASSIFIER_KEYS]
+        missing, unexpected, reshaped = ([k for k in keys if k not in CLASSIFIER_KEYS]
+                                         for keys in (missing, unexpected, reshaped))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} of the model's tensors missing ({_first(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensors the model does not have ({_first(unexpected)})")
+    if reshaped:
+        k = reshaped[0]
+        problems.append(f"{len(reshaped)} of another shape ({k}: {tuple(checkpoint_state[k].shape)} in the "
+                        f"checkpoint, {tuple(model_state[k].shape)} in the model)")
+    if problems:
+        hint = "" if skip_classifier or not any(k in CLASSIFIER_KEYS for k in reshaped + missing) else (
+            "; to fine-tune on another dataset with a new ID classifier, set MODEL.WEIGHTS_NEW_CLASSIFIER True")
+        raise CheckpointError(f"{path} is not a checkpoint of this model (config): {'; '.join(problems)}{hint}")
+    return skipped
+
+
+def first_non_finite(named_tensors):
+    """The name of the first floating-point tensor holding NaN or infinity, else None. One host
+    read for all of them (a checkpoint-time check, not a per-step one)."""
+    named = [(name, t) for name, t in named_tensors if torch.is_tensor(t) and t.is_floating_point() and t.numel()]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(t).all().to("cpu", non_blocking=False) for _, t in named]).tolist()
+    return next((name for (name, _), ok in zip(named, finite) if not ok), None)
+
+
+def state_tensors(data, prefix=""):
+    """(name, tensor) for every tensor in a nested checkpoint dict (model, optimizer state, ...)."""
+    if torch.is_tensor(data):
+        yield prefix, data
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            yield from state_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(data, (list, tuple)):
+        for i, value in enumerate(data):
+            yield from state_tensors(value, f"{prefix}.{i}")
+
+
+def check_finite_checkpoint(path, data):
+    """Refuse to write (or load) a checkpoint whose weights or optimizer state are not finite."""
+    name = first_non_finite(state_tensors(data))
+    if name is not None:
+        raise NonFiniteError(f"{path}: {name} holds NaN or infinity; the checkpoint is not written "
+                             f"(the last one written is kept)")
+
+
+def check_finite_features(features, what="features"):
+    """Evaluation and the tools refuse non-finite features in one line (a NaN model's ranking is noise)."""
+    bad = ~torch.isfinite(torch.as_tensor(features)).reshape(len(features), -1).all(dim=1)
+    count = int(bad.sum())
+    if count:
+        raise NonFiniteError(f"{count} of {len(features)} {what} hold NaN or infinity (first: row "
+                             f"{int(bad.nonzero()[0])}); the model's weights are not finite, no metric is computed")
+
+
+def check_finite_losses(iteration, losses):
+    """Stop training at the first iteration whose logged loss terms are not all finite, naming
+    them. All terms at once means the weights went non-finite in the previous update."""
+    bad = [name for name, value in losses.items() if not torch.isfinite(torch.as_tensor(value)).all()]
+    if not bad:
+        return
+    if len(bad) == len(losses) and len(losses) > 1:
+        cause = ("every term at once: the weights became non-finite in the update of iteration "
+                 f"{iteration - 1} (learning rate too high?)")
+    else:
+        cause = "the other terms are finite"
+    raise NonFiniteError(f"iteration {iteration}: {', '.join(bad)} not finite ({cause}); training stopped, "
+                         f"the last checkpoint written is kept")
+
+
+def load_for_inference(model, path):
+    """Load a trained checkpoint for evaluation or feature extraction: whole, finite, its ID
+    classifier (unused at test time) left out. Returns the checkpoint's extra data."""
+    from fastreid.utils.checkpoint import Checkpointer
+
+    checkpointer = Checkpointer(model)
+    checkpointer.skip_classifier = True
+    return checkpointer.load(path, checkpointables=[])
+
+
+def _hook_base():
+    from fastreid.engine.train_loop import HookBase
+
+    return HookBase
+
+
+class SaveFinalBeforeEvaluation(_hook_base()):
+    """A trainer hook, placed before FastReID's EvalHook: at the end of the last epoch it writes
+    ``model_final`` before the final evaluation runs, so an error found by the evaluation (a
+    corrupt query image, a bad TEST key) does not lose the trained model. FastReID registers its
+    EvalHook before its PeriodicCheckpointer, which writes ``model_final`` (again, with the
+    metric) only after a successful evaluation."""
+
+    def __init__(self, checkpointer):
+        self.checkpointer = checkpointer
+
+    def after_epoch(self):
+        if self.trainer.epoch + 1 >= self.trainer.max_epoch:
+            self.checkpointer.save("model_final", epoch=self.trainer.epoch)
+
+
+def is_complete(path):
+    """A ``torch.save`` file with its zip directory in place (a kill mid-write leaves none)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.infolist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def newest_checkpoint(save_dir):
+    """The checkpoint to resume from: the one ``last_checkpoint`` names when it is complete, else
+    the newest complete ``model_final.pth`` or ``model_NNNN.pth`` (by epoch); "" if none."""
+    if not save_dir or not os.path.isdir(save_dir):
+        return ""
+    try:
+        with open(os.path.join(save_dir, "last_checkpoint")) as f:
+            tagged = os.path.join(save_dir, f.read().strip())
+        if os.path.basename(tagged) and is_complete(tagged):
+            return tagged
+    except OSError:
+        pass
+    ranked = []
+    for name in os.listdir(save_dir):
+        match = re.fullmatch(r"model_(\d+|final)\.pth", name)
+        if match:
+            ranked.append((float("inf") if match.group(1) == "final" else int(match.group(1)), name))
+    for _, name in sorted(ranked, reverse=True):
+        path = os.path.join(save_dir, name)
+        if is_complete(path):
+            logger.warning("%s: no usable last_checkpoint; resuming from the newest complete checkpoint, %s",
+                           save_dir, name)
+            return path
+    return ""
+
+
+# ---- resuming where the run stopped ----
+
+def rng_state():
+    """The process's torch, NumPy and Python RNG states, as tensors and numbers (so the
+    checkpoint still loads with ``weights_only=True``)."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype("int64")),
+            "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(gauss),
+            "python_version": int(version), "python_state": torch.tensor(internal, dtype=torch.int64),
+            "python_gauss": gauss_next}
+
+
+def set_rng_state(state):
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    random.setstate((state["python_version"], tuple(state["python_state"].tolist()), state["python_gauss"]))
+
+
+def resume_training_position(trainer, checkpoint):
+    """After ``--resume`` loaded the weights, optimizer and scheduler: continue the run where it
+    stopped. The training sampler skips the indices the finished epochs used (drawn again, without
+    loading an image, so its NumPy stream is where it was) and the RNG states saved with the
+    checkpoint are restored: on a CPU with ``DATALOADER.NUM_WORKERS 0`` a resumed seeded run ends
+    exactly as the uninterrupted one. With several processes each one's RNG state is its own and
+    only the sampler position is restored; data-loader workers reseed themselves per epoch."""
+    from fastreid.utils import comm
+
+    loader = trainer._trainer.data_loader
+    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    iterations = trainer.start_epoch * trainer.iters_per_epoch
+    if sampler is None or not hasattr(sampler, "_infinite_indices"):
+        logger.warning("resume: the training sampler %s cannot skip its used indices; the data order restarts",
+                       type(sampler).__name__)
+    else:
+        sampler.skip = iterations * loader.batch_sampler.batch_size
+        if hasattr(loader, "_shutdown_background_thread") and hasattr(loader, "iter"):
+            loader._shutdown_background_thread()
+        trainer._trainer._data_loader_iter = iter(loader)
+    if "rng" in checkpoint and comm.get_world_size() == 1:
+        set_rng_state(checkpoint["rng"])
+    logger.info("resume: epoch %d, iteration %d; sampler position and RNG states restored", trainer.start_epoch,
+                iterations)
