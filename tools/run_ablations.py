@@ -194,9 +194,11 @@ def markdown(table, summaries, seeds):
         if key not in summary:
             return "-"
         s = summary[key]
+        if len(s["runs"]) == 1:
+            return f"{scale * s['mean']:.{digits}f}"
         return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
 
-    lines = [f"| Row ({len(seeds)} seeds: {', '.join(map(str, seeds))}) | mAP, simplified / visual-only | "
+    lines = [f"| Row ({'seed' if len(seeds) == 1 else f'{len(seeds)} seeds:'} {', '.join(map(str, seeds))}) | mAP, simplified / visual-only | "
              f"mAP, composed | Rank-1, simplified / visual-only | Rank-1, composed | "
              f"loss_supcon / chance at the end | image->prompt top-1 | pairwise cos of v |",
              "|:--|--:|--:|--:|--:|--:|--:|--:|"]
