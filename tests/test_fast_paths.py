@@ -24,7 +24,6 @@ from fastreid.evaluation import DatasetEvaluator, inference_on_dataset
 from fastreid.modeling import build_model
 from fastreid.utils.events import EventStorage
 from promptsg.clip_weights import create_clip_model
-from promptsg.supcon import symmetric_supcon_loss
 from test_promptsg_model import PROMPT, SIMPLE, batch, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,6 @@ import importlib.util
 import logging
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest

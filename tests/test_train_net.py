@@ -18,33 +18,7 @@ from fastreid.config import get_cfg
 from fastreid.engine import DefaultTrainer
 from fastreid.utils.events import EventStorage
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
-PROMPTSG_CFG = os.path.join(ROOT, "projects/PromptSG/configs/Synthetic/promptsg_small_vit.yml")
-BOT_CFG = os.path.join(ROOT, "configs/Synthetic/bagtricks_R18.yml")
-
-# A tiny CLIP on the tiny synthetic split: seconds per run on two cores.
-TINY = ["DATASETS.NAMES", '("SyntheticMarketTiny",)', "DATASETS.TESTS", '("SyntheticMarketTiny",)',
-        "MODEL.CLIP.NAME", "tiny-ViT", "MODEL.CLIP.PRETRAINED", "", "MODEL.CLIP.STRIDE", "16",
-        "MODEL.PROMPTSG.MIM.HEADS", "2",
-        "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "SOLVER.IMS_PER_BATCH", "16",
-        "SOLVER.MAX_EPOCH", "2", "SOLVER.WARMUP_ITERS", "0", "TEST.EVAL_PERIOD", "2",
-        "SOLVER.CHECKPOINT_PERIOD", "2", "DATALOADER.NUM_WORKERS", "0", "TEST.IMS_PER_BATCH", "64"]
-
-
-@pytest.fixture(scope="module")
-def datasets_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("datasets")
-    from fastreid.data.datasets import DATASET_REGISTRY
-
-    DATASET_REGISTRY.get("SyntheticMarketTiny")(root=str(root))
-    return root
-
-
-def run(args, root, timeout=600):
-    env = dict(os.environ, FASTREID_DATASETS=str(root), PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, TRAIN_NET, *args], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+from tiny_runs import BOT_CFG, PROMPTSG_CFG, ROOT, TINY, one_line_error, run
 
 
 def read(path):
@@ -54,36 +28,27 @@ def read(path):
 
 # ---- bad input: one line naming the file or key, before any training ----
 
-def _assert_one_line_error(result, *fragments):
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: "), result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in last, last
-    assert "Starting training" not in result.stdout + result.stderr
-
-
 def test_missing_config_file(tmp_path):
-    _assert_one_line_error(run(["--config-file", "nope/missing.yml"], tmp_path), "nope/missing.yml")
+    one_line_error(run(["--config-file", "nope/missing.yml"], tmp_path), "nope/missing.yml")
 
 
 def test_unknown_config_key_in_file_and_on_command_line(tmp_path):
     bad = tmp_path / "bad.yml"
     bad.write_text(f"_BASE_: {PROMPTSG_CFG}\nMODEL:\n  PROMPTSG:\n    MIM:\n      DEPTH: 3\n")
-    _assert_one_line_error(run(["--config-file", str(bad)], tmp_path), str(bad), "MODEL.PROMPTSG.MIM.DEPTH")
-    _assert_one_line_error(run(["--config-file", PROMPTSG_CFG, "SOLVER.LRR", "1"], tmp_path), "SOLVER.LRR")
+    one_line_error(run(["--config-file", str(bad)], tmp_path), str(bad), "MODEL.PROMPTSG.MIM.DEPTH")
+    one_line_error(run(["--config-file", PROMPTSG_CFG, "SOLVER.LRR", "1"], tmp_path), "SOLVER.LRR")
 
 
 def test_missing_weights_file(tmp_path):
-    _assert_one_line_error(
+    one_line_error(
         run(["--config-file", PROMPTSG_CFG, "--eval-only", "MODEL.WEIGHTS", "no/model.pth"], tmp_path), "no/model.pth")
-    _assert_one_line_error(
+    one_line_error(
         run(["--config-file", PROMPTSG_CFG, "MODEL.CLIP.PRETRAINED", "no/ViT-B-16.pt"], tmp_path), "no/ViT-B-16.pt")
 
 
 def test_missing_dataset_folder(tmp_path):
     result = run(["--config-file", os.path.join(ROOT, "configs/Market1501/bagtricks_R50.yml")], tmp_path)
-    _assert_one_line_error(result, "Market1501", str(tmp_path))
+    one_line_error(result, "Market1501", str(tmp_path))
 
 
 def test_corrupt_image_in_dataset(tmp_path, datasets_root):
@@ -91,7 +56,7 @@ def test_corrupt_image_in_dataset(tmp_path, datasets_root):
     shutil.copytree(datasets_root, root)
     victim = sorted((root / "SyntheticMarketTiny" / "query").iterdir())[0]
     victim.write_bytes(b"\xff\xd8 not a jpeg")
-    _assert_one_line_error(run(["--config-file", PROMPTSG_CFG, *TINY], root), str(victim))
+    one_line_error(run(["--config-file", PROMPTSG_CFG, *TINY], root), str(victim))
 
 
 # ---- training, evaluation and --eval-only ----
@@ -307,7 +272,7 @@ def test_extract_features_bad_input_fails_in_one_line_before_the_model_is_built(
     result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "extract_features.py"), "--config-file",
                              PROMPTSG_CFG, "--images", str(tmp_path), "--output", str(tmp_path / "out")],
                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    _assert_one_line_error(result, "MODEL.WEIGHTS is not set")
+    one_line_error(result, "MODEL.WEIGHTS is not set")
 
 
 def test_extract_features_in_bf16_stays_close_to_float32(trained, datasets_root, tmp_path):

@@ -15,7 +15,6 @@ import statistics
 import sys
 import time
 
-import torch
 from fastreid.utils.events import EventStorage
 from torch.profiler import ProfilerActivity, profile, record_function
 

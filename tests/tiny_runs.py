@@ -1,0 +1,46 @@
+"""What the end-to-end tests share: tools/train_net.py on the tiny synthetic split with a tiny CLIP
+(seconds per run on two cores), and the one-line error every bad input must give."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
+PROMPTSG_CFG = os.path.join(ROOT, "projects/PromptSG/configs/Synthetic/promptsg_small_vit.yml")
+BASELINE_CFG = os.path.join(ROOT, "projects/PromptSG/configs/Synthetic/clip_baseline_small_vit.yml")
+BOT_CFG = os.path.join(ROOT, "configs/Synthetic/bagtricks_R18.yml")
+
+TINY = ["DATASETS.NAMES", '("SyntheticMarketTiny",)', "DATASETS.TESTS", '("SyntheticMarketTiny",)',
+        "MODEL.CLIP.NAME", "tiny-ViT", "MODEL.CLIP.PRETRAINED", "", "MODEL.CLIP.STRIDE", "16",
+        "MODEL.PROMPTSG.MIM.HEADS", "2",
+        "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "SOLVER.IMS_PER_BATCH", "16",
+        "SOLVER.MAX_EPOCH", "2", "SOLVER.WARMUP_ITERS", "0", "TEST.EVAL_PERIOD", "2",
+        "SOLVER.CHECKPOINT_PERIOD", "2", "DATALOADER.NUM_WORKERS", "0", "TEST.IMS_PER_BATCH", "64"]
+
+
+def make_tiny_datasets(root):
+    """The tiny synthetic split under ``root`` (FastReID's datasets root)."""
+    from fastreid.data.datasets import DATASET_REGISTRY
+
+    DATASET_REGISTRY.get("SyntheticMarketTiny")(root=str(root))
+    return root
+
+
+def run(args, root, timeout=600):
+    """tools/train_net.py ``args`` with FASTREID_DATASETS=``root``; the CompletedProcess."""
+    env = dict(os.environ, FASTREID_DATASETS=str(root), PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, TRAIN_NET, *args], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def one_line_error(result, *fragments, before_training=True):
+    """The run failed with one last line ``error: ...`` holding every fragment (before training
+    started, unless ``before_training`` is False); returns that line."""
+    assert result.returncode != 0, result.stdout[-1000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in last, last
+    if before_training:
+        assert "Starting training" not in result.stdout + result.stderr
+    return last
