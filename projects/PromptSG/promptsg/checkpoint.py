@@ -14,11 +14,10 @@ its shape is the number of training identities. Evaluation and feature extractio
 import logging
 import os
 import re
-import zipfile
 
 import torch
 
-from .preflight import InputError
+from .preflight import InputError, zip_directory_intact
 
 logger = logging.getLogger(__name__)
 
@@ -156,11 +155,7 @@ class SaveFinalBeforeEvaluation(_hook_base()):
 
 def is_complete(path):
     """A ``torch.save`` file with its zip directory in place (a kill mid-write leaves none)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return bool(archive.infolist())
-    except (OSError, zipfile.BadZipFile):
-        return False
+    return zip_directory_intact(path)
 
 
 def newest_checkpoint(save_dir):

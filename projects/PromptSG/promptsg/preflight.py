@@ -112,18 +112,24 @@ def check_torch_file(path, key):
     """An empty or truncated checkpoint fails here in one line, not in torch.load's traceback:
     ``torch.save`` and TorchScript archives are zip files, whose directory sits at the end, so a
     truncated one has none (checked without reading the tensors)."""
-    import zipfile
-
     if os.path.getsize(path) == 0:
         raise InputError(f"{key} {path} is an empty file")
     with open(path, "rb") as f:
         magic = f.read(4)
-    if magic == b"PK\x03\x04":
-        try:
-            with zipfile.ZipFile(path) as archive:
-                archive.infolist()
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise InputError(f"{key} {path} is truncated or corrupt ({exc})") from None
+    if magic == b"PK\x03\x04" and not zip_directory_intact(path):
+        raise InputError(f"{key} {path} is truncated or corrupt (its zip directory is missing or unreadable)")
+
+
+def zip_directory_intact(path):
+    """Whether the zip archive at ``path`` (a ``torch.save`` file) has a readable, non-empty
+    directory: a kill or a full disk mid-write leaves none."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.infolist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def load_checkpoint_config(config_file, opts):
