@@ -215,6 +215,8 @@ def _cpu_data_loader():
 
         def __init__(self, local_rank, **kwargs):
             self._cuda = torch.cuda.is_available()
+            if kwargs.get("num_workers", 0) > 0:
+                kwargs.setdefault("multiprocessing_context", worker_start_method())
             if self._cuda:
                 super().__init__(local_rank, **kwargs)
                 return
@@ -234,6 +236,76 @@ def _cpu_data_loader():
                 super()._shutdown_background_thread()
 
     data_build.DataLoaderX = DataLoaderX
+
+
+def worker_start_method():
+    """How loader workers start: "fork" where the platform has it, as in a single process.
+
+    launch() starts each training process with "spawn", and a spawned process makes "spawn" its
+    own default, so every loader worker of a multi-process run re-imported torch, FastReID,
+    scikit-learn and sympy before its first batch: measured on this project's 2-core machine,
+    the first test batch of a 2-process run took about 26 s (0.1 s in one process). Forked
+    workers start at once; they only read images and never touch CUDA or the process group.
+    """
+    import multiprocessing
+
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
+
+# --------------------------------------------------------------------------------------------
+# The test loader starts 4 workers whatever DATALOADER.NUM_WORKERS says (a multi-process stall)
+# --------------------------------------------------------------------------------------------
+@_patch
+def _test_loader_workers():
+    """``build_reid_test_loader(cfg, ...)`` takes ``num_workers`` from DATALOADER.NUM_WORKERS, as
+    the training loader does (FastReID's from_config leaves it out: always 4, the function's
+    default). An explicit ``num_workers=`` still wins."""
+    import fastreid.data as data
+    import fastreid.data.build as data_build
+    import fastreid.engine.defaults as defaults
+    from fastreid.config import configurable
+
+    if getattr(data_build.build_reid_test_loader, "_promptsg_patched", False):
+        return
+    fastreid_function = data_build.build_reid_test_loader.__wrapped__
+
+    def from_config(cfg, *, num_workers=None, **kwargs):
+        args = data_build._test_loader_from_config(cfg, **kwargs)
+        args["num_workers"] = cfg.DATALOADER.NUM_WORKERS if num_workers is None else num_workers
+        return args
+
+    patched = configurable(from_config=from_config)(fastreid_function)
+    patched._promptsg_patched = True
+    for module in (data_build, data, defaults):
+        module.build_reid_test_loader = patched
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-process runs: the identity sampler's batches depend on the number of processes
+# --------------------------------------------------------------------------------------------
+@_patch
+def _global_batches():
+    """FastReID's NaiveIdentitySampler builds each global batch (IMS_PER_BATCH images) from W draws
+    of IMS_PER_BATCH / (W x NUM_INSTANCE) identities, W the number of processes, so 2 processes
+    trained on other batches than 1 process with the same seed and global batch. One draw of
+    IMS_PER_BATCH / NUM_INSTANCE identities gives every W the batches of one process; FastReID's
+    ``reorder_index`` then hands process r the r-th contiguous share (whole identities). With one
+    process nothing changes. (promptsg.distributed makes the losses and BatchNorm see the global
+    batch; tests/test_distributed.py shows 2 processes training the weights of 1.)"""
+    from fastreid.data import samplers
+
+    cls = samplers.NaiveIdentitySampler
+    if getattr(cls.__init__, "_promptsg_patched", False):
+        return
+    fastreid_init = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        fastreid_init(self, *args, **kwargs)
+        self.num_pids_per_batch = self.batch_size // self.num_instances   # global, not per process
+
+    __init__._promptsg_patched = True
+    __init__.fastreid_init = fastreid_init
+    cls.__init__ = __init__
 
 
 # --------------------------------------------------------------------------------------------

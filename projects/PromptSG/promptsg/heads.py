@@ -9,6 +9,7 @@ from fastreid.modeling.heads import REID_HEADS_REGISTRY
 from fastreid.layers.weight_init import weights_init_classifier, weights_init_kaiming
 from torch import nn
 
+from .distributed import GlobalBatchNorm1d
 from .inversion import InversionNet
 from .interaction import MultimodalInteraction
 
@@ -31,7 +32,7 @@ class PromptSGHead(nn.Module):
         self.feature = feature
         self.neck_feat = neck_feat
         feat_dim = embed_dim * (2 if self.mim is not None and feature == "concat" else 1)
-        self.bottleneck = nn.BatchNorm1d(feat_dim)  # BNNeck, bias frozen (Luo et al.)
+        self.bottleneck = GlobalBatchNorm1d(feat_dim)  # BNNeck, bias frozen (Luo et al.)
         self.bottleneck.bias.requires_grad_(False)
         self.classifier = nn.Linear(feat_dim, num_classes, bias=False)
         self.bottleneck.apply(weights_init_kaiming)

@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from .distributed import GlobalBatchNorm1d
+
 
 class InversionNet(nn.Module):
     """f_theta: a 3-layer MLP with 512-d hidden states and BatchNorm after the last layer.
@@ -21,7 +23,7 @@ class InversionNet(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(hidden_dim, token_dim),
         )
-        self.bn = nn.BatchNorm1d(token_dim)
+        self.bn = GlobalBatchNorm1d(token_dim)   # global-batch statistics over processes
 
     def forward(self, v):
         """(B, E) -> s* (B, D)."""

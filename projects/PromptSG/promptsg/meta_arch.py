@@ -27,6 +27,7 @@ from .config import validate_promptsg_config
 from .heads import uses_inversion
 from .deferred_log import DeferredScalars
 from .diagnostics import alignment_diagnostics, mean_pairwise_cosine
+from .distributed import gather_batch, world_size
 from .losses import cross_entropy_loss, top1_accuracy, triplet_loss
 from .prompt import build_prompt_composer
 from .supcon import symmetric_supcon_loss
@@ -180,7 +181,25 @@ class PromptSG(nn.Module):
         else:
             log["collapse_v_cos"] = mean_pairwise_cosine(visual.embedding.detach())
         self.train_log.put(log)
-        return self._loss_terms(self.loss_kwargs, outputs, visual, prompt.text, targets, self.heads.mim is not None)
+        text, batch_targets = prompt.text, targets
+        if world_size() > 1:
+            outputs, visual, text, batch_targets = self.global_batch(outputs, visual, text, targets)
+        return self._loss_terms(self.loss_kwargs, outputs, visual, text, targets, batch_targets,
+                                self.heads.mim is not None)
+
+    def global_batch(self, outputs, visual, text, targets):
+        """With several processes, what the batch-level terms (triplet, L_SupCon) read, gathered over
+        the global batch (promptsg.distributed); the ID loss keeps each process's share, which DDP's
+        gradient average makes global."""
+        names, kw = self.loss_kwargs["loss_names"], self.loss_kwargs
+        if "TripletLoss" in names:
+            outputs = dict(outputs, features=gather_batch(outputs["features"]))
+            if kw["tri_visual_states"]:
+                visual = visual._replace(states=[gather_batch(s) for s in visual.states])
+        if "SupConLoss" in names:
+            visual = visual._replace(embedding=gather_batch(visual.embedding))
+            text = gather_batch(text)
+        return outputs, visual, text, gather_batch(targets)
 
 
 def supcon_temperature(cfg, clip_model):
@@ -205,8 +224,12 @@ class PromptFeatures(NamedTuple):
     out_index: int = 0
 
 
-def loss_terms(kw, outputs, visual, text, targets, has_mim):
-    """The loss dict of PromptSG.losses; a plain function of tensors, so torch.compile can fuse it."""
+def loss_terms(kw, outputs, visual, text, targets, batch_targets, has_mim):
+    """The loss dict of PromptSG.losses; a plain function of tensors, so torch.compile can fuse it.
+
+    targets: the identities of this process's share (ID loss); batch_targets: those of the batch
+    the triplet loss and L_SupCon see (the global batch with several processes).
+    """
     names = kw["loss_names"]
     loss_dict = {}
     if "CrossEntropyLoss" in names:
@@ -216,7 +239,7 @@ def loss_terms(kw, outputs, visual, text, targets, has_mim):
         tri = kw["tri"]
 
         def triplet(feat):
-            return triplet_loss(feat, targets, tri["margin"], tri["norm_feat"], tri["hard_mining"]) * tri["scale"]
+            return triplet_loss(feat, batch_targets, tri["margin"], tri["norm_feat"], tri["hard_mining"]) * tri["scale"]
 
         loss_dict["loss_triplet"] = triplet(outputs["features"])
         if kw["tri_visual_states"]:
@@ -226,5 +249,5 @@ def loss_terms(kw, outputs, visual, text, targets, has_mim):
     if "SupConLoss" in names:
         sc = kw["supcon"]
         loss_dict["loss_supcon"] = sc["scale"] * symmetric_supcon_loss(
-            visual.embedding, text, targets, sc["temperature"], sc["i2t"], sc["t2i"], sc["positives"])
+            visual.embedding, text, batch_targets, sc["temperature"], sc["i2t"], sc["t2i"], sc["positives"])
     return loss_dict
