@@ -4,7 +4,7 @@ Each shortcut (cached simplified prompt, prompt-length text encoding, one-row la
 key/value projections folded into the MIM's one-query attention, bf16 autocast, no host-device
 synchronisation) is checked through ``build_model`` against a computation written here:
 open_clip's own 77-token text path, or open_clip's full MIM blocks.
-tools/benchmark.py, which measures what these shortcuts buy, is run once on a tiny model.
+tools/perf/benchmark.py, which measures what these shortcuts buy, is run once on a tiny model.
 """
 import importlib.util
 import json
@@ -589,10 +589,10 @@ def test_compile_mode_is_validated_in_one_line():
         build_model(tiny_cfg(**{"MODEL.PROMPTSG.COMPILE": "fast"}))
 
 
-# ---- tools/benchmark.py ----
+# ---- tools/perf/benchmark.py ----
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "tools" / "benchmark.py")
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "tools" / "perf" / "benchmark.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

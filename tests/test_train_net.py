@@ -121,7 +121,7 @@ def market_ids(path):
 def test_visualize_draws_the_ranking_that_eval_only_scores(trained, datasets_root, tmp_path):
     train_dir = trained["simplified"]
     result = visualize(["--config-file", PROMPTSG_CFG, "--output", str(tmp_path), "--num-vis", "3",
-                        "--max-rank", "4", *TINY, "MODEL.WEIGHTS", str(train_dir / "model_final.pth")],
+                        "--max-rank", "4", "--vis-label", *TINY, "MODEL.WEIGHTS", str(train_dir / "model_final.pth")],
                        datasets_root)
     assert result.returncode == 0, result.stderr[-3000:]
     final = read(train_dir / "results.json")
@@ -138,10 +138,45 @@ def test_visualize_draws_the_ranking_that_eval_only_scores(trained, datasets_roo
         q_pid, q_cam = market_ids(query["query"])
         distances = [g["distance"] for g in query["top"]]
         assert len(query["top"]) == 4 and distances == sorted(distances)
-        for g in query["top"]:
+        assert [g["rank"] for g in query["top"]] == [1, 2, 3, 4]
+        for g in query["top"] + query["true"]:
             g_pid, g_cam = market_ids(g["image"])
             assert g["match"] == (g_pid == q_pid)               # labels from the file names
             assert not (g_pid == q_pid and g_cam == q_cam)      # same id, same camera: left out
+        # --vis-label: the true matches, worst-ranked first (--label-sort ascending)
+        assert query["true"] and all(g["match"] for g in query["true"])
+        ranks = [g["rank"] for g in query["true"]]
+        assert ranks == sorted(ranks, reverse=True)
+
+
+def load_visualize_tool():
+    spec = importlib.util.spec_from_file_location("visualize_result", VISUALIZE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_distance_labels_tell_close_distances_apart():
+    labels = load_visualize_tool().distance_labels
+    # A model whose distances all lie near 1e-5 (FastReID's labels read 1.000 for each).
+    close = [1.0e-5, 1.00004e-5, 1.2e-5, 3.1e-5]
+    got = labels(close)
+    assert len(set(got)) == 4
+    assert [float(g) for g in got] == pytest.approx(close, rel=1e-5)
+    assert labels([0.5, 0.25, 1.0]) == ["0.5", "0.25", "1"]     # at least 3 significant digits, no padding
+    assert labels([0.1234, 0.1234]) == ["0.123", "0.123"]        # equal values may read equal
+
+
+def test_distance_histogram_is_ranged_to_the_data():
+    tool = load_visualize_tool()
+    rng = np.random.default_rng(0)
+    pos, neg = rng.uniform(1e-6, 1e-5, 500), rng.uniform(5e-6, 3e-5, 5000)
+    edges = tool.histogram_bins(pos, neg)
+    assert edges[0] == pos.min() and edges[-1] == neg.max() and len(edges) == 81
+    counts, _ = np.histogram(np.concatenate([pos, neg]), bins=edges)
+    assert counts.sum() == 5500 and (counts > 0).sum() > 40       # spread over the bins, not one
+    edges = tool.histogram_bins([0.2, 0.2], [0.2])                # all equal: a bin around the value
+    assert edges[0] < 0.2 < edges[-1]
 
 
 def test_visualize_without_weights_fails_in_one_line(tmp_path):

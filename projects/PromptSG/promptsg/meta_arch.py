@@ -61,8 +61,8 @@ class PromptSG(nn.Module):
         if compile_mode in CUDA_GRAPH_MODES:
             logger.warning(
                 "MODEL.PROMPTSG.COMPILE %s adds CUDA graphs: measured on training steps "
-                "(tools/benchmark.py); its run through FastReID's trainer and evaluator awaits a GPU "
-                "check (tools/gpu_compile_check.sh). MODEL.PROMPTSG.COMPILE default has no CUDA graphs.",
+                "(tools/perf/benchmark.py); its run through FastReID's trainer and evaluator awaits a GPU "
+                "check (tools/perf/gpu_compile_check.sh). MODEL.PROMPTSG.COMPILE default has no CUDA graphs.",
                 compile_mode)
         if compile_mode:
             # nn.Module.compile keeps parameter names, so checkpoints are those of the eager model.

@@ -2,9 +2,9 @@
 # Download into .whl/ (git-ignored) the wheels that the GPU machine lacks: Python 3.12,
 # manylinux x86_64, no dependencies (torch, torchvision, timm, numpy, tabulate, tensorboard,
 # huggingface_hub, safetensors, tqdm, scipy, scikit-learn and Cython are installed there).
-# tools/gpu_benchmark.sh installs them there into /tmp/site.
+# tools/perf/gpu_benchmark.sh installs them there into /tmp/site.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 DEST=.whl
 mkdir -p "$DEST"
 PY=${PYTHON:-python3}

@@ -3,9 +3,9 @@
 
 Times forward, backward and optimizer step separately (CUDA-synchronised), then runs
 torch.profiler over a few steps of each model and writes its top operators, so the overheads
-that the speed ratios in tools/benchmark.py hide can be attributed.
+that the speed ratios in tools/perf/benchmark.py hide can be attributed.
 
-    python tools/profile_train_step.py --config-file projects/PromptSG/configs/Market1501/vit.yml \
+    python tools/perf/profile_train_step.py --config-file projects/PromptSG/configs/Market1501/vit.yml \
         --out output/profile MODEL.CLIP.PRETRAINED ""
 """
 import argparse
@@ -19,7 +19,7 @@ from fastreid.utils.events import EventStorage
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark  # noqa: E402  (tools/benchmark.py: config set-up and model variants)
+import benchmark  # noqa: E402  (tools/perf/benchmark.py: config set-up and model variants)
 
 
 def phase_times(variant, batch, iters):

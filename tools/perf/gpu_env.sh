@@ -1,6 +1,6 @@
-# Sourced by the GPU scripts (tools/gpu_*.sh), from the repository root, with OUT and LOG set:
+# Sourced by the GPU scripts (tools/perf/gpu_*.sh), from the repository root, with OUT and LOG set:
 # creates $OUT, starts $LOG, defines log(), and makes open_clip / fastreid importable, from the
-# wheels in .whl/ (tools/fetch_gpu_wheels.sh) where the machine lacks them (no network there).
+# wheels in .whl/ (tools/perf/fetch_gpu_wheels.sh) where the machine lacks them (no network there).
 mkdir -p "$OUT"
 : >"$LOG"
 export PYTHONUNBUFFERED=1
@@ -12,7 +12,7 @@ log() { echo "[$((SECONDS - START))s] $*" | tee -a "$LOG"; }
 
 if ! "$PY" -c "import open_clip, fastreid, yacs, faiss" 2>/dev/null; then
     if ! ls .whl/*.whl >/dev/null 2>&1; then
-        log "open_clip/fastreid are not installed and there is no .whl/ (run tools/fetch_gpu_wheels.sh)"
+        log "open_clip/fastreid are not installed and there is no .whl/ (run tools/perf/fetch_gpu_wheels.sh)"
         exit 1
     fi
     log "installing $(ls .whl/*.whl | wc -l) wheels into /tmp/site"

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Speed and memory of PromptSG against the CLIP visual-only baseline (same tower, same batch).
 
-    python tools/benchmark.py --config-file projects/PromptSG/configs/Market1501/vit.yml \\
+    python tools/perf/benchmark.py --config-file projects/PromptSG/configs/Market1501/vit.yml \\
         MODEL.CLIP.PRETRAINED ""                      # random CLIP weights are fine for speed
-    python tools/benchmark.py --config-file CFG --batch 16 --test-batch 32 --iters 2 --rounds 3
-    python tools/benchmark.py --config-file CFG --data-wait 50      # time spent waiting on data
+    python tools/perf/benchmark.py --config-file CFG --batch 16 --test-batch 32 --iters 2 --rounds 3
+    python tools/perf/benchmark.py --config-file CFG --data-wait 50      # time spent waiting on data
 
 Both models are built in one process, warmed up, then timed in interleaved rounds (baseline,
 PromptSG, then PromptSG, baseline, ...) so that machine noise hits both alike; the median over

@@ -2,9 +2,9 @@
 # PromptSG against the CLIP visual-only baseline on one GPU, in one go: about 7 minutes on an
 # H100, at most 8 (each step below has a time limit; they add up to 480 s, plus the install).
 #
-#   tools/fetch_gpu_wheels.sh              # here, with network: the wheels the GPU machine lacks
-#   OUT=/some/dir tools/gpu_benchmark.sh   # there, from the repository root, .whl/ carried along
-#   STEPS="a f" OUT=/some/dir tools/gpu_benchmark.sh   # only the steps named (default: all)
+#   tools/perf/fetch_gpu_wheels.sh              # here, with network: the wheels the GPU machine lacks
+#   OUT=/some/dir tools/perf/gpu_benchmark.sh   # there, from the repository root, .whl/ carried along
+#   STEPS="a f" OUT=/some/dir tools/perf/gpu_benchmark.sh   # only the steps named (default: all)
 #
 # ViT-B/16 at 256x128, training batch 64 (16 ids x 4), bf16 autocast, fused Adam, in order of
 # priority (every JSON line is kept as soon as it is written):
@@ -12,7 +12,7 @@
 #   (b) training with MODEL.PROMPTSG.COMPILE reduce-overhead (torch.compile plus CUDA graphs;
 #       its warm-up steps include about 90 s of compilation);
 #   (c) the CUDA tests of tests/test_fast_paths.py (bf16 step, no host-device synchronisation;
-#       the compiled-model test runs in tools/gpu_compile_check.sh);
+#       the compiled-model test runs in tools/perf/gpu_compile_check.sh);
 #   (d) eager training at batch 128 (32 ids x 4);
 #   (e) the share of step time spent waiting for data, FastReID's real train loader on the
 #       synthetic dataset (generated on first use) with 8 workers;
@@ -23,11 +23,11 @@
 # Random CLIP weights: speed does not depend on them. Writes $OUT/gpu_benchmark.jsonl (every
 # measurement, tagged by run) and $OUT/gpu_benchmark.log (everything printed).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-output/gpu_benchmark}
 LOG="$OUT/gpu_benchmark.log"
 JSONL="$OUT/gpu_benchmark.jsonl"
-source tools/gpu_env.sh
+source tools/perf/gpu_env.sh
 : >"$JSONL"
 STEPS=${STEPS:-a b c d e f g}
 for s in $STEPS; do
@@ -37,12 +37,12 @@ log "steps: $STEPS"
 # step X: whether step X is to run.
 step() { [[ " $STEPS " == *" $1 "* ]]; }
 
-# bench TAG SECONDS ARGS...: one tools/benchmark.py run, its JSON lines appended to $JSONL.
+# bench TAG SECONDS ARGS...: one tools/perf/benchmark.py run, its JSON lines appended to $JSONL.
 bench() {
     local tag=$1 limit=$2
     shift 2
-    log "run $tag: tools/benchmark.py $*"
-    timeout "$limit" "$PY" tools/benchmark.py --tag "$tag" --out "$OUT/$tag.jsonl" "$@" 2>&1 | tee -a "$LOG"
+    log "run $tag: tools/perf/benchmark.py $*"
+    timeout "$limit" "$PY" tools/perf/benchmark.py --tag "$tag" --out "$OUT/$tag.jsonl" "$@" 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     cat "$OUT/$tag.jsonl" >>"$JSONL" 2>/dev/null
     rm -f "$OUT/$tag.jsonl"

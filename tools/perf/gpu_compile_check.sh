@@ -3,7 +3,7 @@
 # trainer and evaluator on one GPU, and the GPU stream fixes of compat.py (sections 12-13), in one
 # go: about 5 minutes on an H100, at most 9 (each step has a time limit; 545 s in all, plus the install).
 #
-#   OUT=/some/dir tools/gpu_compile_check.sh       # from the repository root, .whl/ carried along
+#   OUT=/some/dir tools/perf/gpu_compile_check.sh       # from the repository root, .whl/ carried along
 #
 # (a) the CUDA tests: tests/test_fast_paths.py (bf16 step, no host-device synchronisation, and the
 #     compiled model against eager through FastReID's training step and flip test: losses,
@@ -16,10 +16,10 @@
 # Writes $OUT/gpu_compile_check.log and $OUT/gpu_compile_check.json (the results of b-c, and
 # whether the compiled evaluation equals the eager one).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-output/gpu_compile_check}
 LOG="$OUT/gpu_compile_check.log"
-source tools/gpu_env.sh
+source tools/perf/gpu_env.sh
 WORK=${WORK:-/tmp/gpu_compile_check}
 rm -rf "$WORK"
 

@@ -6,7 +6,7 @@ blurred noise, about MSMT17's 20 kB per image) and times ``promptsg.preflight.ve
 on them: the first start (every image decoded, JPEGs at 1/8 scale, on a thread pool), a second
 start (every image known by size and modification time), and one image changed.
 
-    python tools/benchmark_image_check.py --num 126441 --dir /tmp/imagecheck
+    python tools/perf/benchmark_image_check.py --num 126441 --dir /tmp/imagecheck
 """
 import argparse
 import os
