@@ -1,12 +1,13 @@
 """Compatibility patches for the PyPI ``fastreid==1.4.0`` wheel on Python 3.11, torch 2.x, NumPy 2.
 
 The wheel targets Python <= 3.9 and torch 1.13. This module applies one small, named patch per
-known breakage of the wheel that affects this project (the README's table "FastReID on today's
-stack" lists them), two GPU stream races found here (sections 12-13), and the patches that turn
-FastReID's silent wrong results into errors (partial checkpoint loads, NaN checkpoints, image
-modes read as grey), and nothing else.
+known breakage of the wheel that affects this project (docs/FASTREID_COMPAT.md lists them), two
+GPU stream races found here (sections 12-13), the patches that turn FastReID's silent wrong
+results into errors (partial checkpoint loads, NaN checkpoints, image modes read as grey), those
+that let several processes train what one process trains, and nothing else.
 ``import promptsg`` applies them before any FastReID module is imported; every patch is idempotent
-and has a regression test in ``tests/test_compat.py`` that fails without it.
+and has a regression test that fails without it (``tests/test_compat.py``, ``tests/test_faults.py``,
+``tests/test_distributed.py``).
 
 Breakages that need no patch on our stack:
   * ``np.bool`` (evaluation/rank.py): NumPy >= 2.0 defines ``np.bool`` again; requirements pin NumPy 2.
