@@ -151,8 +151,7 @@ def test_test_loader_takes_num_workers_from_the_config_and_forks(datasets_root):
 # Deterministic inputs (no flip, no padding; the synthetic config has no random erasing): each
 # process draws its own augmentation, so with it runs agree in distribution, not in value. SGD:
 # Adam divides each step by the gradient's running RMS, so a gradient that is mathematically zero
-# (the biases just before a BatchNorm) turns float noise into full-size steps (README, "Several
-# processes and machines").
+# (the biases just before a BatchNorm) turns float noise into full-size steps (docs/DISTRIBUTED.md).
 EQUIVALENCE = [*TINY, "SOLVER.MAX_EPOCH", "1", "TEST.EVAL_PERIOD", "1", "SOLVER.CHECKPOINT_PERIOD", "1",
                "INPUT.FLIP.ENABLED", "False", "INPUT.PADDING.ENABLED", "False",
                "SOLVER.OPT", "SGD", "SOLVER.BASE_LR", "0.005"]
