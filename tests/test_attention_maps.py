@@ -261,7 +261,7 @@ def test_tool_draws_and_measures_the_tiny_split(datasets_root, tmp_path):
     env = dict(os.environ, FASTREID_DATASETS=str(datasets_root), PYTHONWARNINGS="ignore")
     result = subprocess.run([sys.executable, TOOL, "--config-file", PROMPTSG_CFG, "--baseline-config", BASELINE_CFG,
                              "--baseline-weights", baseline, "--dataset", "SyntheticMarketTiny", "--output", str(out),
-                             "--num-vis", "3", "--per-head", *OPTS, "MODEL.WEIGHTS", weights],
+                             "--num-vis", "2", "--per-head", *OPTS, "MODEL.WEIGHTS", weights],
                             env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("attention_maps.png", "attention_heads.png"):
