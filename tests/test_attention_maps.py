@@ -57,13 +57,23 @@ def hand_attention(q_x, k_x, attn):
     return torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, dim=-1)
 
 
+def randomise_norms_and_biases(blocks):
+    """PyTorch starts LayerNorms at the identity and attention biases at zero: random values make
+    a swapped norm or a dropped bias show (the key bias must cancel in the softmax)."""
+    with torch.no_grad():
+        for blk in blocks:
+            torch.nn.init.normal_(blk.attn.in_proj_bias)
+            for norm in (m for m in blk.modules() if isinstance(m, torch.nn.LayerNorm)):
+                norm.weight.normal_(1.0, 0.5)
+                norm.bias.normal_(0.0, 0.5)
+
+
 # ---- the MIM's cross-attention ----
 
 def test_cross_attention_weights_are_the_softmax_of_projected_queries_and_keys():
     torch.manual_seed(0)
     mim = MultimodalInteraction(16, heads=4, cross_layers=2, self_layers=1).eval()
-    for blk in mim.cross:
-        torch.nn.init.normal_(blk.attn.in_proj_bias)    # PyTorch starts them at zero; b_k must cancel
+    randomise_norms_and_biases(mim.cross)
     query, patches = torch.randn(2, 3, 16), torch.randn(2, 12, 16)
     with torch.no_grad():
         weights = mim.cross_attention_weights(query, patches)
@@ -80,10 +90,12 @@ def test_cross_attention_weights_are_the_softmax_of_projected_queries_and_keys()
             q = blk(q, k_x=patches, v_x=patches)                                  # open_clip's own block
 
 
-@pytest.mark.parametrize("prompt", ["simplified", "composed"])
-def test_promptsg_maps_are_the_weights_the_forward_used(monkeypatch, prompt):
+@pytest.mark.parametrize("prompt, query", [("simplified", "pooled"), ("composed", "tokens")])
+def test_promptsg_maps_are_the_weights_the_forward_used(monkeypatch, prompt, query):
     model = DefaultTrainer.build_model(tiny_cfg(**{"MODEL.PROMPTSG.INFERENCE_PROMPT": prompt,
+                                                   "MODEL.PROMPTSG.MIM.QUERY": query,
                                                    "MODEL.CLIP.STRIDE": 8})).eval()
+    randomise_norms_and_biases(model.heads.mim.cross)
     used = []
     original = promptsg.interaction.few_query_attention_weights
 
@@ -101,7 +113,10 @@ def test_promptsg_maps_are_the_weights_the_forward_used(monkeypatch, prompt):
     shown = getattr(maps, prompt)
     assert shown.shape == (8, 2, *grid)                 # (B, H, gh, gw)
     torch.testing.assert_close(shown.sum((-2, -1)), torch.ones(8, 2))
-    assert torch.equal(shown, used[0][:, 0].unflatten(-1, grid))
+    # The query whose output the MIM returns: the pooled prompt, or the prompt's EOT token (its last).
+    row = 0 if query == "pooled" else used[0].shape[1] - 1
+    assert query == "pooled" or row == 8                # [SOS, a, photo, of, a, s*, person, ., EOT]
+    assert torch.equal(shown, used[0][:, row].unflatten(-1, grid))
 
 
 # ---- the visual transformer: CLS rollout ----
@@ -118,8 +133,7 @@ def test_cls_maps_of_a_two_block_vit_by_hand():
     torch.manual_seed(0)
     visual = VisionTransformer(image_size=(32, 16), patch_size=8, width=16, layers=2, heads=2, mlp_ratio=2.0,
                                output_dim=8)
-    for blk in visual.transformer.resblocks:
-        torch.nn.init.normal_(blk.attn.in_proj_bias)
+    randomise_norms_and_biases(visual.transformer.resblocks)
     backbone = CLIPVisualBackbone(visual, image_size=(32, 16)).eval()
     model = types.SimpleNamespace(backbone=backbone, preprocess_image=lambda images: images)
     images = torch.randn(2, 3, 32, 16)
