@@ -317,6 +317,9 @@ def test_tool_draws_and_measures_the_tiny_split(datasets_root, tmp_path):
         assert rows[name]["mean_share"] == pytest.approx(expected, rel=1e-5)
         assert rows[name]["chance"] == pytest.approx(chance, rel=1e-5)
     assert "SyntheticMarketTiny" in summary["command"] and summary["commit"]
+    assert len(rows["simplified"]["mean_share_per_head"]) == 2
+    assert rows["simplified"]["against"]["baseline"]["mean_difference"] == pytest.approx(
+        rows["simplified"]["mean_share"] - rows["baseline"]["mean_share"], abs=1e-9)
 
 
 BAD_INPUT = {
@@ -337,3 +340,12 @@ def test_tool_bad_input_is_one_line_naming_it(tmp_path, monkeypatch, case):
     with pytest.raises(promptsg.preflight.InputError, match=message):
         tool.main(["--config-file", config, *source, "--output", "out", *OPTS, *opts, "MODEL.WEIGHTS", str(weights)])
     assert not (tmp_path / "out").exists()
+
+
+def test_effective_patches_of_a_uniform_map_is_the_grid_size_and_of_one_patch_is_one():
+    tool = load_tool()
+    uniform, single = torch.full((1, 7, 3), 1 / 21), torch.zeros(1, 7, 3)
+    single[0, 2, 1] = 1.0
+    halves = torch.zeros(1, 7, 3)
+    halves[0, 0, 0] = halves[0, 6, 2] = 0.5
+    assert tool.effective_patches(torch.cat([uniform, single, halves])).tolist() == pytest.approx([21, 1, 2])
