@@ -318,6 +318,10 @@ def test_tool_draws_and_measures_the_tiny_split(datasets_root, tmp_path):
         assert rows[name]["chance"] == pytest.approx(chance, rel=1e-5)
     assert "SyntheticMarketTiny" in summary["command"] and summary["commit"]
     assert len(rows["simplified"]["mean_share_per_head"]) == 2
+    for name, value in (("simplified", maps["simplified"].mean(1)), ("baseline", maps["baseline"])):
+        flat = value.reshape(n, -1).astype(np.float64)
+        spread = np.median(np.exp(-(flat * np.log(flat)).sum(1)))
+        assert rows[name]["median_effective_patches"] == pytest.approx(spread, rel=1e-6)
     assert rows["simplified"]["against"]["baseline"]["mean_difference"] == pytest.approx(
         rows["simplified"]["mean_share"] - rows["baseline"]["mean_share"], abs=1e-9)
 

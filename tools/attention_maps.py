@@ -286,7 +286,7 @@ def shares(results):
                 out[f"{name}/heads"] = np.stack([mask_share(value[i], c).numpy() if c is not None
                                                  else np.full(value.shape[1], np.nan)
                                                  for i, c in enumerate(res.coverages)])
-            out[f"{name}/patches"] = effective_patches(head_mean(value)).numpy()
+            out[f"{name}/patches"] = effective_patches(value.mean(dim=1) if value.dim() == 4 else value).numpy()
     return out
 
 
