@@ -14,7 +14,9 @@ Design choices the paper leaves open (see the project README):
 
 Two exact fast paths (tests/test_promptsg_model.py, tests/test_fast_paths.py): only the query row
 of the last block is computed (``query_row_forward``), and attention with a few queries never
-projects the keys and values (``few_query_attention``).
+projects the keys and values (``few_query_attention``). ``cross_attention_weights`` gives the
+cross-attention weights over the patches that the forward uses (the attention maps of Fig. 1 and 5,
+tools/attention_maps.py) without touching that path.
 """
 import torch
 import torch.nn.functional as F
@@ -52,6 +54,15 @@ class MultimodalInteraction(nn.Module):
         # Only one output row of the last block is used: compute just that row.
         return query_row_forward(self.blocks[-1], x, out_index)
 
+    def cross_attention_weights(self, query, patches):
+        """The weights of each cross-attention block, as ``forward`` computes them: a list of
+        (B, Q, H, M) tensors, the attention of every query token and head over the M patches."""
+        weights = []
+        for blk in self.cross:
+            weights.append(few_query_attention_weights(blk.attn, blk.ln_1(query), blk.ln_1_kv(patches)))
+            query = cross_block_forward(blk, query, patches)
+        return weights
+
 
 def query_row_forward(block, x, index):
     """Output row ``index`` of a self-attention ``ResidualAttentionBlock`` on ``x`` (B, N, E).
@@ -84,11 +95,21 @@ def few_query_attention(attn, q, kv):
     """
     batch, queries, width = q.shape
     per_head = (attn.num_heads, attn.head_dim, width)
-    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)                   # (E, E) each
-    b_q, _, b_v = attn.in_proj_bias.chunk(3)
-    q = F.linear(q, w_q, b_q).view(batch, queries, *per_head[:2]) * attn.head_dim ** -0.5
-    q = torch.einsum("bqhd,hde->bqhe", q, w_k.view(per_head))      # W_k,h^T q_h: (B, Q, H, E)
-    weights = torch.einsum("bqhe,bne->bqhn", q, kv).softmax(dim=-1)
+    weights = few_query_attention_weights(attn, q, kv)              # (B, Q, H, N)
     context = torch.einsum("bqhn,bne->bqhe", weights, kv)          # sum_n a_n x_n: (B, Q, H, E)
+    w_v = attn.in_proj_weight.chunk(3)[2]
+    b_v = attn.in_proj_bias.chunk(3)[2]
     out = torch.einsum("bqhe,hde->bqhd", context, w_v.view(per_head)).reshape(batch, queries, width) + b_v
     return attn.out_proj(out)
+
+
+def few_query_attention_weights(attn, q, kv):
+    """The attention weights a (B, Q, H, N) ``few_query_attention`` uses: per head h,
+    softmax_n(q_h . k_h,n / sqrt(d)), computed with the key projection folded into the query."""
+    batch, queries, width = q.shape
+    per_head = (attn.num_heads, attn.head_dim, width)
+    w_q, w_k, _ = attn.in_proj_weight.chunk(3)                     # (E, E) each
+    b_q = attn.in_proj_bias.chunk(3)[0]
+    q = F.linear(q, w_q, b_q).view(batch, queries, *per_head[:2]) * attn.head_dim ** -0.5
+    q = torch.einsum("bqhd,hde->bqhe", q, w_k.view(per_head))      # W_k,h^T q_h: (B, Q, H, E)
+    return torch.einsum("bqhe,bne->bqhn", q, kv).softmax(dim=-1)

@@ -1,1 +1,1 @@
-from .synthetic import SyntheticMarket, SyntheticMarketTiny, generate_synthetic_market
+from .synthetic import PersonMasks, SyntheticMarket, SyntheticMarketTiny, generate_synthetic_market

@@ -44,7 +44,9 @@ cropped boxes that FastReID skips when parsing.
 Generation is deterministic: every image is drawn from its own random stream
 seeded by ``(seed, kind, pid, image index)``, and JPEG parameters are fixed, so
 the same parameters give byte-identical files (for a given Pillow/libjpeg
-build) regardless of generation order.
+build) regardless of generation order.  The same streams redraw any image's
+person as a silhouette mask (:class:`PersonMasks`): the renderer knows where
+the person is, which measures where a model looks.
 
 A second generator, :func:`generate_caption_pool`, draws a pool of *other*
 identities (their own random streams, none of them a re-ID identity) for
@@ -77,7 +79,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.data.datasets.bases import ImageDataset
 
-__all__ = ["SyntheticMarket", "describe_person", "generate_caption_pool", "generate_synthetic_market"]
+__all__ = ["PersonMasks", "SyntheticMarket", "describe_person", "generate_caption_pool",
+           "generate_synthetic_market"]
 
 # Bump whenever the drawing or the layout changes: old datasets are then regenerated.
 GENERATOR_VERSION = 1
@@ -346,28 +349,40 @@ class _Figure:
     Figure coordinates are in units of the figure height: x is centred on the
     body axis (positive = the person's facing direction in side view), y runs
     from 0 (top of the head) to 1 (soles).
+
+    ``mask`` (an "L" image of the canvas size, or None) receives every shape drawn, in the
+    value ``mask_value`` instead of its colour: the person's silhouette, drawn by the very
+    calls that draw the person, so it matches the image pixel for pixel.
     """
 
-    def __init__(self, image, draw, cx, top, size, mirror):
+    def __init__(self, image, draw, cx, top, size, mirror, mask=None, mask_value=255):
         self.image, self.draw = image, draw
         self.cx, self.top, self.size = cx, top, size
         self.sign = -1.0 if mirror else 1.0
+        self.mask, self.mask_value = mask, mask_value
+        self.mask_draw = ImageDraw.Draw(mask) if mask is not None else None
 
     def xy(self, x, y):
         return (self.cx + self.sign * x * self.size, self.top + y * self.size)
 
+    def _shape(self, kind, coords, fill, **kwargs):
+        """``ImageDraw.<kind>`` on the image, and on the mask in the mask value."""
+        getattr(self.draw, kind)(coords, fill=fill, **kwargs)
+        if self.mask_draw is not None:
+            getattr(self.mask_draw, kind)(coords, fill=self.mask_value, **kwargs)
+
     def polygon(self, points, fill):
-        self.draw.polygon([self.xy(x, y) for x, y in points], fill=fill)
+        self._shape("polygon", [self.xy(x, y) for x, y in points], fill)
 
     def ellipse(self, x, y, rx, ry, fill):
         x0, y0 = self.xy(x - rx, y - ry)
         x1, y1 = self.xy(x + rx, y + ry)
-        self.draw.ellipse([min(x0, x1), y0, max(x0, x1), y1], fill=fill)
+        self._shape("ellipse", [min(x0, x1), y0, max(x0, x1), y1], fill)
 
     def limb(self, x0, y0, x1, y1, width, fill):
         """A thick segment with round ends."""
         w = max(1, int(round(width * self.size)))
-        self.draw.line([self.xy(x0, y0), self.xy(x1, y1)], fill=fill, width=w)
+        self._shape("line", [self.xy(x0, y0), self.xy(x1, y1)], fill, width=w)
         for x, y in ((x0, y0), (x1, y1)):
             self.ellipse(x, y, width / 2, width / 2, fill)
 
@@ -393,12 +408,15 @@ class _Figure:
         mask = Image.new("L", (w, h), 0)
         ImageDraw.Draw(mask).polygon([(x - x0, y - y0) for x, y in pixels], fill=255)
         self.image.paste(tile, (x0, y0), mask)
+        if self.mask is not None:
+            self.mask.paste(self.mask_value, (x0, y0, x0 + w, y0 + h), mask)
 
 
-def _draw_person(image, person, view, mirror, pose, cx, top, size):
-    """Draw ``person`` seen from ``view``; ``pose`` = (arm swing, leg stride) in [-1, 1]."""
+def _draw_person(image, person, view, mirror, pose, cx, top, size, mask=None, mask_value=255):
+    """Draw ``person`` seen from ``view``; ``pose`` = (arm swing, leg stride) in [-1, 1].
+    With ``mask``, also paint the person's silhouette into it in ``mask_value`` (``_Figure``)."""
     draw = ImageDraw.Draw(image)
-    f = _Figure(image, draw, cx, top, size * person["height"], mirror)
+    f = _Figure(image, draw, cx, top, size * person["height"], mirror, mask, mask_value)
     w = person["width"]
     side = view == "side"
     sh = (0.075 if side else 0.125) * w      # half shoulder width
@@ -528,10 +546,19 @@ def _random_pose(rng):
     return (float(rng.uniform(-1, 1)), float(rng.uniform(-1, 1)))
 
 
-def _render(camera, rng, height, width, person=None, junk=False):
-    """One bounding box: ``person`` seen by ``camera`` (None: a background crop)."""
+def _render(camera, rng, height, width, person=None, junk=False, with_mask=False):
+    """One bounding box: ``person`` seen by ``camera`` (None: a background crop).
+
+    ``with_mask``: returns (image, mask) with the target person's visible silhouette, a
+    (height, width) bool array: drawn at the supersampled size by the calls that draw the
+    person, less what the occluder drawn over it covers, and downsampled as the image is
+    (a pixel is in the mask when the person covers at least half of it). The person walking
+    behind is not part of it. The random stream is read exactly as without the mask, so
+    the image is the same.
+    """
     W, H = width * SUPERSAMPLE, height * SUPERSAMPLE
     image = _draw_background(camera, rng, (W, H))
+    mask = Image.new("L", (W, H), 0) if with_mask else None
 
     def view():
         others = [v for v in VIEWS if v != camera["view"]]
@@ -549,17 +576,20 @@ def _render(camera, rng, height, width, person=None, junk=False):
             size *= rng.uniform(1.6, 2.5)
         cx = W * (0.5 + rng.uniform(-0.08, 0.08))
         top = (H - size * person["height"]) * rng.uniform(0.2, 0.8)
-        _draw_person(image, person, view(), rng.random() < 0.5, _random_pose(rng), cx, top, size)
+        _draw_person(image, person, view(), rng.random() < 0.5, _random_pose(rng), cx, top, size, mask, 255)
 
     # Somebody closer to the camera, partly covering the target from one side.
     if person is not None and rng.random() < camera["occlusion"]:
         s = H * camera["scale"] * rng.uniform(1.0, 1.2)
         cx = W * (0.5 + rng.choice([-1, 1]) * rng.uniform(0.45, 0.7))
         _draw_person(image, _sample_person(rng), view(), rng.random() < 0.5, _random_pose(rng),
-                     cx, H * rng.uniform(0.0, 0.15), s)
+                     cx, H * rng.uniform(0.0, 0.15), s, mask, 0)
 
     image = image.resize((width, height), Image.BILINEAR)
-    return _apply_camera(image, camera, rng)
+    image = _apply_camera(image, camera, rng)
+    if not with_mask:
+        return image
+    return image, np.asarray(mask.resize((width, height), Image.BILINEAR)) >= 128
 
 
 def _save_jpeg(image, path):
@@ -634,23 +664,13 @@ def _write_json(path, obj):
 
 def _generate_into(out_dir, params):
     """Write every image of the re-ID dataset into ``out_dir``; returns the manifest counts."""
-    seed, H, W = params["seed"], params["height"], params["width"]
-    cameras = {c: _sample_camera(seed, c) for c in range(1, params["num_cameras"] + 1)}
+    cameras = {c: _sample_camera(params["seed"], c) for c in range(1, params["num_cameras"] + 1)}
     identities = _sample_identities(params)
     for d in SPLIT_DIRS.values():
         os.makedirs(osp.join(out_dir, d))
     counts = {split: 0 for split in SPLIT_DIRS}
     for split, pid, cam, k, kind in _plan(params):
-        if kind == "person":
-            image = _render(cameras[cam], _rng(seed, _TAG_IMAGE, pid, k), H, W, identities[pid])
-        elif kind == "distractor":
-            rng = _rng(seed, _TAG_DISTRACTOR, k)
-            # Three in four are people not in the test set, the rest empty background.
-            stranger = _sample_person(rng) if rng.random() < 0.75 else None
-            image = _render(cameras[cam], rng, H, W, stranger)
-        else:
-            rng = _rng(seed, _TAG_JUNK, k)
-            image = _render(cameras[cam], rng, H, W, _sample_person(rng), junk=True)
+        image = _render_planned(params, cameras[cam], identities, pid, k, kind)
         _save_jpeg(image, osp.join(out_dir, SPLIT_DIRS[split], _file_name(pid, cam, k)))
         counts[split] += 1
 
@@ -663,6 +683,21 @@ def _generate_into(out_dir, params):
         "distractor_images": params["num_distractors"],
         "junk_images": params["num_junk"],
     }
+
+
+def _render_planned(params, camera, identities, pid, k, kind, with_mask=False):
+    """Image ``k`` of a ``_plan`` entry (identity ``pid``, seen by ``camera``), from its own
+    random stream; with ``with_mask``, (image, mask) as ``_render`` gives them."""
+    seed, H, W = params["seed"], params["height"], params["width"]
+    if kind == "person":
+        return _render(camera, _rng(seed, _TAG_IMAGE, pid, k), H, W, identities[pid], with_mask=with_mask)
+    if kind == "distractor":
+        rng = _rng(seed, _TAG_DISTRACTOR, k)
+        # Three in four are people not in the test set, the rest empty background.
+        stranger = _sample_person(rng) if rng.random() < 0.75 else None
+        return _render(camera, rng, H, W, stranger, with_mask=with_mask)
+    rng = _rng(seed, _TAG_JUNK, k)
+    return _render(camera, rng, H, W, _sample_person(rng), junk=True, with_mask=with_mask)
 
 
 def _generate_pool_into(out_dir, params):
@@ -816,6 +851,48 @@ def read_caption_pool(dataset_dir):
     with open(osp.join(dataset_dir, CAPTIONS_NAME)) as fh:
         captions = json.load(fh)
     return [(osp.join(dataset_dir, POOL_IMAGE_DIR, name), captions[name]) for name in sorted(captions)]
+
+
+class PersonMasks:
+    """The silhouette of the person in each image of a generated SyntheticMarket dataset.
+
+    ``masks = PersonMasks(dataset_dir); masks("0151_c1s1_000000_01.jpg")`` is a (height, width)
+    bool array: the pixels the image's person covers (at least half of each), less what an
+    occluder in front of it covers, at the image's size. It is re-rendered from the image's
+    own random stream (the manifest's parameters and the file name's pid, camera and index),
+    by the same drawing calls as the image: ``render`` also returns the image, equal to the
+    file's pixels before JPEG encoding. A background crop (a distractor without a person) has
+    an empty mask; a junk image's mask is its badly cropped person.
+    """
+
+    def __init__(self, dataset_dir):
+        manifest = _read_manifest(dataset_dir)
+        if manifest is None:
+            raise ValueError(f"{dataset_dir}: no {MANIFEST_NAME} of generate_synthetic_market")
+        if manifest.get("version") != GENERATOR_VERSION:
+            raise ValueError(f"{dataset_dir}: generated by generator version {manifest.get('version')}, "
+                             f"this one is version {GENERATOR_VERSION}: regenerate it")
+        self.params = manifest["params"]
+        self.size = (self.params["height"], self.params["width"])
+        self._cameras = {c: _sample_camera(self.params["seed"], c)
+                         for c in range(1, self.params["num_cameras"] + 1)}
+        self._identities = _sample_identities(self.params)
+        self._entries = {_file_name(pid, cam, k): (pid, cam, k, kind)
+                         for _, pid, cam, k, kind in _plan(self.params)}
+
+    def __contains__(self, file_name):
+        return osp.basename(file_name) in self._entries
+
+    def render(self, file_name):
+        """(image, mask) of the dataset image ``file_name`` (a path or a base name)."""
+        name = osp.basename(file_name)
+        if name not in self._entries:
+            raise KeyError(f"{name} is not an image of this dataset (seed {self.params['seed']})")
+        pid, cam, k, kind = self._entries[name]
+        return _render_planned(self.params, self._cameras[cam], self._identities, pid, k, kind, with_mask=True)
+
+    def __call__(self, file_name):
+        return self.render(file_name)[1]
 
 
 # ----------------------------------------------------------------------------
