@@ -18,7 +18,9 @@ trousers and white shoes, carrying a black backpack".
   * Image and words (--text with --query): each query image with its identity's words, "A photo of
     a s* person <words>.", against the gallery's composed-prompt features, under the Market
     protocol; beside the image alone (composed prompt) and, as a control, the image with the words
-    of another test identity (the next one, by pid, whose caption differs).
+    of another test identity (the next one, by pid, whose caption differs). Also against the
+    simplified-prompt gallery ("A photo of a person.", the paper's test prompt), beside the image
+    alone with the simplified prompt.
 
 Models: the pretrained small CLIP zero-shot (--clip; words only, and its v for image-to-image as a
 reference: without a trained inversion network there is no s*), PromptSG (--promptsg: both
@@ -169,7 +171,11 @@ def words_only_rows(split, cfg, model, v):
 
 
 def evaluate_promptsg(split, cfg, progress):
+    """Words only against v; the image alone, with its words and with another identity's words
+    against the composed-prompt gallery; the image alone and with its words against the
+    simplified-prompt gallery (the test prompt of the paper's recipe)."""
     model, composed_cfg = build(cfg, "composed")
+    simplified, simplified_cfg = build(cfg, "simplified")
     words = [split.words[pid] for pid in split.q_pids]
     other = [split.other_words[pid] for pid in split.q_pids]
     steps = {
@@ -178,12 +184,17 @@ def evaluate_promptsg(split, cfg, progress):
         "image": lambda: embed(composed_cfg, model, split.query_paths),
         "image_words": lambda: embed(composed_cfg, WordsQueries(model, words), split.query_paths),
         "image_other_words": lambda: embed(composed_cfg, WordsQueries(model, other), split.query_paths),
+        "gallery_simplified": lambda: embed(simplified_cfg, simplified, split.gallery_paths),
+        "image_simplified": lambda: embed(simplified_cfg, simplified, split.query_paths),
     }
     feats = {name: progress(f"PromptSG: {name}", step) for name, step in steps.items()}
     rows, tower = words_only_rows(split, cfg, model, feats["gallery_v"])
     metric = composed_cfg.TEST.METRIC
-    for name in ("image", "image_words", "image_other_words"):
-        rows[name] = split.image_queries(build_dist(torch.from_numpy(feats[name]), torch.from_numpy(feats["gallery"]),
+    for name, query, gallery in (("image", "image", "gallery"), ("image_words", "image_words", "gallery"),
+                                 ("image_other_words", "image_other_words", "gallery"),
+                                 ("image_simplified", "image_simplified", "gallery_simplified"),
+                                 ("image_words_simplified_gallery", "image_words", "gallery_simplified")):
+        rows[name] = split.image_queries(build_dist(torch.from_numpy(feats[query]), torch.from_numpy(feats[gallery]),
                                                     metric))
     return rows, {k: v.detach().cpu().clone() for k, v in tower.state_dict().items()}
 
@@ -223,7 +234,9 @@ def table(results):
                "image_v": "image only, v vs v (Market protocol)",
                "image": "image only, composed prompt (Market protocol)",
                "image_words": 'image + its words, "A photo of a s* person <words>."',
-               "image_other_words": "image + another identity's words (control)"}
+               "image_other_words": "image + another identity's words (control)",
+               "image_simplified": "image only, simplified prompt (query and gallery)",
+               "image_words_simplified_gallery": "image + its words, against the simplified-prompt gallery"}
     for key, rows in models.items():
         for row, label in queries.items():
             if row in rows:
@@ -258,7 +271,7 @@ def main(argv=None):
     print(f"{args.dataset} test split: {len(split.query)} query images of {len(split.pids)} identities, "
           f"{len(split.gallery)} gallery images; captions: {split.caption_stats()}")
 
-    bar = tqdm(total=9, desc="feature passes")
+    bar = tqdm(total=11, desc="feature passes")
     seconds = {}
 
     def progress(name, step):
