@@ -210,7 +210,8 @@ def test_image_and_words_search_gives_each_query_its_words_and_the_gallery_its_u
     cosine = 1 - normed(query) @ normed(gallery).T
     gallery_paths = (tmp_path / "file" / "images.txt").read_text().split()
     for q, entry in enumerate(lists):
-        assert [g["image"] for g in entry["top"]] == [gallery_paths[g] for g in np.argsort(cosine[q], kind="stable")[:4]]
+        expected = np.argsort(cosine[q], kind="stable")[:4]
+        assert [g["image"] for g in entry["top"]] == [gallery_paths[g] for g in expected]
 
 
 # ---- bad input ----
@@ -228,10 +229,12 @@ def test_text_search_bad_input_fails_in_one_line_before_the_model_is_built(weigh
     cases = [
         (psg, [*folders, "--text", ""], "--text: the words are empty"),
         (psg, [*with_query, "--text", " . "], "--text: the words are empty"),
-        (psg, [*folders, "--text-file", str(tmp_path / "blank.json")], f"--text-file {tmp_path / 'blank.json'}: the words for 'q' are empty"),
+        (psg, [*folders, "--text-file", str(tmp_path / "blank.json")],
+         f"--text-file {tmp_path / 'blank.json'}: the words for 'q' are empty"),
         (psg, [*folders, "--text-file", str(tmp_path / "list.json")],
          f"--text-file: {tmp_path / 'list.json'} must hold a non-empty JSON object"),
-        (psg, [*folders, "--text-file", str(tmp_path / "missing.json")], f"--text-file: cannot read {tmp_path / 'missing.json'}"),
+        (psg, [*folders, "--text-file", str(tmp_path / "missing.json")],
+         f"--text-file: cannot read {tmp_path / 'missing.json'}"),
         (psg, [*with_query, "--text-file", str(tmp_path / "partial.json")],
          f"--text-file {tmp_path / 'partial.json'}: no words for {len(list(query_dir.glob('*.jpg'))) - 1} of the "),
         (psg, [*with_query, "--text-file", str(tmp_path / "stranger.json")],

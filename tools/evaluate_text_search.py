@@ -60,7 +60,8 @@ from promptsg.checkpoint import NonFiniteError, load_for_inference  # noqa: E402
 from promptsg.datasets.synthetic import identity_captions, person_words  # noqa: E402
 from promptsg.evaluation import chance_level  # noqa: E402
 from promptsg.preflight import InputError, check_weights, load_config  # noqa: E402
-from promptsg.text_search import ImageEmbeddings, WordsQueries, cosine_distances, text_tower, words_only_prompt  # noqa: E402
+from promptsg.text_search import (ImageEmbeddings, WordsQueries, cosine_distances, text_tower,  # noqa: E402
+                                  words_only_prompt)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_CAMERA = -1          # words-only queries: a camera no gallery image has, so none is left out

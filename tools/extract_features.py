@@ -356,9 +356,10 @@ def words_only_main(args, cfg, model, text, gallery_paths, camera):
     write_features(args.output, "", images, gallery_paths, ("image_embeddings.npy", "images.txt"))
     write_features(args.output, "", texts, text.prompts, ("text_embeddings.npy", "texts.txt"))
     write_ranking(args.output, ranking(dist, text.names, gallery_paths, args.top_k, text.prompts))
+    queries = f"{len(text.names)} words-only quer{'y' if len(text.names) == 1 else 'ies'}"
     print(f"{len(gallery_paths)} images -> {args.output}/image_embeddings.npy {images.shape} (CLIP image "
-          f"embeddings v); {len(text.names)} words-only queries ranked (cosine to the CLIP text embedding "
-          f"of {text.prompts[0]!r}{' ...' if len(text.prompts) > 1 else ''}) -> {args.output}/ranking.json")
+          f"embeddings v); {queries} ranked (cosine to the CLIP text embedding of {text.prompts[0]!r}"
+          f"{' ...' if len(text.prompts) > 1 else ''}) -> {args.output}/ranking.json")
     return texts, images, dist
 
 
