@@ -151,13 +151,17 @@ class PromptSG(nn.Module):
         """Retrieval features (B, D) whose MIM query is "A photo of a s* person <words[i]>.", s* each
         image's own pseudo token; ``words[i]`` empty gives the composed prompt's feature.
 
-        Images that share words are run through the text tower and the head together.
+        With the pooled prompt as the MIM query the batch runs at once; with every prompt token as
+        a query (MIM.QUERY tokens), images that share words are run together.
         """
         if self.heads.inversion is None or self.heads.mim is None:
             raise ValueError("features_with_words needs the inversion network f_theta and the MIM")
         images = self.preprocess_image(batched_inputs)
         camids = batched_inputs.get("camids") if isinstance(batched_inputs, dict) else None
         visual = self.backbone(images, camids, with_tokens=True)
+        if self.mim_query != "tokens":
+            prompt = self.prompt_features(visual, composed=True, words=words)
+            return self.heads(visual, prompt.query, prompt.out_index)
         feats = None
         for group in dict.fromkeys(words):
             rows = torch.tensor([i for i, w in enumerate(words) if w == group], device=images.device)
@@ -177,7 +181,7 @@ class PromptSG(nn.Module):
 
     def prompt_features(self, visual, composed, words=""):
         """s* (B, D) if composed, the prompt embedding l_p (B, E) and the MIM query (B, Q, E); ``words``
-        are added to the composed prompt (text-aware search)."""
+        (one string, or one per image) are added to the composed prompt (text-aware search)."""
         if self.text is None:
             return PromptFeatures()
         need_tokens = self.mim_query == "tokens" and self.heads.mim is not None

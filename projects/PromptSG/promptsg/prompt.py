@@ -11,6 +11,7 @@ stop (``with_words``): "A photo of a s* person carrying a red backpack." and, wi
 """
 import open_clip
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -84,7 +85,8 @@ class PromptComposer(nn.Module):
         return super().train(False)
 
     def forward(self, token_embeddings, eot_index, return_tokens=False):
-        """Run the text tower on (B, n, D) token embeddings with the EOT token at ``eot_index``.
+        """Run the text tower on (B, n, D) token embeddings with the EOT token at ``eot_index`` (an
+        int, or a (B,) tensor: one per sequence).
 
         Returns the pooled EOT embedding (B, E) and, if ``return_tokens``, every token
         projected to the joint space (B, n, E).
@@ -95,7 +97,10 @@ class PromptComposer(nn.Module):
         x = self.transformer(x, attn_mask=causal)
         x = self.ln_final(x)
         tokens = self._project(x)                    # (B, n, E)
-        pooled = tokens[:, eot_index]
+        if isinstance(eot_index, int):
+            pooled = tokens[:, eot_index]
+        else:
+            pooled = tokens[torch.arange(len(tokens), device=tokens.device), eot_index]
         return (pooled, tokens) if return_tokens else pooled
 
     def _project(self, x):
@@ -104,14 +109,25 @@ class PromptComposer(nn.Module):
         return x @ self.text_projection
 
     def compose(self, pseudo_tokens, return_tokens=False, words=""):
-        """Embed "A photo of a s* person." for each pseudo token s* in (B, D); with ``words``,
-        "A photo of a s* person <words>." (the same words for the whole batch)."""
-        ids = self.prompt_ids if not words else self.prompt_ids_with(words).to(self.prompt_ids.device)
-        base = self.token_embedding(ids).to(pseudo_tokens.dtype)                   # (n, D)
-        before = base[: self.placeholder_index].expand(len(pseudo_tokens), -1, -1)
-        after = base[self.placeholder_index + 1:].expand(len(pseudo_tokens), -1, -1)
-        x = torch.cat([before, pseudo_tokens[:, None, :], after], dim=1)           # (B, n, D)
-        return self(x, len(ids) - 1, return_tokens)
+        """Embed "A photo of a s* person." for each pseudo token s* in (B, D).
+
+        ``words``, one string for the batch or one per s*, are added to the prompt: "A photo of a
+        s* person <words>.". Prompts of different lengths are padded after their EOT token (the
+        causal mask keeps the padding from changing anything at or before it); they have no common
+        token sequence, so ``return_tokens`` needs prompts of one length.
+        """
+        rows = [words] if isinstance(words, str) else list(words)
+        ids = [self.prompt_ids if not w else self.prompt_ids_with(w).to(self.prompt_ids.device) for w in rows]
+        lengths = [len(i) for i in ids]
+        n, same = max(lengths), min(lengths) == max(lengths)
+        if return_tokens and not same:
+            raise ValueError("compose: return_tokens needs prompts of one length")
+        ids = torch.stack([F.pad(i, (0, n - len(i))) for i in ids])                # (1 or B, n)
+        base = self.token_embedding(ids).to(pseudo_tokens.dtype).expand(len(pseudo_tokens), -1, -1)
+        p = self.placeholder_index
+        x = torch.cat([base[:, :p], pseudo_tokens[:, None, :], base[:, p + 1:]], dim=1)   # (B, n, D)
+        eot = n - 1 if same else torch.tensor(lengths, device=x.device) - 1
+        return self(x, eot, return_tokens)
 
     def tokenize(self, text):
         """Token ids of ``text`` up to and including EOT; ValueError if it does not fit the context."""
