@@ -122,7 +122,8 @@ class PromptComposer(nn.Module):
         n, same = max(lengths), min(lengths) == max(lengths)
         if return_tokens and not same:
             raise ValueError("compose: return_tokens needs prompts of one length")
-        ids = torch.stack([F.pad(i, (0, n - len(i))) for i in ids])                # (1 or B, n)
+        # (1, n) for one string (a view: the training path stays as cheap as it was), else (B, n)
+        ids = ids[0][None] if len(ids) == 1 else torch.stack([F.pad(i, (0, n - len(i))) for i in ids])
         base = self.token_embedding(ids).to(pseudo_tokens.dtype).expand(len(pseudo_tokens), -1, -1)
         p = self.placeholder_index
         x = torch.cat([base[:, :p], pseudo_tokens[:, None, :], base[:, p + 1:]], dim=1)   # (B, n, D)
