@@ -90,8 +90,8 @@ def spy_on_compose(model, monkeypatch):
     seen = {}
     compose = model.text.compose
 
-    def spy(pseudo_tokens, return_tokens=False):
-        seen["s_star"], seen["text"] = pseudo_tokens, compose(pseudo_tokens, return_tokens)
+    def spy(pseudo_tokens, return_tokens=False, words=""):
+        seen["s_star"], seen["text"] = pseudo_tokens, compose(pseudo_tokens, return_tokens, words)
         return seen["text"]
 
     monkeypatch.setattr(model.text, "compose", spy)

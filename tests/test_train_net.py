@@ -18,7 +18,7 @@ from fastreid.config import get_cfg
 from fastreid.engine import DefaultTrainer
 from fastreid.utils.events import EventStorage
 
-from tiny_runs import BOT_CFG, PROMPTSG_CFG, ROOT, TINY, one_line_error, run
+from tiny_runs import BOT_CFG, PROMPTSG_CFG, ROOT, TINY, load_extract_tool, market_ids, one_line_error, run
 
 
 def read(path):
@@ -112,12 +112,6 @@ def visualize(args, root):
                           text=True, timeout=600)
 
 
-def market_ids(path):
-    """(person id, camera id) from a Market-1501 file name such as 0002_c1s1_000451_03.jpg."""
-    name = os.path.basename(path)
-    return int(name.split("_")[0]), int(name.split("_")[1][1])
-
-
 def test_visualize_draws_the_ranking_that_eval_only_scores(trained, datasets_root, tmp_path):
     train_dir = trained["simplified"]
     result = visualize(["--config-file", PROMPTSG_CFG, "--output", str(tmp_path), "--num-vis", "3",
@@ -207,13 +201,6 @@ def test_bot_baseline_loss_falls_over_a_short_run(datasets_root, monkeypatch, tm
 
 
 # ---- tools/extract_features.py ----
-
-def load_extract_tool():
-    spec = importlib.util.spec_from_file_location("extract_features", os.path.join(ROOT, "tools", "extract_features.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_extract_features_search_ranks_folders_as_the_evaluation_ranks_the_test_set(trained, datasets_root, tmp_path):
     """Query and gallery folders in, features and rankings out: the distances it ranks by give the

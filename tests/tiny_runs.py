@@ -1,5 +1,7 @@
 """What the end-to-end tests share: tools/train_net.py on the tiny synthetic split with a tiny CLIP
-(seconds per run on two cores), and the one-line error every bad input must give."""
+(seconds per run on two cores), the one-line error every bad input must give, and
+tools/extract_features.py loaded as a module."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -44,3 +46,17 @@ def one_line_error(result, *fragments, before_training=True):
     if before_training:
         assert "Starting training" not in result.stdout + result.stderr
     return last
+
+
+def load_extract_tool():
+    """tools/extract_features.py as a module."""
+    spec = importlib.util.spec_from_file_location("extract_features", os.path.join(ROOT, "tools", "extract_features.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def market_ids(path):
+    """(person id, camera id) from a Market-1501 file name such as 0002_c1s1_000451_03.jpg."""
+    name = os.path.basename(path)
+    return int(name.split("_")[0]), int(name.split("_")[1][1])

@@ -75,3 +75,8 @@ def uses_inversion(cfg):
     """f_theta exists when s* is composed in training or at test time."""
     p = cfg.MODEL.PROMPTSG
     return p.COMPOSE_TRAIN or p.INFERENCE_PROMPT == "composed"
+
+
+def uses_text_tower(cfg):
+    """PromptSG builds (and checkpoints) CLIP's frozen text tower when it composes s* or has a MIM."""
+    return uses_inversion(cfg) or cfg.MODEL.PROMPTSG.MIM.CROSS_LAYERS > 0

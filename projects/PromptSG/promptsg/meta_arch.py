@@ -7,7 +7,9 @@
     L = L_Triplet + L_ID + lambda * L_SupCon   losses (Eq. 10)          (here, supcon.py)
 
 At test time l_p is the cached embedding of "A photo of a person." (simplified prompt) or the
-per-image composed prompt (MODEL.PROMPTSG.INFERENCE_PROMPT).
+per-image composed prompt (MODEL.PROMPTSG.INFERENCE_PROMPT). Text-aware search
+(tools/extract_features.py --text) reads two more things: ``features_with_words`` (the MIM query
+"A photo of a s* person <words>.") and ``image_embeddings`` (v alone, compared with a text).
 
 MODEL.PROMPTSG.COMPILE compiles the visual encoder, the text encoder, the head and the loss terms
 with torch.compile (parameter names, checkpoints and results unchanged; tests/test_fast_paths.py).
@@ -22,9 +24,10 @@ from fastreid.modeling.heads import REID_HEADS_REGISTRY
 from fastreid.modeling.meta_arch import META_ARCH_REGISTRY
 from torch import nn
 
+from .clip_backbone import CLIPVisualOutput
 from .clip_weights import create_clip_model
 from .config import validate_promptsg_config
-from .heads import uses_inversion
+from .heads import uses_text_tower
 from .deferred_log import DeferredScalars
 from .diagnostics import alignment_diagnostics, mean_pairwise_cosine
 from .distributed import gather_batch, world_size
@@ -79,9 +82,8 @@ class PromptSG(nn.Module):
                                        tuple(cfg.INPUT.SIZE_TRAIN), cfg.MODEL.CLIP.STRIDE,
                                        cfg.MODEL.BACKBONE.LAST_STRIDE, cfg.MODEL.CLIP.ACTIVATION)
         backbone = BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)(cfg, clip_model=clip_model)
-        needs_text = uses_inversion(cfg) or p.MIM.CROSS_LAYERS > 0
         text = (build_prompt_composer(clip_model, cfg.MODEL.CLIP.NAME, p.PROMPT, p.SIMPLE_PROMPT)
-                if needs_text else None)
+                if uses_text_tower(cfg) else None)
         heads = REID_HEADS_REGISTRY.get(cfg.MODEL.HEADS.NAME)(
             cfg, embed_dim=backbone.out_dim, token_dim=text.width if text is not None else 0)
         if heads.inversion is not None and p.PSEUDO_TOKEN_INIT == "token":
@@ -138,6 +140,39 @@ class PromptSG(nn.Module):
         outputs = self.heads(visual, query, prompt.out_index, targets)
         return self.losses(outputs, visual, prompt, targets)
 
+    @torch.no_grad()
+    def image_embeddings(self, batched_inputs):
+        """CLIP's global image embedding v (B, E) of each image: the space L_SupCon ties to the prompts."""
+        images = self.preprocess_image(batched_inputs)
+        camids = batched_inputs.get("camids") if isinstance(batched_inputs, dict) else None
+        return self.backbone(images, camids, with_tokens=False).embedding
+
+    @torch.no_grad()
+    def features_with_words(self, batched_inputs, words):
+        """Retrieval features (B, D) whose MIM query is "A photo of a s* person <words[i]>.", s* each
+        image's own pseudo token; ``words[i]`` empty gives the composed prompt's feature.
+
+        With the pooled prompt as the MIM query the batch runs at once; with every prompt token as
+        a query (MIM.QUERY tokens), images that share words are run together.
+        """
+        if self.heads.inversion is None or self.heads.mim is None:
+            raise ValueError("features_with_words needs the inversion network f_theta and the MIM")
+        images = self.preprocess_image(batched_inputs)
+        camids = batched_inputs.get("camids") if isinstance(batched_inputs, dict) else None
+        visual = self.backbone(images, camids, with_tokens=True)
+        if self.mim_query != "tokens":
+            prompt = self.prompt_features(visual, composed=True, words=words)
+            return self.heads(visual, prompt.query, prompt.out_index)
+        feats = None
+        for group in dict.fromkeys(words):
+            rows = torch.tensor([i for i, w in enumerate(words) if w == group], device=images.device)
+            part = CLIPVisualOutput(visual.embedding[rows], visual.tokens[rows], [s[rows] for s in visual.states])
+            prompt = self.prompt_features(part, composed=True, words=group)
+            feat = self.heads(part, prompt.query, prompt.out_index)
+            feats = feat.new_empty(len(words), feat.shape[1]) if feats is None else feats
+            feats[rows] = feat
+        return feats
+
     def mix_simplified_query(self, query):
         """MODEL.PROMPTSG.SIMPLIFIED_QUERY_SHARE (beyond the paper): each image's MIM query (B, 1, E)
         is the simplified prompt's embedding with this probability, else its composed prompt's."""
@@ -145,8 +180,9 @@ class PromptSG(nn.Module):
         use_simple = torch.rand(len(query), 1, 1, device=query.device) < self.simplified_query_share
         return torch.where(use_simple, simple, query)
 
-    def prompt_features(self, visual, composed):
-        """s* (B, D) if composed, the prompt embedding l_p (B, E) and the MIM query (B, Q, E)."""
+    def prompt_features(self, visual, composed, words=""):
+        """s* (B, D) if composed, the prompt embedding l_p (B, E) and the MIM query (B, Q, E); ``words``
+        (one string, or one per image) are added to the composed prompt (text-aware search)."""
         if self.text is None:
             return PromptFeatures()
         need_tokens = self.mim_query == "tokens" and self.heads.mim is not None
@@ -154,7 +190,7 @@ class PromptSG(nn.Module):
         pseudo_tokens = None
         if composed:
             pseudo_tokens = self.heads.inversion(visual.embedding)            # s* = f_theta(v)
-            out = self.text.compose(pseudo_tokens, return_tokens=need_tokens)
+            out = self.text.compose(pseudo_tokens, return_tokens=need_tokens, words=words)
         elif self.heads.mim is not None:
             out = self.text.simple(batch, visual.embedding.device, return_tokens=need_tokens)
         else:

@@ -4,9 +4,14 @@
 the placeholder X, and the text embedding l_p is pooled at the end-of-text (EOT) token. Only the
 prompt's real tokens are run through the encoder: its causal mask means no output at or before
 EOT depends on the padded tail of CLIP's 77-token context, so the result is the same.
+
+Text-aware search (tools/extract_features.py --text) adds words to either prompt, before its full
+stop (``with_words``): "A photo of a s* person carrying a red backpack." and, without an image,
+"A photo of a person carrying a red backpack." (``embed_texts``).
 """
 import open_clip
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -47,6 +52,8 @@ class PromptComposer(nn.Module):
         prompt_len = int(ids.argmax()) + 1  # tokens up to and including EOT (EOT has the largest id)
         simple_ids = tokenizer([simple_prompt])[0]
         simple_len = int(simple_ids.argmax()) + 1
+        self.tokenizer, self.prompt, self.simple_prompt = tokenizer, prompt, simple_prompt
+        self._words_ids = {}  # words -> token ids of the prompt with those words, up to EOT
         self.register_buffer("prompt_ids", ids[:prompt_len].clone(), persistent=False)
         self.register_buffer("simple_ids", simple_ids[:simple_len].clone(), persistent=False)
         self.prompt_eot, self.simple_eot = prompt_len - 1, simple_len - 1  # Python ints: no device sync
@@ -78,7 +85,8 @@ class PromptComposer(nn.Module):
         return super().train(False)
 
     def forward(self, token_embeddings, eot_index, return_tokens=False):
-        """Run the text tower on (B, n, D) token embeddings with the EOT token at ``eot_index``.
+        """Run the text tower on (B, n, D) token embeddings with the EOT token at ``eot_index`` (an
+        int, or a (B,) tensor: one per sequence).
 
         Returns the pooled EOT embedding (B, E) and, if ``return_tokens``, every token
         projected to the joint space (B, n, E).
@@ -89,7 +97,10 @@ class PromptComposer(nn.Module):
         x = self.transformer(x, attn_mask=causal)
         x = self.ln_final(x)
         tokens = self._project(x)                    # (B, n, E)
-        pooled = tokens[:, eot_index]
+        if isinstance(eot_index, int):
+            pooled = tokens[:, eot_index]
+        else:
+            pooled = tokens[torch.arange(len(tokens), device=tokens.device), eot_index]
         return (pooled, tokens) if return_tokens else pooled
 
     def _project(self, x):
@@ -97,13 +108,52 @@ class PromptComposer(nn.Module):
             return self.text_projection(x)
         return x @ self.text_projection
 
-    def compose(self, pseudo_tokens, return_tokens=False):
-        """Embed "A photo of a s* person." for each pseudo token s* in (B, D)."""
-        base = self.token_embedding(self.prompt_ids).to(pseudo_tokens.dtype)        # (n, D)
-        before = base[: self.placeholder_index].expand(len(pseudo_tokens), -1, -1)
-        after = base[self.placeholder_index + 1:].expand(len(pseudo_tokens), -1, -1)
-        x = torch.cat([before, pseudo_tokens[:, None, :], after], dim=1)           # (B, n, D)
-        return self(x, self.prompt_eot, return_tokens)
+    def compose(self, pseudo_tokens, return_tokens=False, words=""):
+        """Embed "A photo of a s* person." for each pseudo token s* in (B, D).
+
+        ``words``, one string for the batch or one per s*, are added to the prompt: "A photo of a
+        s* person <words>.". Prompts of different lengths are padded after their EOT token (the
+        causal mask keeps the padding from changing anything at or before it); they have no common
+        token sequence, so ``return_tokens`` needs prompts of one length.
+        """
+        rows = [words] if isinstance(words, str) else list(words)
+        ids = [self.prompt_ids if not w else self.prompt_ids_with(w).to(self.prompt_ids.device) for w in rows]
+        lengths = [len(i) for i in ids]
+        n, same = max(lengths), min(lengths) == max(lengths)
+        if return_tokens and not same:
+            raise ValueError("compose: return_tokens needs prompts of one length")
+        # (1, n) for one string (a view: the training path stays as cheap as it was), else (B, n)
+        ids = ids[0][None] if len(ids) == 1 else torch.stack([F.pad(i, (0, n - len(i))) for i in ids])
+        base = self.token_embedding(ids).to(pseudo_tokens.dtype).expand(len(pseudo_tokens), -1, -1)
+        p = self.placeholder_index
+        x = torch.cat([base[:, :p], pseudo_tokens[:, None, :], base[:, p + 1:]], dim=1)   # (B, n, D)
+        eot = n - 1 if same else torch.tensor(lengths, device=x.device) - 1
+        return self(x, eot, return_tokens)
+
+    def tokenize(self, text):
+        """Token ids of ``text`` up to and including EOT; ValueError if it does not fit the context."""
+        return prompt_tokens(self.tokenizer, text)
+
+    def prompt_ids_with(self, words):
+        """Token ids of the composed prompt with ``words`` (see ``with_words``), computed once per words."""
+        if words not in self._words_ids:
+            ids = self.tokenize(with_words(self.prompt, words))
+            # The words come after the placeholder: the tokens up to it are the prompt's own.
+            if not torch.equal(ids[: self.placeholder_index + 1], self.prompt_ids[: self.placeholder_index + 1].cpu()):
+                raise ValueError(f"the words {words!r} change the tokens before the placeholder of {self.prompt!r}")
+            self._words_ids[words] = ids
+        return self._words_ids[words]
+
+    def embed_texts(self, texts):
+        """CLIP text embeddings (N, E), float32, of the prompts ``texts`` (no placeholder), each
+        pooled at its own EOT token: CLIP's ``encode_text`` before normalisation."""
+        device = self.token_embedding.weight.device
+        out = []
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            for text in texts:
+                ids = self.tokenize(text).to(device)
+                out.append(self(self.token_embedding(ids)[None].float(), len(ids) - 1))
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim, device=device)
 
     def simple(self, batch_size, device, return_tokens=False):
         """Embedding of the simplified prompt (float32), computed once per device and cached."""
@@ -118,6 +168,28 @@ class PromptComposer(nn.Module):
         if return_tokens:
             return cached[0].expand(batch_size, -1), cached[1].expand(batch_size, -1, -1)
         return cached.expand(batch_size, -1)
+
+
+def with_words(prompt, words):
+    """``prompt`` with ``words`` added at its end, before its full stop:
+    ("A photo of a X person.", "carrying a red backpack") -> "A photo of a X person carrying a red
+    backpack."; a full stop ending the words is dropped. Empty words leave ``prompt`` as it is."""
+    words = words.strip().rstrip(".").rstrip()
+    if not words:
+        return prompt
+    body, stop = (prompt[:-1], ".") if prompt.endswith(".") else (prompt, "")
+    return f"{body} {words}{stop}"
+
+
+def prompt_tokens(tokenizer, text):
+    """Token ids of ``text`` up to and including EOT (1-D); ValueError naming the prompt if it is
+    longer than the tokenizer's context (which would cut it short without a word)."""
+    count = len(tokenizer.encode(text)) + 2                        # + SOS and EOT
+    if count > tokenizer.context_length:
+        raise ValueError(f"the prompt {text!r} is {count} tokens, more than the text tower's "
+                         f"context of {tokenizer.context_length}")
+    ids = tokenizer([text])[0]
+    return ids[: int(ids.argmax()) + 1]                           # EOT has the largest id
 
 
 def build_prompt_composer(clip_model, model_name, prompt, simple_prompt):

@@ -80,7 +80,7 @@ from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.data.datasets.bases import ImageDataset
 
 __all__ = ["PersonMasks", "SyntheticMarket", "describe_person", "generate_caption_pool",
-           "generate_synthetic_market"]
+           "generate_synthetic_market", "identity_captions", "person_words"]
 
 # Bump whenever the drawing or the layout changes: old datasets are then regenerated.
 GENERATOR_VERSION = 1
@@ -288,6 +288,26 @@ def describe_person(person):
     if p["bag"] != "none":
         caption += ", carrying " + _with_article(f"{colour(BAG_COLOURS, BAG_COLOUR_NAMES, 'bag_colour')} {p['bag']}")
     return caption + "."
+
+
+def person_words(caption):
+    """The words after "a person" in a :func:`describe_person` caption, without its full stop: a
+    text query's words, e.g. "with short black hair wearing ..., carrying a black backpack"."""
+    prefix = "a person "
+    if not caption.startswith(prefix):
+        raise ValueError(f"not a describe_person caption: {caption!r}")
+    return caption[len(prefix):].rstrip(".")
+
+
+def identity_captions(dataset_dir):
+    """{pid: caption} for every identity (train and test) of a dataset written by
+    :func:`generate_synthetic_market`: :func:`describe_person` of the person whose images carry
+    that pid. Nothing is stored: the people are drawn again from the parameters in the manifest
+    (deterministic, like the images)."""
+    manifest = _read_manifest(dataset_dir)
+    if manifest is None:
+        raise ValueError(f"{dataset_dir}: no {MANIFEST_NAME} written by generate_synthetic_market")
+    return {pid: describe_person(person) for pid, person in _sample_identities(manifest["params"]).items()}
 
 
 def _sample_identities(params):
