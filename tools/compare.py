@@ -192,15 +192,17 @@ def build(run):
 
 
 def describe(cfg, model):
-    """What the model is, from its config: PromptSG and its test prompt, or the FastReID recipe's parts."""
+    """What the model is: PromptSG and its test prompt, the CLIP baseline, or a FastReID backbone
+    with the parts its built modules show (WITH_NL adds no block to a ResNet-18, for one)."""
     if cfg.MODEL.META_ARCHITECTURE == "PromptSG":
         if model.text is None:
             return f"CLIP baseline ({cfg.MODEL.CLIP.NAME})"
         return f"PromptSG ({cfg.MODEL.CLIP.NAME}), {cfg.MODEL.PROMPTSG.INFERENCE_PROMPT} prompt"
     backbone = cfg.MODEL.BACKBONE
     name = re.sub(r"^build_|_backbone$", "", backbone.NAME)
+    modules = {type(m).__name__ for m in model.modules()}
     parts = [f"{name} {backbone.DEPTH}".strip()]
-    parts += [label for flag, label in ((backbone.WITH_IBN, "IBN"), (backbone.WITH_NL, "non-local")) if flag]
+    parts += [label for cls, label in (("IBN", "IBN"), ("Non_local", "non-local")) if cls in modules]
     return f"{cfg.MODEL.META_ARCHITECTURE}: {' + '.join(parts)}, {cfg.MODEL.HEADS.POOL_LAYER}"
 
 
