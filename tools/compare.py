@@ -348,6 +348,12 @@ def markdown(rows, settings):
     return "\n".join(lines) + "\n"
 
 
+def plot_label(row):
+    """The run's name, with PromptSG's test prompt when the name does not say it."""
+    match = re.search(r"(\w+) prompt$", row["model"])
+    return f"{row['run']} ({match.group(0)})" if match and match.group(1) not in row["run"] else row["run"]
+
+
 def plot(rows, settings, path):
     import matplotlib
 
@@ -358,7 +364,8 @@ def plot(rows, settings, path):
     speeds, maps = [r["images_per_s"] for r in rows], [r["mAP"] for r in rows]
     ax.scatter(speeds, maps, zorder=2)
     for r in rows:
-        ax.annotate(r["run"], (r["images_per_s"], r["mAP"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.annotate(plot_label(r), (r["images_per_s"], r["mAP"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
     if max(speeds) / min(speeds) > 20:
         ax.set_xscale("log")
     ax.set_xlabel(f"inference images/s (CPU fp32, batch {settings['batch_size']}, {settings['threads']} threads)")
