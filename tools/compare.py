@@ -3,7 +3,7 @@
 
     python tools/compare.py logs/synthetic/promptsg_small_vit logs/synthetic/clip_baseline_small_vit \\
         logs/synthetic/bot_R18 --output logs/synthetic
-    python tools/compare.py RUN [RUN ...] --output DIR [--batch-size 32] [--threads 2] [--rounds 20]
+    python tools/compare.py RUN [RUN ...] --output DIR [--batch-size 32] [--threads 1] [--rounds 20]
 
 Each RUN is an OUTPUT_DIR of tools/train_net.py (PromptSG, the CLIP baseline, FastReID's BoT,
 AGW, SBS, ...): ``config.yaml``, ``model_final.pth`` and ``results.json`` (the final evaluation's
@@ -23,10 +23,11 @@ the ID classifier left out), as ``train_net.py --eval-only`` does, and measured 
     products, convolutions and attention only (normalisation, activations and element-wise ops
     are not counted). The evaluation's flip test (TEST.FLIP.ENABLED) would run it twice;
   * images/s: CPU, float32, eval mode, ``torch.no_grad``, one fixed batch of random images at
-    INPUT.SIZE_TEST (``--batch-size``, ``--threads`` torch threads); ``--warmup`` batches, then
-    ``--rounds`` timed batches per model, the models taking turns batch by batch so that the load
-    of the machine falls on all of them alike: ratios between rows hold, absolute figures move
-    with the load. The median is reported.
+    INPUT.SIZE_TEST (``--batch-size``, ``--threads`` torch threads, 1 by default); ``--warmup``
+    batches, then ``--rounds`` timed batches per model, the models taking turns batch by batch so
+    that a change in the machine's load falls on all of them. The median is reported. Absolute
+    figures move with the load; with one thread the ratios between rows stay (on a loaded machine
+    several threads wait on one another, which slows models of many small operators most).
 
 Writes to --output: ``compare.md`` (the table and how it was measured), ``compare.png`` (mAP against
 images/s, one labelled point per row) and ``compare.json`` (the same figures). A missing folder,
@@ -78,8 +79,8 @@ def parse_args(argv=None):
     parser.add_argument("--output", required=True, metavar="DIR",
                         help="folder for compare.md, compare.png and compare.json")
     parser.add_argument("--batch-size", type=int, default=32, help="images per timed batch")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch threads (default: torch's, %(default)s here)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: the speed ratios then hold on a shared machine)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches per model first")
     parser.add_argument("--rounds", type=int, default=20, help="timed batches per model")
     args = parser.parse_args(argv)
@@ -342,7 +343,8 @@ def markdown(rows, settings):
         "convolutions and attention only. Images/s: CPU, float32, eval mode, torch.no_grad, "
         f"batches of {settings['batch_size']} random images, {settings['threads']} torch threads, "
         f"{settings['warmup']} warm-up then {settings['rounds']} timed batches per model, the models taking "
-        "turns in one process (median); the ratios hold, absolute figures move with the machine's load. "
+        "turns in one process (median); absolute figures move with the machine's load, the ratios between "
+        "rows much less (with one thread). "
         "Model forward only: no data loading, no flip test.",
     ]
     return "\n".join(lines) + "\n"
