@@ -319,11 +319,15 @@ def commit():
 
 # ---- writing ----
 
+def threads(settings):
+    return f"{settings['threads']} torch thread{'s' if settings['threads'] != 1 else ''}"
+
+
 def markdown(rows, settings):
     first = rows[0]["images_per_s"]
     lines = [
         f"Measured {settings['date']} (UTC), commit {settings['commit']}, {settings['machine']}; "
-        f"torch {settings['torch']}, {settings['threads']} threads.",
+        f"torch {settings['torch']}, {threads(settings)}.",
         "",
         "| Run | Model | Test input | mAP | Rank-1 | Rank-5 | Rank-10 | mINP | Parameters (M) | GFLOPs / image "
         "| Images/s | Speed / first row |",
@@ -341,7 +345,7 @@ def markdown(rows, settings):
         "PromptSG's frozen text tower included). GFLOPs: one image's forward pass at the test input size, "
         "torch.utils.flop_counter.FlopCounterMode, a multiply-add counted as 2 FLOPs, matrix products, "
         "convolutions and attention only. Images/s: CPU, float32, eval mode, torch.no_grad, "
-        f"batches of {settings['batch_size']} random images, {settings['threads']} torch threads, "
+        f"batches of {settings['batch_size']} random images, {threads(settings)}, "
         f"{settings['warmup']} warm-up then {settings['rounds']} timed batches per model, the models taking "
         "turns in one process (median); absolute figures move with the machine's load, the ratios between "
         "rows much less (with one thread). "
@@ -370,7 +374,7 @@ def plot(rows, settings, path):
                     fontsize=8)
     if max(speeds) / min(speeds) > 20:
         ax.set_xscale("log")
-    ax.set_xlabel(f"inference images/s (CPU fp32, batch {settings['batch_size']}, {settings['threads']} threads)")
+    ax.set_xlabel(f"inference images/s (CPU fp32, batch {settings['batch_size']}, {threads(settings)})")
     ax.set_ylabel("mAP (%)")
     ax.set_title(f"mAP against speed ({settings['date'][:10]}, commit {settings['commit']})", fontsize=10)
     ax.grid(True, alpha=0.3)
