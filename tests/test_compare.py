@@ -149,6 +149,29 @@ def test_flops_match_a_hand_count():
     assert torch.backends.mha.get_fastpath_enabled()              # restored after counting
 
 
+def test_speed_is_the_median_batch_and_the_ratio_is_paired_within_rounds(monkeypatch):
+    """On a clock the models advance themselves: b takes twice a's time in each round while the
+    machine's load changes from round to round, except for one spike that hits b alone; the
+    warm-up batches are slow. The paired ratio ignores the spike; the ratio of medians would not."""
+    tool = load_compare_tool()
+    clock = [0.0]
+    seconds = {"a": [100.0, 1.0, 3.0, 1.5, 2.0], "b": [100.0, 2.0, 6.0, 3.0, 400.0]}
+
+    class Timed(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, batched_inputs):
+            clock[0] += seconds[self.name].pop(0)
+
+    monkeypatch.setattr(tool.time, "perf_counter", lambda: clock[0])
+    inputs = [{"images": torch.zeros(8, 3, 2, 2)}, {"images": torch.zeros(8, 3, 2, 2)}]
+    per_second, relative = tool.measure_speed([Timed("a"), Timed("b")], inputs, warmup=1, rounds=4)
+    assert per_second == pytest.approx([8 / 1.75, 8 / 4.5])      # medians of the timed batches
+    assert relative == pytest.approx([1.0, 0.5])                 # median of 1/2, 1/2, 1/2, 1/200 (not 0.39)
+
+
 def test_a_matrix_product_without_a_flop_formula_is_an_error():
     class MatrixVector(nn.Module):
         def forward(self, batched_inputs):

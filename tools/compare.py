@@ -25,9 +25,10 @@ the ID classifier left out), as ``train_net.py --eval-only`` does, and measured 
   * images/s: CPU, float32, eval mode, ``torch.no_grad``, one fixed batch of random images at
     INPUT.SIZE_TEST (``--batch-size``, ``--threads`` torch threads, 1 by default); ``--warmup``
     batches, then ``--rounds`` timed batches per model, the models taking turns batch by batch so
-    that a change in the machine's load falls on all of them. The median is reported. Absolute
-    figures move with the load; with one thread the ratios between rows stay (on a loaded machine
-    several threads wait on one another, which slows models of many small operators most).
+    that a change in the machine's load falls on all of them; the median. The speed relative to
+    the first row is the median over the rounds of the ratio within a round. Absolute figures move
+    with the load, the ratios much less; one thread by default, since on a loaded machine several
+    threads wait on one another, which slows models of many small operators most.
 
 Writes to --output: ``compare.md`` (the table and how it was measured), ``compare.png`` (mAP against
 images/s, one labelled point per row) and ``compare.json`` (the same figures). A missing folder,
@@ -274,9 +275,10 @@ def count_flops(model, inputs):
 
 
 def measure_speed(models, inputs, warmup, rounds):
-    """Median images/s of each model over ``rounds`` timed batches, after ``warmup`` untimed ones;
-    the models take turns batch by batch (the starting one rotating), so a change in the machine's
-    load falls on all of them."""
+    """Each model's images/s (median over ``rounds`` timed batches, after ``warmup`` untimed ones)
+    and its speed relative to the first model (the median over the rounds of the two batch times'
+    ratio in the same round). The models take turns batch by batch, the starting one rotating,
+    so a change in the machine's load falls on all of them and the paired ratios cancel it."""
     from tqdm import tqdm
 
     seconds = [[] for _ in models]
@@ -290,7 +292,10 @@ def measure_speed(models, inputs, warmup, rounds):
                 elapsed = time.perf_counter() - start
                 if step >= warmup:
                     seconds[i].append(elapsed)
-    return [len(inputs[i]["images"]) / statistics.median(s) for i, s in enumerate(seconds)]
+    per_second = [len(inputs[i]["images"]) / statistics.median(s) for i, s in enumerate(seconds)]
+    relative = [statistics.median((seconds[0][k] / len(inputs[0]["images"])) / (t / len(inputs[i]["images"]))
+                                  for k, t in enumerate(s)) for i, s in enumerate(seconds)]
+    return per_second, relative
 
 
 # ---- the machine and the code measured ----
@@ -324,7 +329,6 @@ def threads(settings):
 
 
 def markdown(rows, settings):
-    first = rows[0]["images_per_s"]
     lines = [
         f"Measured {settings['date']} (UTC), commit {settings['commit']}, {settings['machine']}; "
         f"torch {settings['torch']}, {threads(settings)}.",
@@ -337,7 +341,7 @@ def markdown(rows, settings):
         lines.append(f"| {r['run']} | {r['model']} | {r['input']} | {r['mAP']:.1f} | {r['Rank-1']:.1f} | "
                      f"{r['Rank-5']:.1f} | {r['Rank-10']:.1f} | {r['mINP']:.1f} | {r['parameters'] / 1e6:.2f} | "
                      f"{r['flops_per_image'] / 1e9:.3f} | {r['images_per_s']:.0f} | "
-                     f"{r['images_per_s'] / first:.2f}x |")
+                     f"{r['speed_vs_first']:.2f}x |")
     lines += [
         "",
         "Metrics: each run's own final evaluation (results.json, or eval_results.json for an --eval-only "
@@ -347,8 +351,8 @@ def markdown(rows, settings):
         "convolutions and attention only. Images/s: CPU, float32, eval mode, torch.no_grad, "
         f"batches of {settings['batch_size']} random images, {threads(settings)}, "
         f"{settings['warmup']} warm-up then {settings['rounds']} timed batches per model, the models taking "
-        "turns in one process (median); absolute figures move with the machine's load, the ratios between "
-        "rows much less (with one thread). "
+        "turns in one process (median); speed / first row: the median over the rounds of the two models' "
+        "ratio in the same round. Absolute figures move with the machine's load, the ratios much less. "
         "Model forward only: no data loading, no flip test.",
     ]
     return "\n".join(lines) + "\n"
@@ -398,7 +402,7 @@ def main(argv=None):
         except FlopCountError as exc:
             raise FlopCountError(f"{run.directory}: {exc}") from None
     inputs = [make_inputs(run.cfg, args.batch_size) for run in runs]
-    speeds = measure_speed(models, inputs, args.warmup, args.rounds)
+    speeds, relative = measure_speed(models, inputs, args.warmup, args.rounds)
 
     settings = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
                 "commit": commit(), "machine": machine(), "torch": torch.__version__,
@@ -407,8 +411,8 @@ def main(argv=None):
     rows = [{"run": os.path.basename(os.path.normpath(run.directory)), "directory": run.directory,
              "model": describe(run.cfg, model), "input": "x".join(map(str, run.cfg.INPUT.SIZE_TEST)),
              **run.results, "parameters": sum(p.numel() for p in model.parameters()),
-             "flops_per_image": f, "images_per_s": s}
-            for run, model, f, s in zip(runs, models, flops, speeds)]
+             "flops_per_image": f, "images_per_s": s, "speed_vs_first": v}
+            for run, model, f, s, v in zip(runs, models, flops, speeds, relative)]
 
     table = markdown(rows, settings)
     with open(os.path.join(args.output, "compare.md"), "w") as f:
