@@ -7,8 +7,8 @@
     python tools/export_onnx.py --config-file CFG --output model.onnx --evaluate MODEL.WEIGHTS model.pth
 
 Works for PromptSG (either test prompt, MODEL.PROMPTSG.INFERENCE_PROMPT), the CLIP baseline and
-FastReID's own baselines where their layers export (BoT ResNets do, e.g.
-configs/Synthetic/bagtricks_R18.yml). The checkpoint is loaded like ``train_net.py --eval-only``
+FastReID's own baselines where their layers export (the BoT, AGW, SBS and BoT-ViT configs of
+configs/ do; a model that does not export stops the tool with one line naming the exporter's error). The checkpoint is loaded like ``train_net.py --eval-only``
 loads it (promptsg.checkpoint.load_for_inference: a checkpoint of another model is refused).
 
 The graph (promptsg/onnx_export.py):
@@ -38,6 +38,7 @@ import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import promptsg  # noqa: F401  (patches FastReID, registers PromptSG)
 from fastreid.engine import DefaultTrainer
@@ -50,6 +51,20 @@ from promptsg.preflight import InputError, check_datasets, check_output_dir, loa
 
 class ExportError(RuntimeError):
     """The model does not export to ONNX, or its graph disagrees with PyTorch."""
+
+
+class WithProgress:
+    """A test loader that shows a progress bar while FastReID's ``inference_on_dataset`` runs
+    through it (that function reads only its length, its dataset and its batches)."""
+
+    def __init__(self, loader, desc):
+        self.loader, self.dataset, self.desc = loader, loader.dataset, desc
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(tqdm(self.loader, desc=self.desc, file=sys.stderr, leave=False))
 
 
 def parse_args(argv=None):
@@ -148,7 +163,8 @@ def evaluate(cfg, graph, sess, dataset):
                                    ("onnx", onnx_export.OnnxFeatures(sess), False)):
         loader, evaluator = DefaultTrainer.build_evaluator(cfg, dataset)
         with ranked_distances() as ranked:
-            metrics = inference_on_dataset(model, loader, evaluator, flip_test=flip_test)
+            metrics = inference_on_dataset(model, WithProgress(loader, f"{dataset}, {name}"), evaluator,
+                                           flip_test=flip_test)
         runs[name] = (metrics, ranked)
     return runs
 
@@ -177,6 +193,8 @@ def main(argv=None):
     model = DefaultTrainer.build_model(cfg)
     load_for_inference(model, cfg.MODEL.WEIGHTS)
     graph = onnx_export.feature_graph(cfg, model, camera)
+    print(f"exporting to {args.output} (from seconds for small models to about a minute for ViT-B/16 on two "
+          f"CPU cores)", file=sys.stderr, flush=True)
     difference, cosine, dim = export_checked(cfg, graph, args.output, args.check_batch)
 
     height, width = cfg.INPUT.SIZE_TEST

@@ -10,7 +10,8 @@ tools/train_net.py writes them); the KEY VALUE overrides apply to every run. Eac
 exported and checked exactly as tools/export_onnx.py does it (into a temporary folder), then the
 PyTorch model (eval mode, ``torch.inference_mode``, float32) and the graph (onnxruntime's CPU
 provider, float32) embed a batch of INPUT.SIZE_TEST images at each --batches size. Both use
---threads intra-op threads. After a warm-up, the two alternate over --rounds rounds of about
+--threads intra-op threads (onnxruntime's without spinning, so that its idle threads take no CPU
+from PyTorch's turns). After a warm-up, the two alternate over --rounds rounds of about
 --seconds each, so that other load on the machine hits both alike; each figure is the median
 round's images/s, and the ratio is onnxruntime / PyTorch within this run.
 
@@ -52,7 +53,9 @@ def parse_args(argv=None):
     parser.add_argument("--runs", required=True, nargs="+", metavar="DIR",
                         help="training run folders holding config.yaml and model_final.pth")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes (default 1 32)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads of both (default: all CPUs)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads of both (default 1: with more, PyTorch's OpenMP threads wait on "
+                             "each other at every operation when other work shares the CPUs)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds per engine (median)")
     parser.add_argument("--seconds", type=float, default=2.0, help="about how long one timed round runs")
     parser.add_argument("--out", metavar="FILE", default=None, help="also write the results as JSON lines")
@@ -154,7 +157,7 @@ def main(argv=None):
             graph = onnx_export.feature_graph(cfg, model)
             path = os.path.join(folder, f"model{i}.onnx")
             difference, cosine, _ = export_tool.export_checked(cfg, graph, path, check_batch=3)
-            sess = onnx_export.session(path, threads=args.threads)
+            sess = onnx_export.session(path, threads=args.threads, spinning=False)
             for batch in args.batches:
                 speed = measure(graph, sess, onnx_export.example_images(cfg, batch), args.rounds, args.seconds, progress)
                 results.append({**env, "run": run, "model": model_name(cfg), "image_size": list(cfg.INPUT.SIZE_TEST),

@@ -10,7 +10,8 @@ PromptSG with the simplified test prompt holds the prompt's text embedding as a 
 text encoder is not in the graph. With the composed prompt (MODEL.PROMPTSG.INFERENCE_PROMPT
 composed) the inversion network and the text encoder run per image inside the graph; the
 prompt's fixed word embeddings are folded to constants, so the token-embedding table is not in it
-either. FastReID's own meta-architectures export where their layers do (BoT ResNets do).
+either. FastReID's own meta-architectures export where their layers do: FastReID's Baseline with
+the BoT, AGW and SBS ResNets and the BoT ViT of configs/ does.
 
 The graph is written by ``torch.onnx.export`` (the torch.export-based exporter) and checked by
 ``onnx.checker``; ``OnnxFeatures`` runs it with onnxruntime behind the interface of a FastReID
@@ -108,13 +109,17 @@ def export(graph, images, path):
     onnx.checker.check_model(path, full_check=True)
 
 
-def session(path, threads=None):
-    """An onnxruntime CPU session of the .onnx file ``path`` (``threads``: intra-op threads)."""
+def session(path, threads=None, spinning=True):
+    """An onnxruntime CPU session of the .onnx file ``path`` (``threads``: intra-op threads;
+    ``spinning=False``: its idle threads sleep at once instead of spinning, leaving the CPUs to
+    other work, as when it alternates with PyTorch in a benchmark)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3   # errors only
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
