@@ -186,7 +186,7 @@ class PromptSG(nn.Module):
         if self.text is None:
             return PromptFeatures()
         need_tokens = self.mim_query == "tokens" and self.heads.mim is not None
-        batch = len(visual.embedding)
+        batch = visual.embedding.shape[0]   # not len(): a symbolic size under torch.export (ONNX)
         pseudo_tokens = None
         if composed:
             pseudo_tokens = self.heads.inversion(visual.embedding)            # s* = f_theta(v)

@@ -124,7 +124,8 @@ class PromptComposer(nn.Module):
             raise ValueError("compose: return_tokens needs prompts of one length")
         # (1, n) for one string (a view: the training path stays as cheap as it was), else (B, n)
         ids = ids[0][None] if len(ids) == 1 else torch.stack([F.pad(i, (0, n - len(i))) for i in ids])
-        base = self.token_embedding(ids).to(pseudo_tokens.dtype).expand(len(pseudo_tokens), -1, -1)
+        batch = pseudo_tokens.shape[0]   # not len(): a symbolic size under torch.export (ONNX)
+        base = self.token_embedding(ids).to(pseudo_tokens.dtype).expand(batch, -1, -1)
         p = self.placeholder_index
         x = torch.cat([base[:, :p], pseudo_tokens[:, None, :], base[:, p + 1:]], dim=1)   # (B, n, D)
         eot = n - 1 if same else torch.tensor(lengths, device=x.device) - 1
