@@ -9,7 +9,6 @@ masks existed (a digest), every file is re-rendered byte for byte, and the mask 
 the person changes the image.
 """
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -37,7 +36,7 @@ from promptsg.datasets import PersonMasks, synthetic
 from promptsg.interaction import MultimodalInteraction
 
 from test_promptsg_model import batch, tiny_cfg
-from tiny_runs import BASELINE_CFG, PROMPTSG_CFG, ROOT, TINY
+from tiny_runs import BASELINE_CFG, PROMPTSG_CFG, ROOT, TINY, load_tool
 
 TOOL = os.path.join(ROOT, "tools", "attention_maps.py")
 TINY_DIR = "SyntheticMarketTiny"
@@ -257,11 +256,8 @@ def write_checkpoint(config, out_dir, name, opts):
     return str(out_dir / f"{name}.pth")
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("attention_maps_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_attention_tool():
+    return load_tool("tools/attention_maps.py")
 
 
 OPTS = [*TINY, "MODEL.CLIP.STRIDE", "8", "MODEL.DEVICE", "cpu"]
@@ -337,7 +333,7 @@ BAD_INPUT = {
 @pytest.mark.parametrize("case", BAD_INPUT)
 def test_tool_bad_input_is_one_line_naming_it(tmp_path, monkeypatch, case):
     config, source, opts, message = BAD_INPUT[case]
-    tool = load_tool()
+    tool = load_attention_tool()
     weights = tmp_path / "model.pth"
     weights.write_bytes(b"never read: the bad input is found first")
     monkeypatch.chdir(tmp_path)
@@ -347,7 +343,7 @@ def test_tool_bad_input_is_one_line_naming_it(tmp_path, monkeypatch, case):
 
 
 def test_effective_patches_of_a_uniform_map_is_the_grid_size_and_of_one_patch_is_one():
-    tool = load_tool()
+    tool = load_attention_tool()
     uniform, single = torch.full((1, 7, 3), 1 / 21), torch.zeros(1, 7, 3)
     single[0, 2, 1] = 1.0
     halves = torch.zeros(1, 7, 3)

@@ -1,7 +1,6 @@
 """tools/compare.py on tiny trained runs (a PromptSG run with its composed-prompt evaluation beside
 it, and a FastReID BoT run): the table holds each run's own metrics, the inference model's parameter
 count and a PNG plot; FLOPs against hand counts; bad run folders fail in one line."""
-import importlib.util
 import json
 import os
 import re
@@ -16,14 +15,11 @@ from PIL import Image
 from torch import nn
 
 import promptsg  # noqa: F401  (patches FastReID for this stack)
-from tiny_runs import BOT_CFG, PROMPTSG_CFG, ROOT, TINY, TRAIN_NET
+from tiny_runs import BOT_CFG, PROMPTSG_CFG, ROOT, TINY, TRAIN_NET, load_tool
 
 
 def load_compare_tool():
-    spec = importlib.util.spec_from_file_location("compare", os.path.join(ROOT, "tools", "compare.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("tools/compare.py")
 
 
 def read(path):

@@ -1,6 +1,5 @@
 """tools/export_onnx.py: the ONNX graph of a model's retrieval feature, run by onnxruntime, gives
 PyTorch's features at any batch size and FastReID's evaluation the same ranking."""
-import importlib.util
 import os
 import re
 import shutil
@@ -17,17 +16,14 @@ from fastreid.engine import DefaultTrainer
 from promptsg import onnx_export
 from promptsg.checkpoint import load_for_inference
 from promptsg.preflight import load_checkpoint_config
-from tiny_runs import BASELINE_CFG, BOT_CFG, PROMPTSG_CFG, ROOT, TINY, one_line_error
+from tiny_runs import BASELINE_CFG, BOT_CFG, PROMPTSG_CFG, ROOT, TINY, load_tool, one_line_error
 
 TOOL = os.path.join(ROOT, "tools", "export_onnx.py")
 VOCABULARY = 49408   # rows of CLIP's token-embedding table
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("export_onnx", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def load_export_tool():
+    return load_tool("tools/export_onnx.py")
 
 
 def random_checkpoint(config_file, opts, path, images):
@@ -123,7 +119,7 @@ def test_promptsg_graph_gives_pytorchs_features_at_any_batch_size_and_the_same_r
     opts = [*TINY, *overrides, "TEST.FLIP.ENABLED", str(flip)]
     weights = random_checkpoint(PROMPTSG_CFG, opts, tmp_path / "model.pth", training_images(datasets_root))
     output = str(tmp_path / "model.onnx")
-    result = load_tool().main(["--config-file", PROMPTSG_CFG, "--weights", weights, "--output", output,
+    result = load_export_tool().main(["--config-file", PROMPTSG_CFG, "--weights", weights, "--output", output,
                                "--evaluate", *opts])
     assert result["cosine"] >= onnx_export.MIN_COSINE
     assert sorted(os.listdir(tmp_path)) == ["model.onnx", "model.pth"]          # no temporary file left
@@ -167,7 +163,7 @@ def baseline(datasets_root, tmp_path_factory):
     folder = tmp_path_factory.mktemp("baseline")
     weights = random_checkpoint(BASELINE_CFG, BASELINE_OPTS, folder / "model.pth", training_images(datasets_root))
     output = str(folder / "model.onnx")
-    load_tool().main(["--config-file", BASELINE_CFG, "--output", output, "--camera", "2", *BASELINE_OPTS,
+    load_export_tool().main(["--config-file", BASELINE_CFG, "--output", output, "--camera", "2", *BASELINE_OPTS,
                       "MODEL.WEIGHTS", weights])
     return {"weights": weights, "output": output}
 
@@ -184,7 +180,7 @@ def test_fastreid_bot_r18_exports_with_pytorchs_features(datasets_root, tmp_path
     opts = ["INPUT.SIZE_TEST", "[64, 32]", "INPUT.SIZE_TRAIN", "[64, 32]"]
     weights = random_checkpoint(BOT_CFG, opts, tmp_path / "model.pth", training_images(datasets_root))
     output = str(tmp_path / "model.onnx")
-    load_tool().main(["--config-file", BOT_CFG, "--output", output, *opts, "MODEL.WEIGHTS", weights])
+    load_export_tool().main(["--config-file", BOT_CFG, "--output", output, *opts, "MODEL.WEIGHTS", weights])
     images = tiny_split_images(datasets_root, 5)
     reference = pytorch_features(reference_model(BOT_CFG, [*opts, "MODEL.WEIGHTS", weights]), images)
     assert reference.shape == (5, 512)                                           # ResNet-18's channels
@@ -195,7 +191,7 @@ def test_a_graph_that_disagrees_with_pytorch_is_refused_and_nothing_is_written(b
     """The check runs the written graph beside the model: a graph that does not compute the
     model (here the baseline's graph for a checkpoint whose projection was changed since) is
     refused in one line, and neither the .onnx file nor its temporary file is left."""
-    tool = load_tool()
+    tool = load_export_tool()
     state = torch.load(baseline["weights"], weights_only=True)
     state["model"]["backbone.visual.proj"] += torch.randn_like(state["model"]["backbone.visual.proj"])
     torch.save(state, tmp_path / "changed.pth")
@@ -209,7 +205,7 @@ def test_a_graph_that_disagrees_with_pytorch_is_refused_and_nothing_is_written(b
 
 
 def test_bad_input_fails_in_one_line_before_the_model_is_built(tmp_path, monkeypatch):
-    tool = load_tool()
+    tool = load_export_tool()
     monkeypatch.setattr(tool.DefaultTrainer, "build_model", lambda cfg: pytest.fail("the model was built"))
     monkeypatch.setenv("FASTREID_DATASETS", str(tmp_path / "no_datasets"))
     weights = tmp_path / "model.pth"          # never read: every check comes first
@@ -250,7 +246,7 @@ def test_vit_b16_graph_gives_pytorchs_features_and_the_same_ranking(datasets_roo
     opts = ["MODEL.DEVICE", "cpu", "MODEL.CLIP.PRETRAINED", "", "MODEL.CLIP.NUM_CAMERAS", "0"]
     weights = random_checkpoint(VIT_B16_CFG, opts, tmp_path / "model.pth", None)
     output = str(tmp_path / "model.onnx")
-    load_tool().main(["--config-file", VIT_B16_CFG, "--weights", weights, "--output", output, *opts])
+    load_export_tool().main(["--config-file", VIT_B16_CFG, "--weights", weights, "--output", output, *opts])
 
     model = reference_model(VIT_B16_CFG, [*opts, "MODEL.WEIGHTS", weights])
     split = {"query": 5, "bounding_box_test": 12}

@@ -1,7 +1,6 @@
 """tools/train_net.py end to end on the synthetic dataset: bad input, training, --eval-only,
 and a FastReID BoT run whose loss falls; the tools that read its
 checkpoints (visualize_result.py, extract_features.py)."""
-import importlib.util
 import json
 import os
 import re
@@ -18,7 +17,7 @@ from fastreid.config import get_cfg
 from fastreid.engine import DefaultTrainer
 from fastreid.utils.events import EventStorage
 
-from tiny_runs import BOT_CFG, PROMPTSG_CFG, ROOT, TINY, load_extract_tool, market_ids, one_line_error, run
+from tiny_runs import BOT_CFG, PROMPTSG_CFG, ROOT, TINY, load_extract_tool, load_tool, market_ids, one_line_error, run
 
 
 def read(path):
@@ -144,10 +143,7 @@ def test_visualize_draws_the_ranking_that_eval_only_scores(trained, datasets_roo
 
 
 def load_visualize_tool():
-    spec = importlib.util.spec_from_file_location("visualize_result", VISUALIZE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("tools/visualize_result.py")
 
 
 def test_distance_labels_tell_close_distances_apart():

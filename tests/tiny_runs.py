@@ -48,12 +48,18 @@ def one_line_error(result, *fragments, before_training=True):
     return last
 
 
-def load_extract_tool():
-    """tools/extract_features.py as a module."""
-    spec = importlib.util.spec_from_file_location("extract_features", os.path.join(ROOT, "tools", "extract_features.py"))
+def load_tool(path):
+    """A tool script (``path`` relative to the repository, e.g. "tools/compare.py") as a module."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", os.path.join(ROOT, path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_extract_tool():
+    """tools/extract_features.py as a module."""
+    return load_tool("tools/extract_features.py")
 
 
 def market_ids(path):
