@@ -49,14 +49,12 @@ class PromptComposer(nn.Module):
             raise ValueError(f"prompt {prompt!r} must contain the placeholder {placeholder!r} exactly once")
         self.placeholder_index = int(matches[0])  # 5 for "A photo of a X person."
 
-        prompt_len = int(ids.argmax()) + 1  # tokens up to and including EOT (EOT has the largest id)
-        simple_ids = tokenizer([simple_prompt])[0]
-        simple_len = int(simple_ids.argmax()) + 1
+        prompt_ids, simple_ids = prompt_tokens(tokenizer, prompt), prompt_tokens(tokenizer, simple_prompt)
         self.tokenizer, self.prompt, self.simple_prompt = tokenizer, prompt, simple_prompt
         self._words_ids = {}  # words -> token ids of the prompt with those words, up to EOT
-        self.register_buffer("prompt_ids", ids[:prompt_len].clone(), persistent=False)
-        self.register_buffer("simple_ids", simple_ids[:simple_len].clone(), persistent=False)
-        self.prompt_eot, self.simple_eot = prompt_len - 1, simple_len - 1  # Python ints: no device sync
+        self.register_buffer("prompt_ids", prompt_ids.clone(), persistent=False)
+        self.register_buffer("simple_ids", simple_ids.clone(), persistent=False)
+        self.prompt_eot, self.simple_eot = len(prompt_ids) - 1, len(simple_ids) - 1  # Python ints: no device sync
         self._simple_cache = {}  # per device: the simplified prompt's embedding, the token-embedding norm
         self.register_load_state_dict_post_hook(lambda module, keys: module._simple_cache.clear())
 
