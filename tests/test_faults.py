@@ -269,6 +269,19 @@ def test_verified_images_are_remembered_by_size_and_mtime(tmp_path, monkeypatch)
     assert sorted(decoded) == sorted(paths + [paths[1]])
 
 
+def test_image_check_cache_lives_in_promptsg_cache_dir(tmp_path, monkeypatch):
+    path = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(path)
+    monkeypatch.setenv("PROMPTSG_CACHE_DIR", str(tmp_path / "elsewhere"))
+    verify_images_cached([str(path)])
+    written = os.listdir(tmp_path / "elsewhere")
+    assert len(written) == 1 and written[0].startswith("verified-images-") and written[0].endswith(".json")
+    monkeypatch.delenv("PROMPTSG_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    verify_images_cached([str(path)])
+    assert os.listdir(tmp_path / "home" / ".cache" / "promptsg") == written
+
+
 # ---- start-up checks: one line, before anything is built ----
 
 @pytest.mark.parametrize("key,value", [("TEST.METRIC", "foo"), ("MODEL.PROMPTSG.INFERENCE_PROMPT", "both"),

@@ -191,13 +191,18 @@ def _cache_file(cache_dir, paths):
     return os.path.join(cache_dir, f"verified-images-{key}.json")
 
 
+def default_cache_dir():
+    """Where verified images are remembered: ``$PROMPTSG_CACHE_DIR``, else ``~/.cache/promptsg``."""
+    return os.environ.get("PROMPTSG_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "promptsg")
+
+
 def verify_images_cached(paths, cache_dir=None, workers=None):
     """``verify_image`` over ``paths`` on a thread pool (PIL decodes without the GIL), skipping the
     files verified before with the same size and modification time (remembered in ``cache_dir``,
-    default ``~/.cache/promptsg``; an unwritable cache only costs the time)."""
+    default ``default_cache_dir()``; an unwritable cache only costs the time)."""
     if not paths:
         return
-    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "promptsg")
+    cache_dir = cache_dir or default_cache_dir()
     cache_path = _cache_file(cache_dir, paths)
     try:
         with open(cache_path) as f:
@@ -218,8 +223,9 @@ def verify_images_cached(paths, cache_dir=None, workers=None):
     known.update({os.path.abspath(p): stamps[p] for p in todo})
     try:
         os.makedirs(cache_dir, exist_ok=True)
-        with open(cache_path + ".tmp", "w") as f:
+        tmp = f"{cache_path}.{os.getpid()}.tmp"                  # processes of one run write in turn
+        with open(tmp, "w") as f:
             json.dump(known, f)
-        os.replace(cache_path + ".tmp", cache_path)
+        os.replace(tmp, cache_path)
     except OSError:
         pass
