@@ -1,0 +1,320 @@
+#!/usr/bin/env python
+"""Why the simplified prompt scores below the composed one: which part of the composed MIM query
+the feature needs.
+
+    python tools/probe_simplified_gap.py logs/synthetic/promptsg_small_vit
+
+With the paper's recipe the MIM only ever sees composed prompts "A photo of a s* person." as its
+query; at test the simplified prompt "A photo of a person." is one fixed query it never saw. This
+tool evaluates one PromptSG checkpoint (FastReID's test path and protocol, the run's own TEST
+settings) with the MIM query set to
+
+  * the simplified prompt's embedding l_simple (the paper's efficient test prompt),
+  * the mean composed prompt of the training images, l_mean, and the points between,
+    (1 - a) l_simple + a l_mean for each ``--alphas`` value: fixed queries like l_simple, at the
+    same test cost, moving towards the queries the MIM was trained on,
+  * one training image's composed prompt, the same for every test image (``--training-prompts``
+    images, one at a time): a fixed query that is one of the training queries,
+  * each image's own composed prompt l_p (the paper's accurate test prompt),
+  * another identity's composed prompt for each image (a control: a per-image query of the
+    training kind that describes someone else),
+
+and, as a reference, ranks by the composed prompt l_p alone (cosine, no MIM): what s* = f_theta(v)
+tells about the person. It prints each query's mAP and Rank-1 beside its mean cosine to the
+training images' composed prompts. If the gap came from a query unlike the training queries, the
+fixed training-like queries would close it; if it comes from what the image's own s* tells the
+MIM, only the own prompt scores high and the wrong person's prompt scores low. Also prints how far
+the test images' composed prompts lie from l_simple and from l_mean. Writes
+``<--output>/<dataset>_simplified_gap_<date>_<commit>.json`` (and ``.md``).
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # tools/extract_features.py
+
+import promptsg  # noqa: E402,F401  (patches FastReID, registers PromptSG)
+from extract_features import embed_and_rank  # noqa: E402
+from fastreid.config import get_cfg  # noqa: E402
+from fastreid.data.datasets import DATASET_REGISTRY  # noqa: E402
+from fastreid.engine import DefaultTrainer  # noqa: E402
+from fastreid.evaluation.rank import evaluate_rank  # noqa: E402
+from fastreid.utils.compute_dist import build_dist  # noqa: E402
+from promptsg import add_promptsg_config  # noqa: E402
+from promptsg.checkpoint import NonFiniteError, load_for_inference  # noqa: E402
+from promptsg.preflight import InputError, check_weights, load_config  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", metavar="DIR", help="PromptSG training run (config.yaml, model_final.pth)")
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 0.75], metavar="A",
+                        help="points (1 - a) l_simple + a l_mean between the two fixed queries")
+    parser.add_argument("--training-prompts", type=int, default=5, metavar="N",
+                        help="training images whose composed prompt is tried as the one fixed query")
+    parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks"), metavar="DIR")
+    args = parser.parse_args(argv)
+    if args.training_prompts < 1:
+        parser.error(f"--training-prompts must be >= 1, got {args.training_prompts}")
+    if any(not 0.0 <= a <= 1.0 for a in args.alphas):
+        parser.error(f"--alphas must lie in [0, 1], got {args.alphas}")
+    return args
+
+
+def run_config(run_dir):
+    """The run's config with its final checkpoint as MODEL.WEIGHTS; refuses a run this probe cannot read."""
+    config = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(config):
+        raise InputError(f"{run_dir}: no config.yaml (give a training run directory)")
+    cfg = load_config(add_promptsg_config(get_cfg()), config,
+                      ["MODEL.WEIGHTS", os.path.join(run_dir, "model_final.pth")])
+    check_weights(cfg, eval_only=True)
+    p = cfg.MODEL.PROMPTSG
+    if cfg.MODEL.META_ARCHITECTURE != "PromptSG" or not p.COMPOSE_TRAIN or p.MIM.CROSS_LAYERS < 1:
+        raise InputError(f"{config}: not a PromptSG run with composed prompts and a MIM "
+                         f"(this probe swaps the MIM's query)")
+    if p.MIM.QUERY != "pooled":
+        raise InputError(f"{config}: MODEL.PROMPTSG.MIM.QUERY is {p.MIM.QUERY!r}; this probe needs 'pooled' "
+                         f"(one query vector per image)")
+    if cfg.MODEL.CLIP.SIE_CAMERA:
+        raise InputError(f"{config}: MODEL.CLIP.SIE_CAMERA is on; this probe embeds images without their camera")
+    if cfg.TEST.AQE.ENABLED or cfg.TEST.RERANK.ENABLED:
+        raise InputError(f"{config}: TEST.AQE / TEST.RERANK are on; this probe ranks by TEST.METRIC alone")
+    cfg.TEST.ROC.ENABLED = False
+    return cfg
+
+
+class ComposedPrompts(nn.Module):
+    """``model`` giving each image's composed-prompt embedding l_p = T("A photo of a s* person."),
+    s* = f_theta(v), for FastReID's test loop."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batched_inputs):
+        m = self.model
+        v = m.image_embeddings(batched_inputs)
+        return m.text.compose(m.heads.inversion(v))
+
+
+class FixedQuery(nn.Module):
+    """``model`` whose MIM query is one fixed embedding ``query`` (E,) for every image: the retrieval
+    feature of the simplified prompt when ``query`` is its embedding, of any other fixed prompt else."""
+
+    def __init__(self, model, query):
+        super().__init__()
+        self.model = model
+        self.register_buffer("query", query.detach().reshape(1, 1, -1).clone())
+
+    def forward(self, batched_inputs):
+        m = self.model
+        images = m.preprocess_image(batched_inputs)
+        visual = m.backbone(images, None, with_tokens=True)
+        query = self.query.to(device=images.device, dtype=visual.tokens.dtype).expand(len(images), 1, -1)
+        return m.heads(visual, query, 0)
+
+
+class GivenQueries(nn.Module):
+    """``model`` in FastReID's test loop, image i's MIM query ``queries[i]`` (N, E): the loop's target
+    of each image is its position (tools/extract_features.py's ``embed_and_rank``)."""
+
+    def __init__(self, model, queries):
+        super().__init__()
+        self.model = model
+        self.register_buffer("queries", torch.as_tensor(queries).detach().clone())
+
+    def forward(self, batched_inputs):
+        m = self.model
+        images = m.preprocess_image(batched_inputs)
+        visual = m.backbone(images, None, with_tokens=True)
+        positions = torch.as_tensor(batched_inputs["targets"], device=self.queries.device)
+        query = self.queries[positions].to(device=images.device, dtype=visual.tokens.dtype)[:, None, :]
+        return m.heads(visual, query, 0)
+
+
+def other_identity(pids, seed=0):
+    """A permutation ``perm`` of range(len(pids)) with pids[perm[i]] != pids[i] for every i: each image
+    is given the prompt of an image of another identity."""
+    pids = np.asarray(pids)
+    if len(set(pids.tolist())) < 2:
+        raise ValueError("other_identity needs images of at least two identities")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(pids))
+    while True:
+        same = np.flatnonzero(pids[perm] == pids)
+        if not len(same):
+            return perm
+        for i in same:                        # swap with a random position; both sides must stay valid
+            j = rng.integers(len(pids))
+            if pids[perm[j]] != pids[i] and pids[perm[i]] != pids[j]:
+                perm[i], perm[j] = perm[j], perm[i]
+
+
+def cosine_distance(a, b):
+    """1 - cosine similarity (Na, Nb) float32 numpy of the rows of ``a`` and ``b``."""
+    a = F.normalize(torch.as_tensor(a, dtype=torch.float32), dim=-1)
+    b = F.normalize(torch.as_tensor(b, dtype=torch.float32), dim=-1)
+    return (1 - a @ b.T).numpy()
+
+
+def mean_cosine(queries, prompts):
+    """Mean over ``prompts`` (N, E) of the cosine to each row of ``queries`` (Q, E): (Q,) numpy."""
+    q = F.normalize(torch.as_tensor(queries, dtype=torch.float32), dim=-1)
+    p = F.normalize(torch.as_tensor(prompts, dtype=torch.float32), dim=-1)
+    return (q @ p.T).mean(dim=1).numpy()
+
+
+def commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = run_config(args.run)
+    start = time.time()
+    root = os.getenv("FASTREID_DATASETS", "datasets")
+    name = cfg.DATASETS.TESTS[0]
+    dataset = DATASET_REGISTRY.get(name)(root=root)
+    train_paths = [p for p, _, _ in dataset.train]
+    query_paths, gallery_paths = [q[0] for q in dataset.query], [g[0] for g in dataset.gallery]
+    q_pids, q_camids = np.array([q[1] for q in dataset.query]), np.array([q[2] for q in dataset.query])
+    g_pids, g_camids = np.array([g[1] for g in dataset.gallery]), np.array([g[2] for g in dataset.gallery])
+
+    model = DefaultTrainer.build_model(cfg)
+    load_for_inference(model, cfg.MODEL.WEIGHTS)
+    model.eval()
+    no_flip = cfg.clone()
+    no_flip.TEST.FLIP.ENABLED = False        # a prompt per image, not averaged with its mirror image's
+
+    def prompts(paths):
+        return embed_and_rank(no_flip, ComposedPrompts(model), [], paths, 0)[1]
+
+    train_prompts = prompts(train_paths)
+    test_prompts = prompts(query_paths + gallery_paths)
+    with torch.no_grad():
+        l_simple = model.text.simple(1, model.device)[0].float().cpu()
+    l_mean = torch.from_numpy(train_prompts).mean(dim=0)
+
+    def rank(dist):
+        cmc, all_ap, _ = evaluate_rank(dist, q_pids, g_pids, q_camids, g_camids)
+        return {"mAP": 100 * float(np.mean(all_ap)), "Rank-1": 100 * float(cmc[0])}
+
+    def evaluate(wrapper):
+        q, g, _ = embed_and_rank(cfg, wrapper, query_paths, gallery_paths, 0)
+        return rank(build_dist(torch.from_numpy(q), torch.from_numpy(g), cfg.TEST.METRIC))
+
+    fixed = [("simplified", 0.0)] + [(f"between, a = {a:g}", a) for a in sorted(args.alphas) if 0 < a < 1] \
+        + [("mean training prompt", 1.0)]
+    rows = []
+    for label, a in fixed:
+        query = (1 - a) * l_simple + a * l_mean
+        row = {"query": label, "alpha": a, **evaluate(FixedQuery(model, query)),
+               "cos_to_training_prompts": float(mean_cosine(query[None], train_prompts)[0])}
+        rows.append(row)
+        print(f"{label:>22}: mAP {row['mAP']:.1f}  Rank-1 {row['Rank-1']:.1f}  "
+              f"mean cos to the training prompts {row['cos_to_training_prompts']:.3f}", flush=True)
+    # Fixed queries that are real composed prompts: those of a few training images, one at a time.
+    picks = np.random.default_rng(0).choice(len(train_paths), size=args.training_prompts, replace=False)
+    single = [evaluate(FixedQuery(model, torch.from_numpy(train_prompts[i]))) for i in picks]
+    one_prompt = {"query": f"one training image's composed prompt (mean of {len(picks)} images)", "alpha": None,
+                  "mAP": float(np.mean([r["mAP"] for r in single])),
+                  "Rank-1": float(np.mean([r["Rank-1"] for r in single])),
+                  "mAP_each": [r["mAP"] for r in single], "training_images": [train_paths[i] for i in picks],
+                  "cos_to_training_prompts": float(mean_cosine(train_prompts[picks], train_prompts).mean())}
+    model.inference_prompt = "composed"
+    own = {"query": "own composed prompt (s* per image)", "alpha": None, **evaluate(model),
+           "cos_to_training_prompts": float(mean_cosine(test_prompts, train_prompts).mean())}
+    # Per-image prompts of the wrong person: each test image gets another identity's composed prompt.
+    test_pids = np.concatenate([q_pids, g_pids])
+    perm = other_identity(test_pids)
+    shuffled = {"query": "another identity's composed prompt (per image)", "alpha": None,
+                **evaluate(GivenQueries(model, torch.from_numpy(test_prompts[perm]))),
+                "cos_to_training_prompts": own["cos_to_training_prompts"]}
+    # The composed prompt alone as the retrieval feature (cosine): what s* tells about the person.
+    nq = len(query_paths)
+    prompt_only = {"query": "reference: the composed prompt l_p alone as the feature, no MIM", "alpha": None,
+                   **rank(cosine_distance(test_prompts[:nq], test_prompts[nq:])),
+                   "cos_to_training_prompts": own["cos_to_training_prompts"]}
+    for row in (one_prompt, own, shuffled, prompt_only):
+        rows.append(row)
+        print(f"{row['query']}: mAP {row['mAP']:.1f}  Rank-1 {row['Rank-1']:.1f}  "
+              f"mean cos to the training prompts {row['cos_to_training_prompts']:.3f}", flush=True)
+
+    test_t = torch.from_numpy(test_prompts)
+    geometry = {
+        "cos_test_prompt_to_simplified": float(F.cosine_similarity(test_t, l_simple[None]).mean()),
+        "cos_test_prompt_to_mean": float(F.cosine_similarity(test_t, l_mean[None]).mean()),
+        "cos_simplified_to_mean": float(F.cosine_similarity(l_simple, l_mean, dim=0)),
+        "mean_pairwise_cos_test_prompts": float(((lambda n: (n @ n.T).sum() - len(n))(F.normalize(test_t, dim=1))
+                                                / (len(test_t) * (len(test_t) - 1)))),
+        "norm_simplified": float(l_simple.norm()), "norm_mean": float(l_mean.norm()),
+        "mean_norm_test_prompts": float(test_t.norm(dim=1).mean()),
+    }
+    simplified, mean_row = rows[0], rows[len(fixed) - 1]
+    gap = own["mAP"] - simplified["mAP"]
+    closed = (mean_row["mAP"] - simplified["mAP"]) / gap if gap else float("nan")
+
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    rev = commit()
+    command = "python " + " ".join([os.path.relpath(__file__, ROOT)] + (sys.argv[1:] if argv is None else argv))
+    results = {
+        "date": date, "commit": rev, "command": f"FASTREID_DATASETS={root} {command}",
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "device": cfg.MODEL.DEVICE},
+        "run": os.path.abspath(args.run), "weights": os.path.abspath(cfg.MODEL.WEIGHTS),
+        "dataset": {"name": name, "train_images": len(train_paths), "query_images": len(query_paths),
+                    "gallery_images": len(gallery_paths)},
+        "rows": rows, "geometry": geometry, "share_of_gap_closed_by_mean_prompt": closed,
+        "seconds": round(time.time() - start, 1),
+    }
+    lines = ["| MIM query at test | mAP | Rank-1 | mean cosine to the training images' composed prompts |",
+             "|:--|--:|--:|--:|"]
+    lines += [f"| {r['query']} | {r['mAP']:.1f} | {r['Rank-1']:.1f} | {r['cos_to_training_prompts']:.3f} |"
+              for r in rows]
+    g = geometry
+    notes = (f"\nThe mean training prompt closes {100 * closed:.0f}% of the simplified prompt's gap to the composed "
+             f"one ({simplified['mAP']:.1f} -> {mean_row['mAP']:.1f}, composed {own['mAP']:.1f}); one training "
+             f"image's prompt as the fixed query: {one_prompt['mAP']:.1f} (each: "
+             f"{', '.join(f'{m:.1f}' for m in one_prompt['mAP_each'])}); another identity's prompt per image: "
+             f"{shuffled['mAP']:.1f}; the composed prompt alone as the feature: {prompt_only['mAP']:.1f}. Test images' "
+             f"composed prompts: cosine {g['cos_test_prompt_to_simplified']:.3f} to l_simple, "
+             f"{g['cos_test_prompt_to_mean']:.3f} to l_mean, {g['mean_pairwise_cos_test_prompts']:.3f} to each "
+             f"other; l_simple to l_mean {g['cos_simplified_to_mean']:.3f}. Norms: l_simple "
+             f"{g['norm_simplified']:.2f}, l_mean {g['norm_mean']:.2f}, test prompts {g['mean_norm_test_prompts']:.2f}."
+             f"\n\n`{results['command']}`; {date}, commit {rev}, {os.cpu_count()}-CPU {platform.machine()} machine, "
+             f"device {cfg.MODEL.DEVICE}; {results['seconds']:.0f} s")
+    text = "\n".join(lines)
+    print(text + "\n" + notes)
+    os.makedirs(args.output, exist_ok=True)
+    stem = os.path.join(args.output, f"{name.lower()}_simplified_gap_{date}_{rev}")
+    with open(stem + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(text + "\n" + notes + "\n")
+    print(f"-> {stem}.json, {stem}.md")
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (InputError, NonFiniteError) as exc:
+        sys.exit(f"error: {exc}")
