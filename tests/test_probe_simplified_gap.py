@@ -94,9 +94,10 @@ def tiny_run(datasets_root, tmp_path_factory):
 
 def test_probe_rows_match_fastreids_evaluation_of_the_checkpoint(tiny_run, datasets_root, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTREID_DATASETS", str(datasets_root))
-    results = probe_tool().main([str(tiny_run / "run"), "--alphas", "0.5", "--training-prompts", "2",
-                                     "--output", str(tmp_path)])
-    rows = {r["query"]: r for r in results["rows"]}
+    results = probe_tool().main([str(tiny_run / "run"), str(tiny_run / "run"), "--alphas", "0.5",
+                                 "--training-prompts", "2", "--output", str(tmp_path)])
+    assert len(results["runs"]) == 2
+    rows = {r["query"]: r for r in results["runs"][0]["rows"]}
     assert list(rows) == ["simplified", "between, a = 0.5", "mean training prompt",
                           "one training image's composed prompt (mean of 2 images)",
                           "own composed prompt (s* per image)", "another identity's composed prompt (per image)",
@@ -108,9 +109,21 @@ def test_probe_rows_match_fastreids_evaluation_of_the_checkpoint(tiny_run, datas
     assert rows["own composed prompt (s* per image)"]["mAP"] == pytest.approx(composed["mAP"], abs=1e-4)
     # The fixed queries' cosines to the training prompts: the mean prompt is nearer than the simplified one.
     assert rows["mean training prompt"]["cos_to_training_prompts"] > rows["simplified"]["cos_to_training_prompts"]
+    # The same run twice: the summary is its rows with no spread.
+    for summary, row in zip(results["summary"], results["runs"][0]["rows"]):
+        assert summary["query"] == row["query"] and summary["mAP"] == pytest.approx(row["mAP"], abs=1e-9)
+        assert summary["mAP_std"] == pytest.approx(0.0, abs=1e-9)
     written = json.loads(next(tmp_path.glob("syntheticmarkettiny_simplified_gap_*.json")).read_text())
-    assert written["rows"] == results["rows"]
-    assert written["dataset"]["train_images"] > 0 and written["dataset"]["query_images"] > 0
+    assert written["summary"] == results["summary"]
+    assert written["runs"][1]["dataset"]["train_images"] > 0 and written["runs"][1]["dataset"]["query_images"] > 0
+
+
+def test_summary_is_the_mean_and_sample_deviation_over_runs():
+    runs = [{"rows": [{"query": "q", "mAP": m, "Rank-1": r, "cos_to_training_prompts": c}]}
+            for m, r, c in ((40.0, 50.0, 0.1), (44.0, 56.0, 0.3), (48.0, 53.0, 0.2))]
+    (row,) = probe_tool().summarise(runs)
+    assert (row["mAP"], row["Rank-1"], row["cos_to_training_prompts"]) == pytest.approx((44.0, 53.0, 0.2))
+    assert (row["mAP_std"], row["Rank-1_std"]) == pytest.approx((4.0, 3.0))       # sample sd (n - 1)
 
 
 def test_a_run_without_a_mim_is_one_line(tmp_path):

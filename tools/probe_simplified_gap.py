@@ -3,6 +3,7 @@
 the feature needs.
 
     python tools/probe_simplified_gap.py logs/synthetic/promptsg_small_vit
+    python tools/probe_simplified_gap.py logs/synthetic/ablations/ablations/full/seed{0,1,2}
 
 With the paper's recipe the MIM only ever sees composed prompts "A photo of a s* person." as its
 query; at test the simplified prompt "A photo of a person." is one fixed query it never saw. This
@@ -24,8 +25,10 @@ tells about the person. It prints each query's mAP and Rank-1 beside its mean co
 training images' composed prompts. If the gap came from a query unlike the training queries, the
 fixed training-like queries would close it; if it comes from what the image's own s* tells the
 MIM, only the own prompt scores high and the wrong person's prompt scores low. Also prints how far
-the test images' composed prompts lie from l_simple and from l_mean. Writes
-``<--output>/<dataset>_simplified_gap_<date>_<commit>.json`` (and ``.md``).
+the test images' composed prompts lie from l_simple and from l_mean. With several runs (seeds) the
+table gives the mean and standard deviation over them. Writes
+``<--output>/<dataset>_simplified_gap_<date>_<commit>.json`` (every run's rows and the summary) and
+``.md`` (the table).
 """
 import argparse
 import datetime
@@ -60,7 +63,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", metavar="DIR", help="PromptSG training run (config.yaml, model_final.pth)")
+    parser.add_argument("runs", nargs="+", metavar="DIR",
+                        help="PromptSG training runs (config.yaml, model_final.pth); several: mean and spread")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 0.75], metavar="A",
                         help="points (1 - a) l_simple + a l_mean between the two fixed queries")
     parser.add_argument("--training-prompts", type=int, default=5, metavar="N",
@@ -186,11 +190,11 @@ def commit():
         return "unknown"
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    cfg = run_config(args.run)
+def probe_run(run_dir, args, root):
+    """Every row of the probe for one training run: a dict with its rows, the prompts' geometry and
+    how much of the gap the mean training prompt closes."""
+    cfg = run_config(run_dir)
     start = time.time()
-    root = os.getenv("FASTREID_DATASETS", "datasets")
     name = cfg.DATASETS.TESTS[0]
     dataset = DATASET_REGISTRY.get(name)(root=root)
     train_paths = [p for p, _, _ in dataset.train]
@@ -271,38 +275,64 @@ def main(argv=None):
     simplified, mean_row = rows[0], rows[len(fixed) - 1]
     gap = own["mAP"] - simplified["mAP"]
     closed = (mean_row["mAP"] - simplified["mAP"]) / gap if gap else float("nan")
+    g = geometry
+    print(f"{run_dir}: the mean training prompt closes {100 * closed:.0f}% of the simplified prompt's gap to the "
+          f"composed one ({simplified['mAP']:.1f} -> {mean_row['mAP']:.1f}, composed {own['mAP']:.1f}); one "
+          f"training image's prompt as the fixed query: {one_prompt['mAP']:.1f} (each: "
+          f"{', '.join(f'{m:.1f}' for m in one_prompt['mAP_each'])}); another identity's prompt per image: "
+          f"{shuffled['mAP']:.1f}; the composed prompt alone as the feature: {prompt_only['mAP']:.1f}. Test "
+          f"images' composed prompts: cosine {g['cos_test_prompt_to_simplified']:.3f} to l_simple, "
+          f"{g['cos_test_prompt_to_mean']:.3f} to l_mean, {g['mean_pairwise_cos_test_prompts']:.3f} to each other; "
+          f"l_simple to l_mean {g['cos_simplified_to_mean']:.3f}. Norms: l_simple {g['norm_simplified']:.2f}, "
+          f"l_mean {g['norm_mean']:.2f}, test prompts {g['mean_norm_test_prompts']:.2f}.", flush=True)
+    return {"run": os.path.abspath(run_dir), "weights": os.path.abspath(cfg.MODEL.WEIGHTS),
+            "device": cfg.MODEL.DEVICE,
+            "dataset": {"name": name, "train_images": len(train_paths), "query_images": len(query_paths),
+                        "gallery_images": len(gallery_paths)},
+            "rows": rows, "geometry": geometry, "share_of_gap_closed_by_mean_prompt": closed,
+            "seconds": round(time.time() - start, 1)}
 
+
+def summarise(runs):
+    """Per row label: mean and standard deviation over the runs of mAP, Rank-1 and the cosine."""
+    summary = []
+    for i, first in enumerate(runs[0]["rows"]):
+        values = {k: np.array([run["rows"][i][k] for run in runs])
+                  for k in ("mAP", "Rank-1", "cos_to_training_prompts")}
+        summary.append({"query": first["query"], **{k: float(v.mean()) for k, v in values.items()},
+                        **{f"{k}_std": float(v.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in values.items()}})
+    return summary
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    root = os.getenv("FASTREID_DATASETS", "datasets")
+    for run_dir in args.runs:                    # every run's config refused or accepted before any work
+        run_config(run_dir)
+    start = time.time()
+    runs = [probe_run(run_dir, args, root) for run_dir in args.runs]
+    summary = summarise(runs)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     rev = commit()
     command = "python " + " ".join([os.path.relpath(__file__, ROOT)] + (sys.argv[1:] if argv is None else argv))
     results = {
         "date": date, "commit": rev, "command": f"FASTREID_DATASETS={root} {command}",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "device": cfg.MODEL.DEVICE},
-        "run": os.path.abspath(args.run), "weights": os.path.abspath(cfg.MODEL.WEIGHTS),
-        "dataset": {"name": name, "train_images": len(train_paths), "query_images": len(query_paths),
-                    "gallery_images": len(gallery_paths)},
-        "rows": rows, "geometry": geometry, "share_of_gap_closed_by_mean_prompt": closed,
-        "seconds": round(time.time() - start, 1),
+                    "torch": torch.__version__, "device": runs[0]["device"]},
+        "summary": summary, "runs": runs, "seconds": round(time.time() - start, 1),
     }
-    lines = ["| MIM query at test | mAP | Rank-1 | mean cosine to the training images' composed prompts |",
+    n = len(runs)
+    spread = (lambda r, k: f" ± {r[k + '_std']:.1f}") if n > 1 else (lambda r, k: "")  # noqa: E731
+    over = f" ({n} runs: mean ± sd)" if n > 1 else ""
+    lines = [f"| MIM query at test{over} | mAP | Rank-1 | mean cosine to the training images' composed prompts |",
              "|:--|--:|--:|--:|"]
-    lines += [f"| {r['query']} | {r['mAP']:.1f} | {r['Rank-1']:.1f} | {r['cos_to_training_prompts']:.3f} |"
-              for r in rows]
-    g = geometry
-    notes = (f"\nThe mean training prompt closes {100 * closed:.0f}% of the simplified prompt's gap to the composed "
-             f"one ({simplified['mAP']:.1f} -> {mean_row['mAP']:.1f}, composed {own['mAP']:.1f}); one training "
-             f"image's prompt as the fixed query: {one_prompt['mAP']:.1f} (each: "
-             f"{', '.join(f'{m:.1f}' for m in one_prompt['mAP_each'])}); another identity's prompt per image: "
-             f"{shuffled['mAP']:.1f}; the composed prompt alone as the feature: {prompt_only['mAP']:.1f}. Test images' "
-             f"composed prompts: cosine {g['cos_test_prompt_to_simplified']:.3f} to l_simple, "
-             f"{g['cos_test_prompt_to_mean']:.3f} to l_mean, {g['mean_pairwise_cos_test_prompts']:.3f} to each "
-             f"other; l_simple to l_mean {g['cos_simplified_to_mean']:.3f}. Norms: l_simple "
-             f"{g['norm_simplified']:.2f}, l_mean {g['norm_mean']:.2f}, test prompts {g['mean_norm_test_prompts']:.2f}."
-             f"\n\n`{results['command']}`; {date}, commit {rev}, {os.cpu_count()}-CPU {platform.machine()} machine, "
-             f"device {cfg.MODEL.DEVICE}; {results['seconds']:.0f} s")
+    lines += [f"| {r['query']} | {r['mAP']:.1f}{spread(r, 'mAP')} | {r['Rank-1']:.1f}{spread(r, 'Rank-1')} | "
+              f"{r['cos_to_training_prompts']:.3f} |" for r in summary]
+    notes = (f"\n`{results['command']}`; {date}, commit {rev}, {os.cpu_count()}-CPU {platform.machine()} machine, "
+             f"device {results['machine']['device']}; {results['seconds']:.0f} s")
     text = "\n".join(lines)
     print(text + "\n" + notes)
+    name = runs[0]["dataset"]["name"]
     os.makedirs(args.output, exist_ok=True)
     stem = os.path.join(args.output, f"{name.lower()}_simplified_gap_{date}_{rev}")
     with open(stem + ".json", "w") as f:
@@ -311,6 +341,7 @@ def main(argv=None):
         f.write(text + "\n" + notes + "\n")
     print(f"-> {stem}.json, {stem}.md")
     return results
+
 
 
 if __name__ == "__main__":
