@@ -36,8 +36,11 @@ $(SYNTHETIC)/results.json: | setup
 $(SYNTHETIC)/bot_R18/results.json: | setup
 	$(PY) tools/train_net.py --config-file configs/Synthetic/bagtricks_R18.yml
 
+# The tests run in TEST_WORKERS processes (pytest-xdist), each test file whole in one of them, so
+# that a file's module fixtures (tiny datasets, trained tiny runs) are built once.
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) logs output
