@@ -166,3 +166,16 @@ def test_cosine_distance_against_a_hand_computation():
     tool = probe_tool()
     d = tool.cosine_distance([[1.0, 0.0], [1.0, 1.0]], [[0.0, 5.0], [2.0, 0.0]])
     assert d.ravel().tolist() == pytest.approx([1.0, 0.0, 1 - 2 ** -0.5, 1 - 2 ** -0.5], abs=1e-6)
+
+
+def test_records_are_named_by_the_checkouts_commit_and_written_whole(tmp_path):
+    from promptsg.records import commit, write_record
+
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    assert commit(os.path.join(ROOT, "tools")) == head
+    assert commit(str(tmp_path)) == "unknown"                       # not a git checkout
+    paths = write_record(str(tmp_path / "out" / "table_2026-01-01_abc"), {"mAP": 1.5}, "| a |")
+    assert [os.path.basename(p) for p in paths] == ["table_2026-01-01_abc.json", "table_2026-01-01_abc.md"]
+    assert json.loads(open(paths[0]).read()) == {"mAP": 1.5} and open(paths[1]).read() == "| a |\n"
+    assert sorted(os.listdir(tmp_path / "out")) == ["table_2026-01-01_abc.json", "table_2026-01-01_abc.md"]

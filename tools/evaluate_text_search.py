@@ -35,10 +35,8 @@ Prints the table and writes it, with per-query figures, to
 """
 import argparse
 import datetime
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -60,6 +58,7 @@ from promptsg.checkpoint import NonFiniteError, load_for_inference  # noqa: E402
 from promptsg.datasets.synthetic import identity_captions, person_words  # noqa: E402
 from promptsg.evaluation import chance_level  # noqa: E402
 from promptsg.preflight import InputError, check_weights, load_config  # noqa: E402
+from promptsg.records import commit, write_record  # noqa: E402
 from promptsg.text_search import (ImageEmbeddings, WordsQueries, cosine_distances, text_tower,  # noqa: E402
                                   words_only_prompt)
 
@@ -247,14 +246,6 @@ def table(results):
     return "\n".join(lines)
 
 
-def commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None):
     args = parse_args(argv)
     if not os.path.isfile(args.clip):
@@ -290,7 +281,7 @@ def main(argv=None):
     bar.close()
 
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    rev = commit()
+    rev = commit(ROOT)
     command = "python " + " ".join([os.path.relpath(__file__, ROOT)] + (sys.argv[1:] if argv is None else argv))
     results = {
         "date": date, "commit": rev, "command": f"FASTREID_DATASETS={os.getenv('FASTREID_DATASETS', 'datasets')} "
@@ -318,13 +309,8 @@ def main(argv=None):
              f"`{results['command']}`; {date}, commit {rev}, {os.cpu_count()}-CPU {platform.machine()} machine, "
              f"device {results['machine']['device']}; {results['seconds']['total']:.0f} s")
     print(text + "\n" + notes)
-    os.makedirs(args.output, exist_ok=True)
-    stem = os.path.join(args.output, f"text_search_{date}_{rev}")
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(text + "\n" + notes + "\n")
-    print(f"-> {stem}.json, {stem}.md")
+    paths = write_record(os.path.join(args.output, f"text_search_{date}_{rev}"), results, text + "\n" + notes)
+    print("-> " + ", ".join(paths))
     return results
 
 

@@ -32,10 +32,8 @@ table gives the mean and standard deviation over them. Writes
 """
 import argparse
 import datetime
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -56,6 +54,7 @@ from fastreid.utils.compute_dist import build_dist  # noqa: E402
 from promptsg import add_promptsg_config  # noqa: E402
 from promptsg.checkpoint import NonFiniteError, load_for_inference  # noqa: E402
 from promptsg.preflight import InputError, check_weights, load_config  # noqa: E402
+from promptsg.records import commit, write_record  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -182,14 +181,6 @@ def mean_cosine(queries, prompts):
     return (q @ p.T).mean(dim=1).numpy()
 
 
-def commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def probe_run(run_dir, args, root):
     """Every row of the probe for one training run: a dict with its rows, the prompts' geometry and
     how much of the gap the mean training prompt closes."""
@@ -313,7 +304,7 @@ def main(argv=None):
     runs = [probe_run(run_dir, args, root) for run_dir in args.runs]
     summary = summarise(runs)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    rev = commit()
+    rev = commit(ROOT)
     command = "python " + " ".join([os.path.relpath(__file__, ROOT)] + (sys.argv[1:] if argv is None else argv))
     results = {
         "date": date, "commit": rev, "command": f"FASTREID_DATASETS={root} {command}",
@@ -333,15 +324,10 @@ def main(argv=None):
     text = "\n".join(lines)
     print(text + "\n" + notes)
     name = runs[0]["dataset"]["name"]
-    os.makedirs(args.output, exist_ok=True)
-    stem = os.path.join(args.output, f"{name.lower()}_simplified_gap_{date}_{rev}")
-    with open(stem + ".json", "w") as f:
-        json.dump(results, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(text + "\n" + notes + "\n")
-    print(f"-> {stem}.json, {stem}.md")
+    paths = write_record(os.path.join(args.output, f"{name.lower()}_simplified_gap_{date}_{rev}"), results,
+                         text + "\n" + notes)
+    print("-> " + ", ".join(paths))
     return results
-
 
 
 if __name__ == "__main__":
