@@ -163,8 +163,9 @@ def test_given_queries_follow_each_images_position():
 
 
 def test_cosine_distance_against_a_hand_computation():
-    tool = probe_tool()
-    d = tool.cosine_distance([[1.0, 0.0], [1.0, 1.0]], [[0.0, 5.0], [2.0, 0.0]])
+    from promptsg.text_search import cosine_distances
+
+    d = cosine_distances([[1.0, 0.0], [1.0, 1.0]], [[0.0, 5.0], [2.0, 0.0]])
     assert d.ravel().tolist() == pytest.approx([1.0, 0.0, 1 - 2 ** -0.5, 1 - 2 ** -0.5], abs=1e-6)
 
 

@@ -53,8 +53,10 @@ from fastreid.evaluation.rank import evaluate_rank  # noqa: E402
 from fastreid.utils.compute_dist import build_dist  # noqa: E402
 from promptsg import add_promptsg_config  # noqa: E402
 from promptsg.checkpoint import NonFiniteError, load_for_inference  # noqa: E402
+from promptsg.diagnostics import mean_pairwise_cosine  # noqa: E402
 from promptsg.preflight import InputError, check_weights, load_config  # noqa: E402
 from promptsg.records import commit, write_record  # noqa: E402
+from promptsg.text_search import cosine_distances  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,8 +112,16 @@ class ComposedPrompts(nn.Module):
 
     def forward(self, batched_inputs):
         m = self.model
-        v = m.image_embeddings(batched_inputs)
-        return m.text.compose(m.heads.inversion(v))
+        visual = m.backbone(m.preprocess_image(batched_inputs), None, with_tokens=False)
+        return m.prompt_features(visual, composed=True).text
+
+
+def features_with_query(model, batched_inputs, query_of):
+    """The retrieval features (B, D) of ``model`` whose MIM query (B, 1, E) is ``query_of(batched_inputs)``."""
+    images = model.preprocess_image(batched_inputs)
+    visual = model.backbone(images, None, with_tokens=True)
+    query = query_of(batched_inputs).to(device=images.device, dtype=visual.tokens.dtype)
+    return model.heads(visual, query.expand(len(images), 1, -1), 0)
 
 
 class FixedQuery(nn.Module):
@@ -124,11 +134,7 @@ class FixedQuery(nn.Module):
         self.register_buffer("query", query.detach().reshape(1, 1, -1).clone())
 
     def forward(self, batched_inputs):
-        m = self.model
-        images = m.preprocess_image(batched_inputs)
-        visual = m.backbone(images, None, with_tokens=True)
-        query = self.query.to(device=images.device, dtype=visual.tokens.dtype).expand(len(images), 1, -1)
-        return m.heads(visual, query, 0)
+        return features_with_query(self.model, batched_inputs, lambda _: self.query)
 
 
 class GivenQueries(nn.Module):
@@ -141,12 +147,10 @@ class GivenQueries(nn.Module):
         self.register_buffer("queries", torch.as_tensor(queries).detach().clone())
 
     def forward(self, batched_inputs):
-        m = self.model
-        images = m.preprocess_image(batched_inputs)
-        visual = m.backbone(images, None, with_tokens=True)
-        positions = torch.as_tensor(batched_inputs["targets"], device=self.queries.device)
-        query = self.queries[positions].to(device=images.device, dtype=visual.tokens.dtype)[:, None, :]
-        return m.heads(visual, query, 0)
+        def own_query(inputs):
+            return self.queries[torch.as_tensor(inputs["targets"], device=self.queries.device)][:, None, :]
+
+        return features_with_query(self.model, batched_inputs, own_query)
 
 
 def other_identity(pids, seed=0):
@@ -167,13 +171,6 @@ def other_identity(pids, seed=0):
                 perm[i], perm[j] = perm[j], perm[i]
 
 
-def cosine_distance(a, b):
-    """1 - cosine similarity (Na, Nb) float32 numpy of the rows of ``a`` and ``b``."""
-    a = F.normalize(torch.as_tensor(a, dtype=torch.float32), dim=-1)
-    b = F.normalize(torch.as_tensor(b, dtype=torch.float32), dim=-1)
-    return (1 - a @ b.T).numpy()
-
-
 def mean_cosine(queries, prompts):
     """Mean over ``prompts`` (N, E) of the cosine to each row of ``queries`` (Q, E): (Q,) numpy."""
     q = F.normalize(torch.as_tensor(queries, dtype=torch.float32), dim=-1)
@@ -181,10 +178,9 @@ def mean_cosine(queries, prompts):
     return (q @ p.T).mean(dim=1).numpy()
 
 
-def probe_run(run_dir, args, root):
-    """Every row of the probe for one training run: a dict with its rows, the prompts' geometry and
-    how much of the gap the mean training prompt closes."""
-    cfg = run_config(run_dir)
+def probe_run(run_dir, cfg, args, root):
+    """Every row of the probe for one training run (``cfg``: its ``run_config``): a dict with its rows,
+    the prompts' geometry and how much of the gap the mean training prompt closes."""
     start = time.time()
     name = cfg.DATASETS.TESTS[0]
     dataset = DATASET_REGISTRY.get(name)(root=root)
@@ -246,7 +242,7 @@ def probe_run(run_dir, args, root):
     # The composed prompt alone as the retrieval feature (cosine): what s* tells about the person.
     nq = len(query_paths)
     prompt_only = {"query": "reference: the composed prompt l_p alone as the feature, no MIM", "alpha": None,
-                   **rank(cosine_distance(test_prompts[:nq], test_prompts[nq:])),
+                   **rank(cosine_distances(test_prompts[:nq], test_prompts[nq:])),
                    "cos_to_training_prompts": own["cos_to_training_prompts"]}
     for row in (one_prompt, own, shuffled, prompt_only):
         rows.append(row)
@@ -258,8 +254,7 @@ def probe_run(run_dir, args, root):
         "cos_test_prompt_to_simplified": float(F.cosine_similarity(test_t, l_simple[None]).mean()),
         "cos_test_prompt_to_mean": float(F.cosine_similarity(test_t, l_mean[None]).mean()),
         "cos_simplified_to_mean": float(F.cosine_similarity(l_simple, l_mean, dim=0)),
-        "mean_pairwise_cos_test_prompts": float(((lambda n: (n @ n.T).sum() - len(n))(F.normalize(test_t, dim=1))
-                                                / (len(test_t) * (len(test_t) - 1)))),
+        "mean_pairwise_cos_test_prompts": float(mean_pairwise_cosine(test_t)),
         "norm_simplified": float(l_simple.norm()), "norm_mean": float(l_mean.norm()),
         "mean_norm_test_prompts": float(test_t.norm(dim=1).mean()),
     }
@@ -298,10 +293,9 @@ def summarise(runs):
 def main(argv=None):
     args = parse_args(argv)
     root = os.getenv("FASTREID_DATASETS", "datasets")
-    for run_dir in args.runs:                    # every run's config refused or accepted before any work
-        run_config(run_dir)
+    cfgs = [run_config(run_dir) for run_dir in args.runs]     # every run refused or accepted before any work
     start = time.time()
-    runs = [probe_run(run_dir, args, root) for run_dir in args.runs]
+    runs = [probe_run(run_dir, cfg, args, root) for run_dir, cfg in zip(args.runs, cfgs)]
     summary = summarise(runs)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     rev = commit(ROOT)
