@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import promptsg.interaction
+from promptsg.interaction import FUSIONS
 from fastreid.engine import DefaultTrainer
 from fastreid.engine.train_loop import SimpleTrainer
 from fastreid.evaluation import DatasetEvaluator, inference_on_dataset
@@ -133,20 +134,29 @@ def full_block_row(block, x, index):
     return block(x)[:, index]
 
 
-def full_cross_block(block, query, patches):
-    """The reference for cross_block_forward: open_clip's block, keys and values projected."""
-    return block(query, k_x=patches, v_x=patches)
+def full_cross_block(block, query, patches, stream):
+    """The reference for cross_block_forward: open_clip's attention, keys and values projected,
+    added to the fusion's stream; with the query as the stream, open_clip's block itself."""
+    if stream is query:
+        return block(query, k_x=patches, v_x=patches)
+    kv = block.ln_1_kv(patches)
+    x = block.ls_1(block.attention(block.ln_1(query), k_x=kv, v_x=kv))
+    x = x if stream is None else stream + x
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 MIM_FAST_PATHS = {"query_row_forward": full_block_row, "cross_block_forward": full_cross_block}
+# Every fusion with each fast path it runs ("reweight" has no value path: no cross block).
+FUSION_FAST_PATHS = [(fusion, path) for fusion in FUSIONS for path in MIM_FAST_PATHS
+                     if not (fusion == "reweight" and path == "cross_block_forward")]
 
 
-@pytest.mark.parametrize("fast_path", MIM_FAST_PATHS)
+@pytest.mark.parametrize("fusion, fast_path", FUSION_FAST_PATHS)
 @pytest.mark.parametrize("query", ["pooled", "tokens"])
 @pytest.mark.parametrize("prompt", ["simplified", "composed"])
-def test_head_feature_with_mim_fast_path_equals_the_full_blocks(monkeypatch, prompt, query, fast_path):
-    model = build_model(tiny_cfg(**{"MODEL.PROMPTSG.INFERENCE_PROMPT": prompt,
-                                    "MODEL.PROMPTSG.MIM.QUERY": query})).eval()
+def test_head_feature_with_mim_fast_path_equals_the_full_blocks(monkeypatch, prompt, query, fast_path, fusion):
+    model = build_model(tiny_cfg(**{"MODEL.PROMPTSG.INFERENCE_PROMPT": prompt, "MODEL.PROMPTSG.MIM.QUERY": query,
+                                    "MODEL.PROMPTSG.MIM.FUSION": fusion})).eval()
     rows = []
     model.heads.mim.blocks[-1].mlp.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[1]))
     with torch.no_grad():
@@ -157,9 +167,9 @@ def test_head_feature_with_mim_fast_path_equals_the_full_blocks(monkeypatch, pro
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fast_path", MIM_FAST_PATHS)
-def test_training_losses_and_gradients_with_mim_fast_path_equal_the_full_blocks(monkeypatch, fast_path):
-    model = build_model(tiny_cfg()).train()
+@pytest.mark.parametrize("fusion, fast_path", FUSION_FAST_PATHS)
+def test_training_losses_and_gradients_with_mim_fast_path_equal_the_full_blocks(monkeypatch, fast_path, fusion):
+    model = build_model(tiny_cfg(**{"MODEL.PROMPTSG.MIM.FUSION": fusion})).train()
 
     def losses_and_grads():
         model.zero_grad(set_to_none=True)
@@ -173,7 +183,7 @@ def test_training_losses_and_gradients_with_mim_fast_path_equal_the_full_blocks(
     full_losses, full_grads = losses_and_grads()
     torch.testing.assert_close(fast_losses, full_losses, rtol=1e-5, atol=1e-6)
     assert fast_grads.keys() == full_grads.keys()
-    assert any(k.startswith("heads.mim.cross") and "in_proj" in k for k in fast_grads)
+    assert any(k.startswith("heads.mim.cross") and ("in_proj" in k or "q_proj" in k) for k in fast_grads)
     torch.testing.assert_close(fast_grads, full_grads, rtol=1e-4, atol=1e-5)
 
 

@@ -56,6 +56,31 @@ def test_checkpoint_of_another_model_is_refused_naming_the_file_and_keys(tmp_pat
                            str(promptsg_file))
 
 
+def test_checkpoint_of_another_mim_fusion_is_refused_and_one_older_than_the_key_is_query_residual(tmp_path):
+    """Three fusions share their parameters: the wiring a checkpoint was trained with travels in it."""
+    fusion = lambda name: ("MODEL.PROMPTSG.MIM.FUSION", name)  # noqa: E731
+    residual = build(PROMPTSG_CFG, *fusion("query_residual"))
+    residual_file = save(residual, tmp_path / "residual.pth")
+    with pytest.raises(CheckpointError, match=r"residual\.pth was trained with MODEL\.PROMPTSG\.MIM\.FUSION "
+                                              r"query_residual, the config has attention: set MODEL\.PROMPTSG\."
+                                              r"MIM\.FUSION query_residual"):
+        load_for_inference(build(PROMPTSG_CFG, *fusion("attention")), str(residual_file))
+    with pytest.raises(CheckpointError, match="trained with MODEL.PROMPTSG.MIM.FUSION query_residual, the config "
+                                              "has reweight"):
+        load_for_inference(build(PROMPTSG_CFG, *fusion("reweight")), str(residual_file))
+    # A checkpoint written before the key existed has no fusion_index: it added the query back.
+    state = residual.state_dict()
+    del state["heads.mim.fusion_index"]
+    older = tmp_path / "older.pth"
+    torch.save({"model": state}, older)
+    with pytest.raises(CheckpointError, match="older.pth was trained with MODEL.PROMPTSG.MIM.FUSION query_residual"):
+        load_for_inference(build(PROMPTSG_CFG, *fusion("visual_residual")), str(older))
+    loaded = build(PROMPTSG_CFG, *fusion("query_residual"))
+    load_for_inference(loaded, str(older))
+    for (name, a), b in zip(loaded.state_dict().items(), residual.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_own_checkpoint_loads_whole_and_the_classifier_only_by_choice(tmp_path):
     trained = build(PROMPTSG_CFG, num_classes=5)
     with torch.no_grad():

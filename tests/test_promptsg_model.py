@@ -12,7 +12,8 @@ from fastreid.engine import DefaultTrainer
 from fastreid.modeling import build_model
 from fastreid.utils.events import EventStorage
 from promptsg.clip_weights import create_clip_model
-from promptsg.interaction import MultimodalInteraction, few_query_attention, query_row_forward
+from promptsg.interaction import (FUSIONS, MultimodalInteraction, PatchWeighting, few_query_attention,
+                                  query_row_forward)
 from promptsg.inversion import InversionNet
 from promptsg.prompt import build_prompt_composer
 from promptsg.supcon import supcon_loss, symmetric_supcon_loss
@@ -152,10 +153,76 @@ def test_cross_attention_is_softmax_qk_v_with_text_as_query():
     split = lambda t: t.view(t.shape[0], t.shape[1], heads, d).transpose(1, 2)  # noqa: E731
     attn = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(d), dim=-1) @ split(v)
     attn = attn.transpose(1, 2).reshape(3, 1, width) @ blk.attn.out_proj.weight.t() + blk.attn.out_proj.bias
-    x = query + attn
+    x = attn if mim.fusion == "attention" else query + attn
     expected = (x + blk.mlp(blk.ln_2(x)))[:, 0]
     with torch.no_grad():
         torch.testing.assert_close(mim(query, patches), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("queries, out_index", [(1, 0), (4, 3)])
+def test_each_mim_fusion_equals_its_formula_on_full_length_blocks(fusion, queries, out_index):
+    torch.manual_seed(0)
+    mim = MultimodalInteraction(32, heads=4, cross_layers=1, self_layers=2, fusion=fusion).eval()
+    randomise_biases(mim)
+    query, patches, v = torch.randn(3, queries, 32), torch.randn(3, 10, 32), torch.randn(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(mim(query, patches, out_index, v), reference_mim(mim, query, patches, out_index, v),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_query_residual_fusion_is_open_clips_cross_attention_block():
+    torch.manual_seed(0)
+    mim = MultimodalInteraction(32, heads=4, cross_layers=2, self_layers=1, fusion="query_residual").eval()
+    randomise_biases(mim)
+    query, patches = torch.randn(3, 1, 32), torch.randn(3, 10, 32)
+    with torch.no_grad():
+        x = query
+        for block in mim.cross:
+            x = block(x, k_x=patches, v_x=patches)
+        expected = mim.blocks[0](torch.cat([x, patches], dim=1))[:, 0]
+        torch.testing.assert_close(mim(query, patches), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_default_mim_reads_the_query_only_through_its_attention_weights():
+    """Eq. 7 writes no residual to the query: two queries with the same attention weights give the
+    same feature. LayerNorm makes q and 3q + 0.5 the same normalised query (same weights); a
+    feature that also adds q itself (the query residual) tells them apart."""
+    model = build_model(tiny_cfg()).eval()
+    mim = model.heads.mim
+    randomise_biases(mim)
+    torch.manual_seed(1)
+    width = model.backbone.out_dim
+    query, patches, v = torch.randn(4, 1, width), torch.randn(4, 32, width), torch.randn(4, width)
+    other = 3.0 * query + 0.5
+    with torch.no_grad():
+        for a, b in zip(mim.cross_attention_weights(query, patches, v), mim.cross_attention_weights(other, patches, v)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mim(query, patches, 0, v), mim(other, patches, 0, v), rtol=1e-4, atol=1e-5)
+        # ... while a query with other weights changes the feature.
+        assert not torch.allclose(mim(query, patches, 0, v), mim(torch.randn(4, 1, width), patches, 0, v), atol=1e-3)
+        residual = build_model(tiny_cfg(**{"MODEL.PROMPTSG.MIM.FUSION": "query_residual"})).heads.mim.eval()
+        randomise_biases(residual)
+        assert not torch.allclose(residual(query, patches), residual(other, patches), atol=1e-3)
+
+
+def test_patch_weighting_is_softmax_qk_per_head():
+    torch.manual_seed(0)
+    weighting = PatchWeighting(24, 3)
+    torch.nn.init.normal_(weighting.q_proj.bias)
+    query, patches = torch.randn(2, 2, 24), torch.randn(2, 7, 24)
+    q = weighting.q_proj(weighting.ln_1(query)).view(2, 2, 3, 8)
+    k = (weighting.ln_1_kv(patches) @ weighting.k_proj.weight.t()).view(2, 7, 3, 8)
+    expected = torch.stack([torch.softmax(q[:, :, h] @ k[:, :, h].transpose(1, 2) / math.sqrt(8), dim=-1)
+                            for h in range(3)], dim=2)                                # (B, Q, H, M)
+    torch.testing.assert_close(weighting(query, patches), expected, rtol=1e-5, atol=1e-6)
+
+
+def randomise_biases(mim):
+    """PyTorch starts attention and LayerNorm biases at zero, which hides where a bias goes."""
+    for name, param in mim.named_parameters():
+        if name.endswith("bias") or "ln" in name:
+            torch.nn.init.normal_(param, mean=1.0 if name.endswith("weight") else 0.0, std=0.3)
 
 
 # ---- symmetric supervised contrastive loss (Eq. 4-6) ----
@@ -396,12 +463,29 @@ from fastreid.modeling.losses import triplet_loss as fastreid_triplet  # noqa: E
 TAU = 0.05
 
 
-def reference_mim(mim, query, patches, out_index):
-    """The MIM by open_clip's blocks at full length: cross-attention of the query over the patches,
-    then self-attention over [query; patches], read at query position ``out_index``."""
-    for block in mim.cross:
-        query = block(query, k_x=patches, v_x=patches)
-    x = torch.cat([query, patches], dim=1)
+def reference_mim(mim, query, patches, out_index, visual):
+    """The MIM by open_clip's blocks and PyTorch's attention at full length (keys and values
+    projected), each fusion written out: the cross-attention A(q, P) of the query over the patches
+    added to q ("query_residual"), to nothing ("attention") or to v ("visual_residual"), then the
+    block's MLP residual, then self-attention over [x; patches] read at ``out_index``; or
+    ("reweight") the head-averaged softmax(QK^T / sqrt(d)) scaling the patches, [v; patches] through
+    the blocks, read at v."""
+    if mim.fusion == "reweight":
+        blk, heads = mim.cross[0], mim.cross[0].num_heads
+        q = blk.q_proj(blk.ln_1(query[:, out_index:out_index + 1]))                 # (B, 1, E)
+        k = F.linear(blk.ln_1_kv(patches), blk.k_proj.weight)                       # (B, M, E)
+        split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731  (B, H, N, d)
+        logits = split(q) @ split(k).transpose(-1, -2) / math.sqrt(q.shape[-1] // heads)
+        weights = logits.softmax(dim=-1).mean(dim=1)[:, 0]                           # (B, M)
+        x = torch.cat([visual[:, None], patches * patches.shape[1] * weights[..., None]], dim=1)
+        out_index = 0
+    else:
+        stream = {"query_residual": query, "attention": 0.0, "visual_residual": visual[:, None]}[mim.fusion]
+        for block in mim.cross:
+            kv = block.ln_1_kv(patches)
+            x = stream + block.attn(block.ln_1(query), kv, kv, need_weights=False)[0]
+            query = stream = x + block.mlp(block.ln_2(x))
+        x = torch.cat([query, patches], dim=1)
     for block in mim.blocks:
         x = block(x)
     return x[:, out_index]
@@ -439,7 +523,7 @@ def test_training_losses_are_eq10_on_the_right_tensors():
     with torch.no_grad():
         v = visual.embedding
         l_p = model.text.compose(model.heads.inversion(v))
-        feat = reference_mim(model.heads.mim, l_p[:, None], visual.tokens, 0)
+        feat = reference_mim(model.heads.mim, l_p[:, None], visual.tokens, 0, visual.embedding)
         logits = model.heads.classifier(model.heads.bottleneck(feat))
         expected = {
             "loss_cls": fastreid_cross_entropy(logits, y, 0.1, 0.2),
@@ -485,7 +569,7 @@ def test_test_feature_is_the_mim_output_at_the_query_position(query, out_index):
         feat, visual = run_capturing_visual(model, inputs)
         pooled, tokens = model.text.compose(model.heads.inversion(visual.embedding), return_tokens=True)
         queries = pooled[:, None] if query == "pooled" else tokens
-        expected = reference_mim(model.heads.mim, queries, visual.tokens, out_index)
+        expected = reference_mim(model.heads.mim, queries, visual.tokens, out_index, visual.embedding)
     assert tokens.shape[1] == 9
     torch.testing.assert_close(feat, expected, rtol=1e-4, atol=1e-5)
 

@@ -36,6 +36,13 @@ REA = ["INPUT.REA.ENABLED", "True"]
 OLD = REA + ["MODEL.LOSSES.SUPCON.POSITIVES", "mean", "MODEL.PROMPTSG.PSEUDO_TOKEN_INIT", "unit",
              "MODEL.LOSSES.SUPCON.TEMPERATURE", "0.07"]
 
+SHARE = ["MODEL.PROMPTSG.SIMPLIFIED_QUERY_SHARE", "0.5"]
+
+
+def fusion(name):
+    return ["MODEL.PROMPTSG.MIM.FUSION", name]
+
+
 # table -> [(row key, paper label, config, overrides)]
 TABLES = {
     "ablations": [
@@ -50,6 +57,23 @@ TABLES = {
         ("mim_1cross_1self", "Table 5: 1 cross, 1 self", PROMPTSG, ["MODEL.PROMPTSG.MIM.SELF_LAYERS", "1"]),
         ("simplified_share", "Beyond the paper: half the MIM queries simplified in training", PROMPTSG,
          ["MODEL.PROMPTSG.SIMPLIFIED_QUERY_SHARE", "0.5"]),
+    ],
+    # The MIM's wiring where the paper is silent (MODEL.PROMPTSG.MIM.FUSION), alone and with half the
+    # training queries simplified (SIMPLIFIED_QUERY_SHARE 0.5).
+    "wiring": [
+        ("clip_baseline", "CLIP baseline (ID + triplet, no text)", BASELINE, []),
+        ("query_residual", "query_residual: x = q + A(q, P)", PROMPTSG, fusion("query_residual")),
+        ("attention", "attention: x = A(q, P) (Eq. 7)", PROMPTSG, fusion("attention")),
+        ("visual_residual", "visual_residual: x = v + A(q, P)", PROMPTSG, fusion("visual_residual")),
+        ("reweight", "reweight: [v; a * P] through the blocks, read at v", PROMPTSG, fusion("reweight")),
+        ("query_residual_share", "query_residual + SIMPLIFIED_QUERY_SHARE 0.5", PROMPTSG,
+         fusion("query_residual") + SHARE),
+        ("attention_share", "attention + SIMPLIFIED_QUERY_SHARE 0.5", PROMPTSG, fusion("attention") + SHARE),
+        ("visual_residual_share", "visual_residual + SIMPLIFIED_QUERY_SHARE 0.5", PROMPTSG,
+         fusion("visual_residual") + SHARE),
+        ("reweight_share", "reweight + SIMPLIFIED_QUERY_SHARE 0.5", PROMPTSG, fusion("reweight") + SHARE),
+        ("attention_concat", "attention, test feature MIM output ++ v (FEATURE concat)", PROMPTSG,
+         fusion("attention") + ["MODEL.PROMPTSG.FEATURE", "concat"]),
     ],
     # The experiments behind the defaults (project README, "What was wrong"); OLD is the main job as
     # it was: SupCon averaged over the positives, s* at BatchNorm's unit scale, random erasing.

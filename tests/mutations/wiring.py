@@ -36,6 +36,8 @@ MUTATIONS = [
      "states = visual.states if has_mim else visual.states[:-1]", "states = visual.states"),
     ("f_theta fed ln_post(CLS) instead of v", "meta_arch.py",
      "self.heads.inversion(visual.embedding)", "self.heads.inversion(visual.states[1])"),
+    ("the query added back to the cross-attention output (x = q + A(q, P))", "interaction.py",
+     "    x = block.ls_1(few_query_attention(", "    x = query + block.ls_1(few_query_attention("),
 ]
 
 

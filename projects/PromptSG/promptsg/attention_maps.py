@@ -76,7 +76,8 @@ def promptsg_cross_attention(model, images, camids=None) -> PromptSGMaps:
             maps[name] = None
             continue
         prompt = model.prompt_features(visual, composed)
-        weights = mim.cross_attention_weights(prompt.query.to(visual.tokens.dtype), visual.tokens)[0]
+        weights = mim.cross_attention_weights(prompt.query.to(visual.tokens.dtype), visual.tokens,
+                                              visual.embedding)[0]
         maps[name] = weights[:, prompt.out_index].unflatten(-1, grid)   # the pooled query's row: (B, H, gh, gw)
     return PromptSGMaps(**maps)
 

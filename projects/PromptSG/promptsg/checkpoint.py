@@ -17,6 +17,7 @@ import re
 
 import torch
 
+from .interaction import FUSIONS
 from .preflight import InputError, zip_directory_intact
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,27 @@ def check_compatible(path, model_state, checkpoint_state, skip_classifier):
             "; to fine-tune on another dataset with a new ID classifier, set MODEL.WEIGHTS_NEW_CLASSIFIER True")
         raise CheckpointError(f"{path} is not a checkpoint of this model (config): {'; '.join(problems)}{hint}")
     return skipped
+
+
+FUSION_KEY = "heads.mim.fusion_index"
+
+
+def check_mim_fusion(path, model_state, checkpoint_state):
+    """Refuse a checkpoint whose MIM was trained with another MODEL.PROMPTSG.MIM.FUSION than the
+    model's: three fusions share their parameters, so it would load and silently compute another
+    feature. A checkpoint with a MIM but no ``fusion_index`` predates the key; its MIM added the
+    query back ("query_residual"), which is recorded in ``checkpoint_state``."""
+    if FUSION_KEY not in model_state:
+        return
+    if FUSION_KEY not in checkpoint_state:
+        if not any(k.startswith("heads.mim.") for k in checkpoint_state):
+            return                                   # no MIM at all: check_compatible says so
+        checkpoint_state[FUSION_KEY] = torch.tensor(FUSIONS.index("query_residual"))
+    index, configured = int(checkpoint_state[FUSION_KEY]), FUSIONS[int(model_state[FUSION_KEY])]
+    trained = FUSIONS[index] if 0 <= index < len(FUSIONS) else f"unknown ({index})"
+    if trained != configured:
+        raise CheckpointError(f"{path} was trained with MODEL.PROMPTSG.MIM.FUSION {trained}, the config has "
+                              f"{configured}: set MODEL.PROMPTSG.MIM.FUSION {trained} to evaluate or fine-tune it")
 
 
 def first_non_finite(named_tensors):

@@ -530,7 +530,7 @@ def _checkpoint_load_whole():
     must be finite."""
     from fastreid.utils.checkpoint import Checkpointer, _IncompatibleKeys, _strip_prefix_if_present
 
-    from .checkpoint import CheckpointError, check_compatible, first_non_finite
+    from .checkpoint import CheckpointError, check_compatible, check_mim_fusion, first_non_finite
 
     if getattr(Checkpointer._load_model, "_promptsg_patched", False):
         return
@@ -553,6 +553,7 @@ def _checkpoint_load_whole():
         if bad is not None:
             raise CheckpointError(f"{path}: {bad} holds NaN or infinity; a model with non-finite weights "
                                   f"gives no meaningful result")
+        check_mim_fusion(path, self.model.state_dict(), state)
         skipped = check_compatible(path, self.model.state_dict(), state, self.skip_classifier)
         for key in skipped:
             state.pop(key, None)

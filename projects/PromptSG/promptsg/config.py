@@ -1,6 +1,7 @@
 """Config keys added by the PromptSG project (paper symbols in brackets)."""
 from fastreid.config import CfgNode as CN
 
+from .interaction import FUSIONS
 from .supcon import POSITIVE_REDUCTIONS
 
 
@@ -67,6 +68,12 @@ def add_promptsg_config(cfg):
     # Query of the cross-attention: "pooled" (the EOT text embedding l_p) or
     # "tokens" (every prompt token, projected to the joint space).
     cfg.MODEL.PROMPTSG.MIM.QUERY = "pooled"
+    # How the cross-attention's result enters the self-attention blocks (promptsg/interaction.py):
+    # "query_residual" (x = q + A(q, P), open_clip's cross block: s* reaches the feature directly),
+    # "attention" (x = A(q, P), Eq. 7 as written: the text acts through the attention weights only),
+    # "visual_residual" (x = v + A(q, P)), "reweight" (the weights re-weight the patches; [v; patches]
+    # through the blocks, read at v).
+    cfg.MODEL.PROMPTSG.MIM.FUSION = "query_residual"
     # Test feature: "mim" (MIM output) or "concat" (MIM output ++ global visual embedding).
     cfg.MODEL.PROMPTSG.FEATURE = "mim"
     # Apply the triplet loss also to the visual encoder's last states (x_{L-1}, x_L, proj).
@@ -125,6 +132,11 @@ def validate_promptsg_config(cfg):
         fail(f"MODEL.PROMPTSG.PSEUDO_TOKEN_INIT must be 'token' or 'unit', got {p.PSEUDO_TOKEN_INIT!r}")
     if p.MIM.QUERY not in ("pooled", "tokens"):
         fail(f"MODEL.PROMPTSG.MIM.QUERY must be 'pooled' or 'tokens', got {p.MIM.QUERY!r}")
+    if p.MIM.FUSION not in FUSIONS:
+        fail(f"MODEL.PROMPTSG.MIM.FUSION must be one of {list(FUSIONS)}, got {p.MIM.FUSION!r}")
+    if p.MIM.FUSION == "reweight" and p.MIM.CROSS_LAYERS > 0 and (p.MIM.CROSS_LAYERS != 1 or p.MIM.SELF_LAYERS < 1):
+        fail(f"MODEL.PROMPTSG.MIM.FUSION reweight needs MIM.CROSS_LAYERS 1 and MIM.SELF_LAYERS >= 1 (v is read "
+             f"after the self-attention blocks), got {p.MIM.CROSS_LAYERS} and {p.MIM.SELF_LAYERS}")
     if p.FEATURE not in ("mim", "concat"):
         fail(f"MODEL.PROMPTSG.FEATURE must be 'mim' or 'concat', got {p.FEATURE!r}")
     if cfg.MODEL.HEADS.NECK_FEAT not in ("before", "after"):

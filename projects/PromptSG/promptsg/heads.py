@@ -24,10 +24,11 @@ class PromptSGHead(nn.Module):
 
     @configurable
     def __init__(self, *, embed_dim, token_dim, num_classes, use_inversion, inversion_hidden,
-                 mim_cross_layers, mim_self_layers, mim_heads, feature, neck_feat):
+                 mim_cross_layers, mim_self_layers, mim_heads, feature, neck_feat,
+                 mim_fusion="query_residual"):
         super().__init__()
         self.inversion = InversionNet(embed_dim, token_dim, inversion_hidden) if use_inversion else None
-        self.mim = (MultimodalInteraction(embed_dim, mim_heads, mim_cross_layers, mim_self_layers)
+        self.mim = (MultimodalInteraction(embed_dim, mim_heads, mim_cross_layers, mim_self_layers, mim_fusion)
                     if mim_cross_layers > 0 else None)
         self.feature = feature
         self.neck_feat = neck_feat
@@ -50,6 +51,7 @@ class PromptSGHead(nn.Module):
             "mim_cross_layers": p.MIM.CROSS_LAYERS,
             "mim_self_layers": p.MIM.SELF_LAYERS,
             "mim_heads": p.MIM.HEADS,
+            "mim_fusion": p.MIM.FUSION,
             "feature": p.FEATURE,
             "neck_feat": cfg.MODEL.HEADS.NECK_FEAT,
         }
@@ -62,7 +64,7 @@ class PromptSGHead(nn.Module):
         """
         feat = visual.embedding
         if self.mim is not None:
-            fused = self.mim(query.to(visual.tokens.dtype), visual.tokens, out_index)
+            fused = self.mim(query.to(visual.tokens.dtype), visual.tokens, out_index, visual.embedding)
             feat = torch.cat([fused, visual.embedding], dim=1) if self.feature == "concat" else fused
         neck = self.bottleneck(feat)
         if not self.training:

@@ -24,28 +24,63 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 
+FUSIONS = ("query_residual", "attention", "visual_residual", "reweight")
+
+
 class MultimodalInteraction(nn.Module):
     """Cross-attention (text queries, patch keys/values) followed by self-attention blocks.
 
     Args:
         width: token width E.
         heads: attention heads.
-        cross_layers: number of cross-attention blocks (>= 1).
+        cross_layers: number of cross-attention blocks (>= 1; exactly 1 for ``reweight``).
         self_layers: number of self-attention blocks after them.
+        fusion: how the cross-attention's result enters the blocks (MODEL.PROMPTSG.MIM.FUSION).
+            Each cross-attention block is pre-norm attention and MLP with a residual stream; the
+            fusions differ in where that stream starts, or skip it:
+              "query_residual": at the text query, x = q + A(q, P) (open_clip's cross block);
+                  the query's own content (s* with the composed prompt) reaches the feature.
+              "attention": at nothing, x = A(q, P) (Eq. 7 as written): the feature depends on the
+                  query only through the attention weights softmax(QK^T / sqrt(d)).
+              "visual_residual": at the global visual embedding, x = v + A(q, P): v carried, the
+                  text choosing which patches are added to it.
+              "reweight": no value path; the weights, averaged over heads and scaled to mean one,
+                  re-weight the patch tokens, and [v; weighted patches] runs through the blocks,
+                  read at v's position.
     """
 
-    def __init__(self, width, heads=8, cross_layers=1, self_layers=2):
+    def __init__(self, width, heads=8, cross_layers=1, self_layers=2, fusion="query_residual"):
         super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"MultimodalInteraction fusion must be one of {list(FUSIONS)}, got {fusion!r}")
         if cross_layers < 1:
             raise ValueError("MultimodalInteraction needs at least one cross-attention layer")
-        self.cross = nn.ModuleList(
-            [ResidualAttentionBlock(width, heads, is_cross_attention=True) for _ in range(cross_layers)])
+        if fusion == "reweight" and (cross_layers != 1 or self_layers < 1):
+            raise ValueError("fusion 'reweight' needs exactly one cross-attention layer and self-attention "
+                             "blocks to read v from")
+        self.fusion = fusion
+        # Saved with the weights, so that a checkpoint is never evaluated under another wiring
+        # (checkpoint.check_mim_fusion); the same parameters serve three of the fusions.
+        self.register_buffer("fusion_index", torch.tensor(FUSIONS.index(fusion)))
+        if fusion == "reweight":
+            self.cross = nn.ModuleList([PatchWeighting(width, heads)])
+        else:
+            self.cross = nn.ModuleList(
+                [ResidualAttentionBlock(width, heads, is_cross_attention=True) for _ in range(cross_layers)])
         self.blocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(self_layers)])
 
-    def forward(self, query, patches, out_index=0):
-        """query (B, Q, E), patches (B, M, E) -> the output at query position ``out_index`` (B, E)."""
-        for blk in self.cross:
-            query = cross_block_forward(blk, query, patches)     # Eq. 7: softmax(QK^T/sqrt(d))V
+    def forward(self, query, patches, out_index=0, visual=None):
+        """query (B, Q, E), patches (B, M, E), visual v (B, E) (``visual_residual``, ``reweight``)
+        -> the output at query position ``out_index`` (B, E); ``reweight`` reads v's position."""
+        if self.fusion == "reweight":
+            weights = self.cross[0](query[:, out_index:out_index + 1], patches)[:, 0].mean(dim=1)   # (B, M)
+            patches = patches * (weights * patches.shape[1])[..., None]                            # mean weight 1
+            query, out_index = visual[:, None].to(patches.dtype), 0
+        else:
+            stream = self._stream_start(query, visual)
+            for blk in self.cross:
+                # Eq. 7: softmax(QK^T / sqrt(d)) V, added to the stream the fusion starts from.
+                stream = query = cross_block_forward(blk, query, patches, stream)
         if not self.blocks:
             return query[:, out_index]
         x = torch.cat([query, patches], dim=1)                  # (B, Q + M, E)
@@ -54,14 +89,52 @@ class MultimodalInteraction(nn.Module):
         # Only one output row of the last block is used: compute just that row.
         return query_row_forward(self.blocks[-1], x, out_index)
 
-    def cross_attention_weights(self, query, patches):
+    def cross_attention_weights(self, query, patches, visual=None):
         """The weights of each cross-attention block, as ``forward`` computes them: a list of
         (B, Q, H, M) tensors, the attention of every query token and head over the M patches."""
+        if self.fusion == "reweight":
+            return [self.cross[0](query, patches)]
         weights = []
+        stream = self._stream_start(query, visual)
         for blk in self.cross:
             weights.append(few_query_attention_weights(blk.attn, blk.ln_1(query), blk.ln_1_kv(patches)))
-            query = cross_block_forward(blk, query, patches)
+            stream = query = cross_block_forward(blk, query, patches, stream)
         return weights
+
+    def _stream_start(self, query, visual):
+        """Where the cross-attention's residual stream starts: the query, nothing, or v (B, 1, E)."""
+        if self.fusion == "query_residual":
+            return query
+        if self.fusion == "attention":
+            return None
+        if visual is None:
+            raise ValueError("fusion 'visual_residual' needs the global visual embedding v")
+        return visual[:, None].to(query.dtype)
+
+
+class PatchWeighting(nn.Module):
+    """The query and key side of a cross-attention block, for ``fusion="reweight"``: per head h,
+    softmax_m(q_h . k_h,m / sqrt(d)) over the M patches, q from the text query and k from the
+    patches, each pre-normalised (B, Q, E), (B, M, E) -> (B, Q, H, M). No value or output projection:
+    the weights are the whole result."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by {heads} heads")
+        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1_kv = nn.LayerNorm(width)
+        self.num_heads, self.head_dim = heads, width // heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width, bias=False)   # a key bias adds a constant per row
+
+    def forward(self, query, patches):
+        """(B, Q, E), (B, M, E) -> (B, Q, H, M), with the key projection folded into the query side
+        as in ``few_query_attention_weights``."""
+        batch, queries, width = query.shape
+        q = self.q_proj(self.ln_1(query)).view(batch, queries, self.num_heads, self.head_dim) * self.head_dim ** -0.5
+        q = torch.einsum("bqhd,hde->bqhe", q, self.k_proj.weight.view(self.num_heads, self.head_dim, width))
+        return torch.einsum("bqhe,bme->bqhm", q, self.ln_1_kv(patches)).softmax(dim=-1)
 
 
 def query_row_forward(block, x, index):
@@ -77,9 +150,13 @@ def query_row_forward(block, x, index):
     return q[:, 0]
 
 
-def cross_block_forward(block, query, patches):
-    """``block(query, k_x=patches, v_x=patches)`` for a cross-attention ``ResidualAttentionBlock``."""
-    x = query + block.ls_1(few_query_attention(block.attn, block.ln_1(query), block.ln_1_kv(patches)))
+def cross_block_forward(block, query, patches, stream):
+    """A cross-attention ``ResidualAttentionBlock`` whose residual stream starts at ``stream``
+    (B, Q, E), or at nothing (None): ``stream + ls_1(attn(ln_1(query), ln_1_kv(patches)))``, then the
+    block's MLP residual. With ``stream=query`` it is ``block(query, k_x=patches, v_x=patches)``."""
+    x = block.ls_1(few_query_attention(block.attn, block.ln_1(query), block.ln_1_kv(patches)))
+    if stream is not None:
+        x = stream + x
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
