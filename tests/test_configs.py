@@ -44,6 +44,10 @@ def test_there_is_a_config_per_dataset_backbone_and_ablation():
     for ds in ("Market1501", "MSMT17", "DukeMTMC", "CUHK03"):
         assert f"projects/PromptSG/configs/{ds}/vit.yml" in names
         assert f"projects/PromptSG/configs/{ds}/rn50.yml" in names
+        paper_recipe = load(os.path.join(ROOT, f"projects/PromptSG/configs/{ds}/ablations/paper_recipe.yml"))
+        assert paper_recipe.MODEL.PROMPTSG.MIM.FUSION == "attention"                  # Eq. 7 as written
+        assert paper_recipe.MODEL.PROMPTSG.SIMPLIFIED_QUERY_SHARE == 0.0
+        assert load(os.path.join(ROOT, f"projects/PromptSG/configs/{ds}/vit.yml")).MODEL.PROMPTSG.MIM.FUSION == "reweight"
         for baseline in ("bagtricks_R50", "AGW_R50", "sbs_R50", "bagtricks_vit"):
             assert os.path.isfile(os.path.join(ROOT, "configs", ds, baseline + ".yml"))
     for ds in ("Market1501", "MSMT17"):

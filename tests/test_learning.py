@@ -42,8 +42,11 @@ def promptsg_run(tmp_path_factory):
     python([os.path.join(ROOT, "tools", "pretrain_synthetic_clip.py"), *PRETRAIN, "--pool", str(root / "pool"),
             "--out", str(clip)], root)
     out_dir = tmp_path_factory.mktemp("promptsg")
-    python([os.path.join(ROOT, "tools", "train_net.py"), "--config-file", CONFIG, "MODEL.CLIP.PRETRAINED", str(clip),
-            *RUN, "OUTPUT_DIR", str(out_dir)], root)
+    train_net = [os.path.join(ROOT, "tools", "train_net.py"), "--config-file", CONFIG, "MODEL.CLIP.PRETRAINED", str(clip),
+                 *RUN]
+    python([*train_net, "OUTPUT_DIR", str(out_dir)], root)
+    python([*train_net, "--eval-only", "MODEL.WEIGHTS", str(out_dir / "model_final.pth"),
+            "MODEL.PROMPTSG.INFERENCE_PROMPT", "composed", "OUTPUT_DIR", str(out_dir / "composed")], root)
     return out_dir
 
 
@@ -59,3 +62,15 @@ def test_supcon_falls_clearly_below_chance_and_images_find_their_prompts(prompts
     top1_chance = cfg.DATALOADER.NUM_INSTANCE / cfg.SOLVER.IMS_PER_BATCH
     assert last["align_i2t_top1"] >= 4 * top1_chance and last["align_t2i_top1"] >= 4 * top1_chance
     assert last["collapse_v_cos"] < 0.95 and last["collapse_text_cos"] < 0.95   # neither side collapsed
+
+
+# The simplified test prompt against the composed one on this short run: the default MIM reads the
+# identity from the patches, not from its query. Measured (2026-12-04, 2-core CPU machine, seeds
+# 0-2): gap GAP_MEASURED; with the query added back (MIM.FUSION query_residual) GAP_OLD.
+SIMPLIFIED_GAP_BOUND = BOUND_VALUE
+
+
+def test_simplified_prompt_scores_close_to_the_composed_prompt(promptsg_run):
+    simplified = json.loads((promptsg_run / "results.json").read_text())["mAP"]
+    composed = json.loads((promptsg_run / "composed" / "eval_results.json").read_text())["mAP"]
+    assert abs(composed - simplified) <= SIMPLIFIED_GAP_BOUND, (simplified, composed)

@@ -73,7 +73,7 @@ def add_promptsg_config(cfg):
     # "attention" (x = A(q, P), Eq. 7 as written: the text acts through the attention weights only),
     # "visual_residual" (x = v + A(q, P)), "reweight" (the weights re-weight the patches; [v; patches]
     # through the blocks, read at v).
-    cfg.MODEL.PROMPTSG.MIM.FUSION = "query_residual"
+    cfg.MODEL.PROMPTSG.MIM.FUSION = "reweight"
     # Test feature: "mim" (MIM output) or "concat" (MIM output ++ global visual embedding).
     cfg.MODEL.PROMPTSG.FEATURE = "mim"
     # Apply the triplet loss also to the visual encoder's last states (x_{L-1}, x_L, proj).

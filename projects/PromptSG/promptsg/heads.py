@@ -25,7 +25,7 @@ class PromptSGHead(nn.Module):
     @configurable
     def __init__(self, *, embed_dim, token_dim, num_classes, use_inversion, inversion_hidden,
                  mim_cross_layers, mim_self_layers, mim_heads, feature, neck_feat,
-                 mim_fusion="query_residual"):
+                 mim_fusion="reweight"):
         super().__init__()
         self.inversion = InversionNet(embed_dim, token_dim, inversion_hidden) if use_inversion else None
         self.mim = (MultimodalInteraction(embed_dim, mim_heads, mim_cross_layers, mim_self_layers, mim_fusion)

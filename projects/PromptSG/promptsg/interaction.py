@@ -49,7 +49,7 @@ class MultimodalInteraction(nn.Module):
                   read at v's position.
     """
 
-    def __init__(self, width, heads=8, cross_layers=1, self_layers=2, fusion="query_residual"):
+    def __init__(self, width, heads=8, cross_layers=1, self_layers=2, fusion="reweight"):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"MultimodalInteraction fusion must be one of {list(FUSIONS)}, got {fusion!r}")
