@@ -137,10 +137,11 @@ def test_few_query_attention_equals_multihead_attention_values_and_gradients(que
     assert ref_grads["in_proj_bias"][24:48].abs().max() < 1e-6
 
 
-def test_cross_attention_is_softmax_qk_v_with_text_as_query():
+@pytest.mark.parametrize("fusion", ["attention", "query_residual"])
+def test_cross_attention_is_softmax_qk_v_with_text_as_query(fusion):
     torch.manual_seed(0)
     width, heads = 16, 2
-    mim = MultimodalInteraction(width, heads=heads, cross_layers=1, self_layers=0).eval()
+    mim = MultimodalInteraction(width, heads=heads, cross_layers=1, self_layers=0, fusion=fusion).eval()
     blk = mim.cross[0]
     query, patches = torch.randn(3, 1, width), torch.randn(3, 10, width)
     # Eq. 7 by hand, with the block's projections and pre-norms.
@@ -153,7 +154,7 @@ def test_cross_attention_is_softmax_qk_v_with_text_as_query():
     split = lambda t: t.view(t.shape[0], t.shape[1], heads, d).transpose(1, 2)  # noqa: E731
     attn = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(d), dim=-1) @ split(v)
     attn = attn.transpose(1, 2).reshape(3, 1, width) @ blk.attn.out_proj.weight.t() + blk.attn.out_proj.bias
-    x = attn if mim.fusion == "attention" else query + attn
+    x = attn if fusion == "attention" else query + attn     # Eq. 7 alone, or the query added back
     expected = (x + blk.mlp(blk.ln_2(x)))[:, 0]
     with torch.no_grad():
         torch.testing.assert_close(mim(query, patches), expected, rtol=1e-5, atol=1e-5)
