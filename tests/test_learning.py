@@ -3,7 +3,8 @@ drives L_SupCon clearly below chance, with the image-prompt alignment its diagno
 
 The CLIP is pretrained here (tools/pretrain_synthetic_clip.py, about 65 s on two cores) at 64x32;
 the PromptSG run trains tools/train_net.py with the main job's config on SyntheticMarket at 64x32 for
-3 epochs (about 25 s), and the test reads its metrics.json. The CLIP must tie words to images: from
+3 epochs (about 25 s) and is evaluated with both test prompts; the tests read its metrics.json and
+results. The CLIP must tie words to images: from
 one pretrained for half as long (150 steps, 33% zero-shot caption top-1 among 10 against 66%), the
 same run's prompts barely differ and its image embeddings collapse (L_SupCon stays at chance).
 """
@@ -64,10 +65,12 @@ def test_supcon_falls_clearly_below_chance_and_images_find_their_prompts(prompts
     assert last["collapse_v_cos"] < 0.95 and last["collapse_text_cos"] < 0.95   # neither side collapsed
 
 
-# The simplified test prompt against the composed one on this short run: the default MIM reads the
-# identity from the patches, not from its query. Measured (2026-12-04, 2-core CPU machine, seeds
-# 0-2): gap GAP_MEASURED; with the query added back (MIM.FUSION query_residual) GAP_OLD.
-SIMPLIFIED_GAP_BOUND = BOUND_VALUE
+# The simplified test prompt against the composed one on this short run: the default MIM (fusion
+# reweight) takes the identity from v and the patches, not from its query. This run with seeds 0, 1, 2
+# (2026-12-04, 2-core CPU machine, one thread): composed - simplified 0.11, -0.04, 0.08 mAP (of 17-20);
+# with the query added back (MIM.FUSION query_residual) 7.8, 5.9, 6.4. The bound leaves room for
+# other machines and thread counts and still fails the old wiring.
+SIMPLIFIED_GAP_BOUND = 2.0
 
 
 def test_simplified_prompt_scores_close_to_the_composed_prompt(promptsg_run):
