@@ -61,7 +61,7 @@ def randomise_norms_and_biases(blocks):
     a swapped norm or a dropped bias show (the key bias must cancel in the softmax)."""
     with torch.no_grad():
         for blk in blocks:
-            torch.nn.init.normal_(blk.attn.in_proj_bias)
+            torch.nn.init.normal_(blk.q_proj.bias if hasattr(blk, "q_proj") else blk.attn.in_proj_bias)
             for norm in (m for m in blk.modules() if isinstance(m, torch.nn.LayerNorm)):
                 norm.weight.normal_(1.0, 0.5)
                 norm.bias.normal_(0.0, 0.5)
@@ -71,7 +71,7 @@ def randomise_norms_and_biases(blocks):
 
 def test_cross_attention_weights_are_the_softmax_of_projected_queries_and_keys():
     torch.manual_seed(0)
-    mim = MultimodalInteraction(16, heads=4, cross_layers=2, self_layers=1).eval()
+    mim = MultimodalInteraction(16, heads=4, cross_layers=2, self_layers=1, fusion="query_residual").eval()
     randomise_norms_and_biases(mim.cross)
     query, patches = torch.randn(2, 3, 16), torch.randn(2, 12, 16)
     with torch.no_grad():
@@ -89,23 +89,36 @@ def test_cross_attention_weights_are_the_softmax_of_projected_queries_and_keys()
             q = blk(q, k_x=patches, v_x=patches)                                  # open_clip's own block
 
 
+@pytest.mark.parametrize("fusion", ["reweight", "query_residual"])
 @pytest.mark.parametrize("prompt, query", [("simplified", "pooled"), ("composed", "tokens")])
-def test_promptsg_maps_are_the_weights_the_forward_used(monkeypatch, prompt, query):
+def test_promptsg_maps_are_the_weights_the_forward_used(monkeypatch, prompt, query, fusion):
     model = DefaultTrainer.build_model(tiny_cfg(**{"MODEL.PROMPTSG.INFERENCE_PROMPT": prompt,
                                                    "MODEL.PROMPTSG.MIM.QUERY": query,
+                                                   "MODEL.PROMPTSG.MIM.FUSION": fusion,
                                                    "MODEL.CLIP.STRIDE": 8})).eval()
     randomise_norms_and_biases(model.heads.mim.cross)
     used = []
-    original = promptsg.interaction.few_query_attention_weights
+    if fusion == "reweight":                            # the weights re-weighting the patches
+        original = promptsg.interaction.PatchWeighting.forward
 
-    def recording(attn, q, kv):
-        used.append(original(attn, q, kv))
-        return used[-1]
+        def recording(self, q, patches):
+            used.append(original(self, q, patches))
+            return used[-1]
+
+        target = (promptsg.interaction.PatchWeighting, "forward")
+    else:                                               # first call: the cross block; then the last block's row
+        original = promptsg.interaction.few_query_attention_weights
+
+        def recording(attn, q, kv):
+            used.append(original(attn, q, kv))
+            return used[-1]
+
+        target = (promptsg.interaction, "few_query_attention_weights")
 
     inputs = batch()
     with torch.no_grad():
-        monkeypatch.setattr(promptsg.interaction, "few_query_attention_weights", recording)
-        model(inputs)                                   # first call: the cross block; then the last block's row
+        monkeypatch.setattr(*target, recording)
+        model(inputs)
         monkeypatch.undo()
         maps = promptsg_cross_attention(model, inputs["images"])
     grid = ((64 - 16) // 8 + 1, (32 - 16) // 8 + 1)     # tiny-ViT: patch 16, stride 8 at 64x32
@@ -113,9 +126,10 @@ def test_promptsg_maps_are_the_weights_the_forward_used(monkeypatch, prompt, que
     assert shown.shape == (8, 2, *grid)                 # (B, H, gh, gw)
     torch.testing.assert_close(shown.sum((-2, -1)), torch.ones(8, 2))
     # The query whose output the MIM returns: the pooled prompt, or the prompt's EOT token (its last).
-    row = 0 if query == "pooled" else used[0].shape[1] - 1
-    assert query == "pooled" or row == 8                # [SOS, a, photo, of, a, s*, person, ., EOT]
-    assert torch.equal(shown, used[0][:, row].unflatten(-1, grid))
+    # reweight computes the weights of that query row alone.
+    row = 0 if query == "pooled" or fusion == "reweight" else used[0].shape[1] - 1
+    assert query == "pooled" or fusion == "reweight" or row == 8   # [SOS, a, photo, of, a, s*, person, ., EOT]
+    torch.testing.assert_close(shown, used[0][:, row].unflatten(-1, grid), rtol=1e-6, atol=1e-7)
 
 
 # ---- the visual transformer: CLS rollout ----
