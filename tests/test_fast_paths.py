@@ -190,8 +190,8 @@ def test_training_losses_and_gradients_with_mim_fast_path_equal_the_full_blocks(
 def test_mim_fast_paths_under_bf16_autocast_are_as_close_to_float32_as_the_full_blocks(monkeypatch):
     torch.manual_seed(0)
     model = build_model(tiny_cfg()).eval()
-    for blk in [*model.heads.mim.cross, *model.heads.mim.blocks]:
-        torch.nn.init.normal_(blk.attn.in_proj_bias, std=0.5)     # PyTorch starts them at zero
+    for blk in [*model.heads.mim.cross, *model.heads.mim.blocks]:   # PyTorch starts the biases at zero
+        torch.nn.init.normal_(blk.q_proj.bias if hasattr(blk, "q_proj") else blk.attn.in_proj_bias, std=0.5)
     inputs = batch()
     with torch.no_grad():
         exact = model(inputs)

@@ -43,10 +43,10 @@ def promptsg_run(tmp_path_factory):
     python([os.path.join(ROOT, "tools", "pretrain_synthetic_clip.py"), *PRETRAIN, "--pool", str(root / "pool"),
             "--out", str(clip)], root)
     out_dir = tmp_path_factory.mktemp("promptsg")
-    train_net = [os.path.join(ROOT, "tools", "train_net.py"), "--config-file", CONFIG, "MODEL.CLIP.PRETRAINED", str(clip),
-                 *RUN]
-    python([*train_net, "OUTPUT_DIR", str(out_dir)], root)
-    python([*train_net, "--eval-only", "MODEL.WEIGHTS", str(out_dir / "model_final.pth"),
+    train_net = [os.path.join(ROOT, "tools", "train_net.py"), "--config-file", CONFIG]
+    opts = ["MODEL.CLIP.PRETRAINED", str(clip), *RUN]
+    python([*train_net, *opts, "OUTPUT_DIR", str(out_dir)], root)
+    python([*train_net, "--eval-only", *opts, "MODEL.WEIGHTS", str(out_dir / "model_final.pth"),
             "MODEL.PROMPTSG.INFERENCE_PROMPT", "composed", "OUTPUT_DIR", str(out_dir / "composed")], root)
     return out_dir
 
