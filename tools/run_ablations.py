@@ -4,7 +4,8 @@
     python tools/run_ablations.py                                  # Tables 3-5 and the extra row, seeds 0 1 2
     python tools/run_ablations.py --rows full clip_baseline --seeds 0 1 2 3
     python tools/run_ablations.py --table diagnosis --seeds 0      # the experiments behind the defaults
-    python tools/run_ablations.py --readme projects/PromptSG/README.md --out benchmarks/ablations.json
+    python tools/run_ablations.py --table wiring --seeds 0 1 2                  # the MIM wiring table
+    python tools/run_ablations.py --readme docs/EXPERIMENTS.md --out benchmarks/ablations.json
 
 Every row is ``tools/train_net.py`` on a config of ``projects/PromptSG/configs/Synthetic/`` with
 the row's overrides and ``SEED s``, from the small CLIP that ``tools/pretrain_synthetic_clip.py``
@@ -79,7 +80,7 @@ TABLES = {
         ("attention_concat", "attention, test feature MIM output ++ v (FEATURE concat)", PROMPTSG,
          fusion("attention") + ["MODEL.PROMPTSG.FEATURE", "concat"]),
     ],
-    # The experiments behind the defaults (project README, "What was wrong"); OLD is the main job as
+    # The experiments behind the defaults (docs/EXPERIMENTS.md, "What was wrong"); OLD is the main job as
     # it was: SupCon averaged over the positives, s* at BatchNorm's unit scale, random erasing.
     "diagnosis": [
         ("base", "CLIP baseline, ID + triplet (defaults)", BASELINE, []),

@@ -1,22 +1,28 @@
 """Multimodal interaction module, MIM (Sec. 4.2, Eq. 7, Table 5).
 
-Text-as-query cross-attention over the patch embeddings, then self-attention transformer
-blocks over [query; patches]; the final representation is the query position of the last block.
-The blocks are open_clip's ``ResidualAttentionBlock`` (pre-norm attention + MLP).
+Text-as-query cross-attention over the patch embeddings, then self-attention transformer blocks
+over [x; patches], read at x's position. The blocks are open_clip's ``ResidualAttentionBlock``
+(pre-norm attention + MLP).
 
-Design choices the paper leaves open (see the project README):
+Design choices the paper leaves open (the project README, "Design choices"):
+  * how the cross-attention's result enters the blocks (``fusion``, MODEL.PROMPTSG.MIM.FUSION):
+    by default ("reweight") its weights softmax(QK^T / sqrt(d)) re-weight the patch tokens and x is
+    the global visual embedding v, so the prompt chooses which patches count and its own content
+    never reaches the feature; "attention" is Eq. 7 as written (x = A(q, P)); "visual_residual"
+    x = v + A(q, P); "query_residual" x = q + A(q, P) (open_clip's cross block, the wiring before
+    2026-12-04, with which the composed prompt's s* carried the identity into the feature);
   * width = CLIP's joint embedding width E (512 for ViT-B/16), the space both the text
     embedding l_p and the projected patch tokens live in;
   * query = the pooled EOT text embedding (one token), or every prompt token (``query="tokens"``,
-    final feature = the EOT position);
-  * the self-attention blocks attend over the query and the patches: with a single query token,
-    self-attention over the query alone would be an identity mixing.
+    read at the EOT position);
+  * the self-attention blocks attend over x and the patches: over a single token alone,
+    self-attention would be an identity mixing.
 
-Two exact fast paths (tests/test_promptsg_model.py, tests/test_fast_paths.py): only the query row
+Two exact fast paths (tests/test_promptsg_model.py, tests/test_fast_paths.py): only the read row
 of the last block is computed (``query_row_forward``), and attention with a few queries never
-projects the keys and values (``few_query_attention``). ``cross_attention_weights`` gives the
-cross-attention weights over the patches that the forward uses (the attention maps of Fig. 1 and 5,
-tools/attention_maps.py) without touching that path.
+projects the keys and values (``few_query_attention``, ``PatchWeighting``). ``cross_attention_weights``
+gives the cross-attention weights over the patches that the forward uses (the attention maps of
+Fig. 1 and 5, tools/attention_maps.py) without touching that path.
 """
 import torch
 import torch.nn.functional as F
