@@ -1,6 +1,6 @@
 """Every shipped config merges; every PromptSG config (ablations included) trains a step and
 evaluates on CPU with a tiny CLIP on the synthetic dataset, with every trainable parameter
-receiving a gradient (what DistributedDataParallel requires, REFERENCE.md 4.10)."""
+receiving a gradient (FastReID builds DistributedDataParallel without find_unused_parameters)."""
 import glob
 import os
 

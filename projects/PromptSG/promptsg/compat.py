@@ -681,7 +681,7 @@ def _evaluation_refuses_non_finite():
 
 
 # ============================================================================================
-# 12-13. GPU stream races, not in REFERENCE.md: found by reading FastReID against PyTorch's CUDA
+# 12-13. GPU stream races, found by reading FastReID against PyTorch's CUDA
 # stream semantics. Streams from PyTorch's pool do not wait for the default stream. FastReID's
 # own forward pass used to stop the host (``.item()`` in its accuracy log, ``nonzero()`` in its
 # ID loss), which hid both; PromptSG's training step has no such stop, so the host runs ahead of
