@@ -34,7 +34,7 @@ $(SYNTHETIC)/results.json: | setup
 	$(PY) tools/run_synthetic.py
 
 $(SYNTHETIC)/bot_R18/results.json: | setup
-	$(PY) tools/train_net.py --config-file configs/Synthetic/bagtricks_R18.yml
+	$(PY) tools/train_net.py --config-file configs/Synthetic/bagtricks_R18.yml --resume
 
 # The tests run in TEST_WORKERS processes (pytest-xdist), each test file whole in one of them, so
 # that a file's module fixtures (tiny datasets, trained tiny runs) are built once.

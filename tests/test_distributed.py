@@ -146,6 +146,29 @@ def test_test_loader_takes_num_workers_from_the_config_and_forks(datasets_root):
             assert loader.multiprocessing_context.get_start_method() == "fork"
 
 
+def test_every_fastreid_module_builds_the_test_loader_with_the_config_s_workers(datasets_root, monkeypatch):
+    """The trainer's path (``DefaultTrainer.build_test_loader``, through fastreid.engine.defaults'
+    own name for the builder) takes DATALOADER.NUM_WORKERS too, and no FastReID module a run
+    imports keeps a name for FastReID's unpatched builder."""
+    import sys
+
+    import fastreid.evaluation  # noqa: F401  (with the engine and the data package: what a run imports)
+    from fastreid.engine import DefaultTrainer
+
+    holders = {name: m.build_reid_test_loader for name, m in list(sys.modules.items())
+               if name.startswith("fastreid") and hasattr(m, "build_reid_test_loader")}
+    assert {"fastreid.data", "fastreid.data.build", "fastreid.engine.defaults"} <= set(holders)
+    assert all(getattr(f, "_promptsg_patched", False) for f in holders.values()), holders
+
+    monkeypatch.setenv("FASTREID_DATASETS", str(datasets_root))
+    cfg = promptsg.add_promptsg_config(get_cfg())
+    cfg.merge_from_file(PROMPTSG_CFG)
+    cfg.DATALOADER.NUM_WORKERS = 0
+    loader, num_query = DefaultTrainer.build_test_loader(cfg, "SyntheticMarketTiny")
+    assert loader.num_workers == 0                                 # FastReID's: always 4
+    assert num_query == len(DATASET_REGISTRY.get("SyntheticMarketTiny")(root=str(datasets_root)).query)
+
+
 # ---- tools/train_net.py: 1 process, 2 processes, 2 machines x 1 process ----
 
 # Deterministic inputs (no flip, no padding; the synthetic config has no random erasing): each

@@ -106,6 +106,20 @@ def test_own_checkpoint_loads_whole_and_the_classifier_only_by_choice(tmp_path):
     load_for_inference(build(PROMPTSG_CFG, num_classes=0), path)          # --eval-only builds 0 rows
 
 
+def test_a_checkpoint_without_the_classifier_needs_weights_new_classifier():
+    """By hand, on state dicts: the ID classifier missing from the checkpoint is refused naming it,
+    unless MODEL.WEIGHTS_NEW_CLASSIFIER (skip_classifier) leaves it out."""
+    from promptsg.checkpoint import check_compatible
+
+    model = {"backbone.w": torch.zeros(2), "heads.classifier.weight": torch.zeros(5, 2)}
+    checkpoint = {"backbone.w": torch.ones(2)}
+    with pytest.raises(CheckpointError, match=r"1 of the model's tensors missing \(heads.classifier.weight\).*"
+                                              r"MODEL.WEIGHTS_NEW_CLASSIFIER True"):
+        check_compatible("ck.pth", model, checkpoint, skip_classifier=False)
+    assert check_compatible("ck.pth", model, checkpoint, skip_classifier=True) == ["heads.classifier.weight"]
+    assert check_compatible("ck.pth", model, dict(model), skip_classifier=False) == []
+
+
 def test_eval_only_with_a_foreign_checkpoint_fails_in_one_line(tmp_path, datasets_root):
     baseline_file = save(build(BASELINE_CFG), tmp_path / "baseline.pth")
     result = run(["--config-file", PROMPTSG_CFG, "--eval-only", *TINY, "MODEL.WEIGHTS", str(baseline_file),
@@ -292,6 +306,51 @@ def test_verified_images_are_remembered_by_size_and_mtime(tmp_path, monkeypatch)
     os.utime(paths[1], ns=(1, 1))
     verify_images_cached(paths, str(tmp_path / "cache"))
     assert sorted(decoded) == sorted(paths + [paths[1]])
+
+
+def test_an_image_changed_at_the_same_size_is_checked_again(tmp_path):
+    """The cache keys an image by size and modification time: a file corrupted in place (same
+    size, new time) is decoded again and named."""
+    path = tmp_path / "a.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 32, 3), dtype=np.uint8)).save(path, quality=90)
+    cache = str(tmp_path / "cache")
+    verify_images_cached([str(path)], cache)
+    size = path.stat().st_size
+    path.write_bytes(b"\x00" * size)                                      # overwritten in place: same size
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert path.stat().st_size == size
+    with pytest.raises(InputError, match=str(path)):
+        verify_images_cached([str(path)], cache)
+
+
+def test_truncated_gallery_and_training_images_are_found_at_start_up(tmp_path, datasets_root):
+    from promptsg.preflight import check_datasets
+
+    cfg = promptsg.add_promptsg_config(get_cfg())
+    cfg.merge_from_file(PROMPTSG_CFG)
+    cfg.merge_from_list(TINY)
+    for split in ("bounding_box_test", "bounding_box_train"):
+        root = tmp_path / split
+        shutil.copytree(datasets_root, root)
+        victim = sorted((root / "SyntheticMarketTiny" / split).glob("*.jpg"))[-1]
+        victim.write_bytes(victim.read_bytes()[:300])
+        with pytest.raises(InputError, match=str(victim)):
+            check_datasets(cfg, str(root), cache_dir=str(tmp_path / "cache"))
+
+
+def test_rng_states_restore_torch_numpy_and_python():
+    """``--resume`` restores the three generators a run draws from: the same draws follow."""
+    import random
+
+    from promptsg.checkpoint import rng_state, set_rng_state
+
+    state = rng_state()
+    first = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)], random.gauss(0, 1))
+    set_rng_state(state)
+    again = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)], random.gauss(0, 1))
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1])
+    assert first[2] == again[2] and first[3] == again[3]
 
 
 def test_image_check_cache_lives_in_promptsg_cache_dir(tmp_path, monkeypatch):

@@ -103,6 +103,23 @@ def test_inversion_net_is_a_three_layer_mlp_with_batchnorm_last():
     assert net(torch.randn(5, 64)).shape == (5, 32)
 
 
+def test_inversion_net_output_by_hand_relu_between_every_linear_layer():
+    """s* = BN(W3 relu(W2 relu(W1 v + b1) + b2) + b3), from the layers' own weights (a lost
+    activation turns two layers into one linear map and changes the output)."""
+    torch.manual_seed(0)
+    net = InversionNet(16, 8, 32).eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-1, 1)
+        net.bn.running_var.uniform_(0.5, 2)
+    l1, l2, l3 = [m for m in net.mlp if isinstance(m, torch.nn.Linear)]
+    v = torch.randn(5, 16)
+    h = torch.relu(v @ l1.weight.T + l1.bias)
+    h = torch.relu(h @ l2.weight.T + l2.bias)
+    h = h @ l3.weight.T + l3.bias
+    expected = (h - net.bn.running_mean) / torch.sqrt(net.bn.running_var + net.bn.eps) * net.bn.weight + net.bn.bias
+    torch.testing.assert_close(net(v), expected, rtol=1e-5, atol=1e-5)
+
+
 # ---- multimodal interaction module (Eq. 7) ----
 
 def test_query_row_forward_equals_the_full_block():
@@ -419,6 +436,14 @@ def test_in_batch_top1_by_hand():
     assert float(rows) == pytest.approx(1 / 3)
     # columns: 0 -> row 0 (same), 1 -> row 2 (other), 2 -> row 1 (other)
     assert float(cols) == pytest.approx(1 / 3)
+    # Rows (image -> prompt) and columns (prompt -> image) apart: 1/3 and 2/3.
+    similarity = torch.tensor([[0.9, 0.1, 0.95],    # row 0 (id 0) -> column 2 (id 1): miss
+                               [0.2, 0.3, 0.1],     # row 1 (id 0) -> column 1 (id 0): hit
+                               [0.8, 0.2, 0.6]])    # row 2 (id 1) -> column 0 (id 0): miss
+    rows, cols = in_batch_top1(similarity, targets)
+    assert float(rows) == pytest.approx(1 / 3)
+    # columns: 0 (id 0) -> row 0 (hit), 1 (id 0) -> row 1 (hit), 2 (id 1) -> row 0 (miss)
+    assert float(cols) == pytest.approx(2 / 3)
 
 
 def test_model_logs_its_batch_accuracy_and_alignment_diagnostics():
@@ -661,3 +686,23 @@ def test_visual_only_model_logs_the_collapse_of_v_and_no_prompt_diagnostics():
     expected = sum(float(F.cosine_similarity(v[i], v[j], dim=0)) for i, j in pairs) / len(pairs)
     assert set(logged) == {"cls_accuracy", "collapse_v_cos"}
     assert logged["collapse_v_cos"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_concat_feature_is_the_mim_output_then_v():
+    """``MODEL.PROMPTSG.FEATURE concat``: the test feature is [MIM output, v], in that order."""
+    from promptsg.clip_backbone import CLIPVisualOutput
+    from promptsg.heads import PromptSGHead
+
+    torch.manual_seed(0)
+    kwargs = dict(embed_dim=16, token_dim=8, num_classes=3, use_inversion=False, inversion_hidden=16,
+                  mim_cross_layers=1, mim_self_layers=2, mim_heads=2, neck_feat="before")
+    head = PromptSGHead(feature="concat", **kwargs).eval()
+    visual = CLIPVisualOutput(torch.randn(4, 16), torch.randn(4, 6, 16), [])
+    query = torch.randn(4, 1, 16)
+    feat = head(visual, query)
+    assert feat.shape == (4, 32)
+    torch.testing.assert_close(feat[:, :16], head.mim(query, visual.tokens, 0, visual.embedding))
+    torch.testing.assert_close(feat[:, 16:], visual.embedding)
+    mim_only = PromptSGHead(feature="mim", **kwargs).eval()
+    mim_only.mim.load_state_dict(head.mim.state_dict())
+    torch.testing.assert_close(mim_only(visual, query), feat[:, :16])

@@ -91,27 +91,76 @@ def test_layout_follows_market_protocol(tmp_path):
     assert manifest["params"]["seed"] == 0 and manifest["version"] == synthetic.GENERATOR_VERSION
 
 
-def test_reuse_and_regenerate(tmp_path):
+def test_a_folder_is_generated_only_when_missing_and_user_changes_are_kept(tmp_path, caplog):
     d = tmp_path / "SyntheticMarket"
     first = generate_synthetic_market(d, **SMALL)
     stamps = {p: p.stat().st_mtime_ns for p in _files(d)}
-    train_digest = _digest(d, "bounding_box_train")
-
-    assert generate_synthetic_market(d, **SMALL) == first
+    assert generate_synthetic_market(d, **SMALL) == first                # reused, nothing rewritten
     assert {p: p.stat().st_mtime_ns for p in _files(d)} == stamps
 
-    # Other parameters: the dataset is regenerated in place.  Images are drawn per
-    # image, so the identities' images are unchanged by the number of distractors.
-    second = generate_synthetic_market(d, **dict(SMALL, num_distractors=5))
-    assert second["params"]["num_distractors"] == 5
-    assert sum(pid == 0 for pid, _ in _parse(d / "bounding_box_test")) == 5
-    assert _digest(d, "bounding_box_train") == train_digest
-    assert sorted(os.listdir(tmp_path)) == ["SyntheticMarket"]   # no temporary leftovers
+    # A user adds one query and removes one gallery image: used as it is, one warning, nothing restored.
+    query = sorted((d / "query").glob("*.jpg"))
+    added = d / "query" / "0999_c2s1_000001_01.jpg"
+    added.write_bytes(query[0].read_bytes())
+    removed = sorted((d / "bounding_box_test").glob("*.jpg"))[0]
+    removed.unlink()
+    with caplog.at_level(logging.WARNING, logger="promptsg.datasets.synthetic"):
+        assert generate_synthetic_market(d, **SMALL) == first
+        generate_synthetic_market(d, **SMALL)                            # the same process: said once
+    warnings = [r.getMessage() for r in caplog.records if "differs" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert f"{len(query) + 1} images in query/ where the generator wrote {len(query)}" in warnings[0]
+    assert "bounding_box_test/" in warnings[0] and "--regenerate" in warnings[0]
+    assert added.is_file() and not removed.exists()
+    assert str(added) in [path for path, _, _ in SyntheticMarket(root=str(tmp_path), **SMALL).query]
 
-    # A generated dataset with missing files is regenerated, too.
-    next((d / "query").glob("*.jpg")).unlink()
-    generate_synthetic_market(d, **dict(SMALL, num_distractors=5))
-    assert len(_parse(d / "query")) == second["counts"]["query_images"]
+    # Other parameters: refused, naming the change and the command; the folder is left as it is.
+    before = {p: p.stat().st_mtime_ns for p in _files(d)}
+    with pytest.raises(RuntimeError, match=r"num_distractors 20 -> 5\); remove it to generate it with these"):
+        generate_synthetic_market(d, **dict(SMALL, num_distractors=5))
+    assert {p: p.stat().st_mtime_ns for p in _files(d)} == before
+
+    # The explicit command rewrites it with the manifest's own parameters: the generator's files only.
+    synthetic.regenerate_dataset(d)
+    assert not added.exists() and removed.is_file()
+    assert sorted(os.listdir(tmp_path)) == ["SyntheticMarket"]           # no temporary leftovers
+    fresh = tmp_path / "fresh"
+    generate_synthetic_market(fresh, **SMALL)
+    assert _digest(d) == _digest(fresh)
+
+
+def test_a_folder_of_another_generator_version_is_refused_until_regenerated(tmp_path, monkeypatch):
+    d = tmp_path / "SyntheticMarket"
+    generate_synthetic_market(d, **SMALL)
+    digest = _digest(d)
+    newer = synthetic._MARKET._replace(stamps={"version": synthetic.GENERATOR_VERSION + 1})
+    monkeypatch.setattr(synthetic, "_MARKET", newer)
+    with pytest.raises(RuntimeError, match=rf"version {synthetic.GENERATOR_VERSION} \(this code writes "
+                                           rf"{synthetic.GENERATOR_VERSION + 1}\); regenerate it with"):
+        generate_synthetic_market(d, **SMALL)
+    assert _digest(d) == digest
+    synthetic.regenerate_dataset(d)
+    assert synthetic._read_manifest(str(d))["version"] == synthetic.GENERATOR_VERSION + 1
+
+
+def test_regenerate_command_rewrites_only_generated_folders(tmp_path):
+    import subprocess
+    import sys
+
+    d = tmp_path / "SyntheticMarket"
+    generate_synthetic_market(d, **SMALL)
+    (d / "query" / "0999_c2s1_000001_01.jpg").write_bytes(b"not an image")
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("keep")
+    done = subprocess.run([sys.executable, "-m", "promptsg.datasets", "--regenerate", str(d)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "regenerated" in done.stdout, done.stderr
+    assert not (d / "query" / "0999_c2s1_000001_01.jpg").exists()
+    refused = subprocess.run([sys.executable, "-m", "promptsg.datasets", "--regenerate", str(foreign)],
+                             capture_output=True, text=True)
+    assert refused.returncode == 1 and str(foreign) in refused.stderr.strip().splitlines()[-1]
+    assert (foreign / "keep.txt").read_text() == "keep"
 
 
 def test_foreign_directory_is_never_touched(tmp_path):
@@ -139,14 +188,14 @@ def test_interrupted_generation_leaves_nothing_usable(tmp_path, monkeypatch):
         generate_synthetic_market(d, **SMALL)
     assert os.listdir(tmp_path) == []   # neither the dataset nor its temporary directory
 
-    # Interrupted regeneration keeps the previous complete dataset as it was.
+    # An interrupted regeneration keeps the previous complete dataset as it was.
     monkeypatch.setattr(synthetic, "_save_jpeg", real_save)
     generate_synthetic_market(d, **SMALL)
     digest = _digest(d)
     calls.clear()
     monkeypatch.setattr(synthetic, "_save_jpeg", failing_save)
     with pytest.raises(KeyboardInterrupt):
-        generate_synthetic_market(d, **dict(SMALL, seed=9))
+        synthetic.regenerate_dataset(d)
     assert sorted(os.listdir(tmp_path)) == ["SyntheticMarket"] and _digest(d) == digest
 
     # A leftover of a killed run (a hidden temporary sibling) is never picked up.

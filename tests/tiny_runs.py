@@ -5,6 +5,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
@@ -29,7 +30,11 @@ def make_tiny_datasets(root):
 
 
 def run(args, root, timeout=600):
-    """tools/train_net.py ``args`` with FASTREID_DATASETS=``root``; the CompletedProcess."""
+    """tools/train_net.py ``args`` with FASTREID_DATASETS=``root``; the CompletedProcess. Without an
+    OUTPUT_DIR in ``args`` the run writes into a new temporary folder, never into the config's
+    (a folder under the repository's logs/, which a user's run may hold)."""
+    if "OUTPUT_DIR" not in args:
+        args = [*args, "OUTPUT_DIR", tempfile.mkdtemp(prefix="promptsg-test-run-")]
     env = dict(os.environ, FASTREID_DATASETS=str(root), PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, TRAIN_NET, *args], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)

@@ -177,7 +177,9 @@ def run_one(row, seed, common, work_dir):
     results_path = os.path.join(out_dir, "results.json")
     if not os.path.isfile(results_path):
         start = time.perf_counter()
-        train_net(["--config-file", config, *common, *overrides, "SEED", str(seed), "OUTPUT_DIR", out_dir],
+        # --resume: a run interrupted before its results continues from its last checkpoint.
+        train_net(["--config-file", config, "--resume", *common, *overrides, "SEED", str(seed),
+                   "OUTPUT_DIR", out_dir],
                   os.path.join(out_dir, "train.out"))
         record["train_seconds"] = time.perf_counter() - start
     else:   # reused: from the run's first file (its config) to its last (the results)

@@ -61,7 +61,9 @@ def main():
     runs = {}
     for name in ("clip_baseline_small_vit", "promptsg_small_vit"):
         out_dir = os.path.join(OUT, name)
-        seconds = train_net("--config-file", os.path.join(CONFIGS, name + ".yml"), *common, "OUTPUT_DIR", out_dir)
+        # --overwrite: the demo retrains each time it is run (a run left in the folder is replaced).
+        seconds = train_net("--config-file", os.path.join(CONFIGS, name + ".yml"), "--overwrite", *common,
+                            "OUTPUT_DIR", out_dir)
         runs[name] = {"results": read_json(os.path.join(out_dir, "results.json")), "train_seconds": seconds}
 
     # PromptSG's checkpoint evaluated with the per-image composed prompt.

@@ -7,6 +7,11 @@ The same command trains a FastReID baseline config (configs/) or a PromptSG conf
     python tools/train_net.py --config-file projects/PromptSG/configs/Market1501/vit.yml
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file CFG --num-gpus 2       # two processes (gloo on CPU)
+    python tools/train_net.py --config-file CFG --resume           # continue the run in OUTPUT_DIR
+    python tools/train_net.py --config-file CFG --overwrite        # replace the run in OUTPUT_DIR
+
+A run holds its OUTPUT_DIR: a second run into it stops at start-up, and a new run into a folder
+that holds a finished or interrupted run needs --resume or --overwrite.
 """
 import json
 import logging
@@ -23,6 +28,7 @@ from promptsg import add_promptsg_config
 from promptsg.checkpoint import (NonFiniteError, SaveFinalBeforeEvaluation, load_for_inference,
                                  resume_training_position)
 from promptsg.diagnostics import AlignmentPrinter
+from promptsg.output_dir import OutputDirLock, check_new_run, remove_previous_run
 from promptsg.preflight import (InputError, check_config, check_datasets, check_output_dir, check_weights,
                                 load_config)
 
@@ -102,18 +108,34 @@ def main(args):
 
 
 def preflight(args):
-    """Fail on bad input in one line before any process is spawned or any model is built."""
+    """Fail on bad input in one line before any process is spawned or any model is built; returns
+    the lock this run holds on its OUTPUT_DIR (machine 0 holds it for every process of the run)."""
     cfg = load_config(add_promptsg_config(get_cfg()), args.config_file, args.opts)
-    check_config(cfg)
+    check_config(cfg, processes=args.num_gpus * args.num_machines)
     check_weights(cfg, args.eval_only)
     check_output_dir(cfg.OUTPUT_DIR)
+    lock, previous = None, []
+    if cfg.OUTPUT_DIR and args.machine_rank == 0:
+        lock = OutputDirLock(cfg.OUTPUT_DIR).acquire()
+        if not args.eval_only:
+            previous = check_new_run(cfg.OUTPUT_DIR, args.resume, args.overwrite)
     check_datasets(cfg, os.getenv("FASTREID_DATASETS", "datasets"))
+    remove_previous_run(cfg.OUTPUT_DIR, previous)   # only once every check has passed
+    return lock
+
+
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train over the run already in OUTPUT_DIR (its checkpoints and results are removed)")
+    return parser
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
+    lock = None
     try:
-        preflight(args)
+        lock = preflight(args)
         launch(
             main,
             args.num_gpus,
@@ -124,3 +146,6 @@ if __name__ == "__main__":
         )
     except (InputError, NonFiniteError) as exc:   # bad input, a foreign checkpoint, a NaN stop
         sys.exit(f"error: {exc}")
+    finally:
+        if lock is not None:
+            lock.release()

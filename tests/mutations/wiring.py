@@ -42,9 +42,9 @@ MUTATIONS = [
 ]
 
 
-def run_tests(package_root):
+def run_tests(package_root, targets=("tests/test_promptsg_model.py",)):
     env = dict(os.environ, PYTHONPATH=str(package_root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rf", "-p", "no:cacheprovider", "tests/test_promptsg_model.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-rf", "-p", "no:cacheprovider", *targets]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
 
 

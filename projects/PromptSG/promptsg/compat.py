@@ -680,6 +680,39 @@ def _evaluation_refuses_non_finite():
     ReidEvaluator.evaluate = evaluate
 
 
+# --------------------------------------------------------------------------------------------
+# SILENT: queries the protocol cannot score are dropped from the mean without a word
+# --------------------------------------------------------------------------------------------
+@_patch
+def _evaluation_counts_queries():
+    """FastReID's ranker skips a query with no gallery image of its identity from another camera
+    and averages over the rest; the results read as if every query counted. The evaluator's
+    results now hold ``queries_evaluated`` and ``queries_skipped`` (so do ``results.json`` and
+    ``eval_results.json``), and the log says how many were skipped."""
+    from fastreid.evaluation.reid_evaluation import ReidEvaluator
+
+    from .evaluation import ranked_distances
+
+    if getattr(ReidEvaluator.evaluate, "_promptsg_counts", False):
+        return
+    fastreid_evaluate = ReidEvaluator.evaluate
+
+    def evaluate(self):
+        with ranked_distances() as ranked:
+            results = fastreid_evaluate(self)
+        if "all_ap" in ranked:    # the process that ranked (the main one)
+            total, evaluated = len(ranked["q_pids"]), len(ranked["all_ap"])
+            results["queries_evaluated"], results["queries_skipped"] = evaluated, total - evaluated
+            logger.log(logging.WARNING if evaluated < total else logging.INFO,
+                       "evaluated %d of %d queries%s", evaluated, total,
+                       f"; {total - evaluated} skipped: no gallery image of their identity from another camera"
+                       if evaluated < total else "")
+        return results
+
+    evaluate._promptsg_patched = evaluate._promptsg_counts = True
+    ReidEvaluator.evaluate = evaluate
+
+
 # ============================================================================================
 # 12-13. GPU stream races, found by reading FastReID against PyTorch's CUDA
 # stream semantics. Streams from PyTorch's pool do not wait for the default stream. FastReID's

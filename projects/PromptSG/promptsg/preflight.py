@@ -8,6 +8,7 @@ verified images are remembered by size and modification time, so a second start 
 import concurrent.futures
 import hashlib
 import json
+import math
 import os
 
 from PIL import Image
@@ -23,6 +24,7 @@ def load_config(cfg, config_file, opts):
         raise InputError("--config-file is required")
     if not os.path.isfile(config_file):
         raise InputError(f"config file not found: {config_file}")
+    check_duplicate_keys(config_file)
     try:
         cfg.merge_from_file(config_file)
     except KeyError as exc:
@@ -40,6 +42,45 @@ def load_config(cfg, config_file, opts):
     return cfg
 
 
+def check_duplicate_keys(config_file):
+    """Refuse a YAML config (or one of its ``_BASE_`` files) that sets a key twice at any level:
+    YAML loaders keep the last value silently, so a second ``SOLVER:`` section replaces the first
+    whole. One line names the file, the dotted key and both lines."""
+    import yaml
+
+    def walk(node, prefix):
+        if not isinstance(node, yaml.MappingNode):
+            for child in node.value if isinstance(node, yaml.SequenceNode) else ():
+                walk(child, prefix)
+            return
+        first = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.start_mark)
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise InputError(f"{config_file}: duplicate key {prefix}{key} (lines {first[key]} and {line}); "
+                                 f"YAML would keep only the last")
+            first[key] = line
+            walk(value_node, f"{prefix}{key}.")
+
+    try:
+        with open(config_file) as f:
+            root = yaml.compose(f, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return   # a syntax error: FastReID's loader reports it, with its position
+    if root is None:
+        return
+    walk(root, "")
+    if isinstance(root, yaml.MappingNode):
+        for key_node, value_node in root.value:
+            if key_node.value == "_BASE_" and isinstance(value_node, yaml.ScalarNode):
+                base = os.path.expanduser(value_node.value)
+                if not base.startswith(("/", "https://", "http://")):   # FastReID's rule: relative to the file
+                    base = os.path.join(os.path.dirname(config_file), base)
+                if os.path.isfile(base):
+                    check_duplicate_keys(base)
+
+
 def _key_message(exc):
     message = str(exc.args[0]) if exc.args else str(exc)
     if message.startswith("Non-existent config key: "):
@@ -53,9 +94,66 @@ METRICS = ("cosine", "euclidean", "jaccard")
 FASTREID_LOSSES = ("CrossEntropyLoss", "TripletLoss", "CircleLoss", "Cosface")
 
 
-def check_config(cfg):
+# FastReID's samplers that draw NUM_INSTANCE images of each identity into a batch.
+IDENTITY_SAMPLERS = ("NaiveIdentitySampler", "BalancedIdentitySampler", "SetReWeightSampler")
+
+
+def check_ranges(cfg, processes=1):
+    """Numbers FastReID takes without a check and fails on later (an epoch count of 0 fails after
+    "Starting training" with an AttributeError): one line naming the key and its value."""
+    def need(ok, message):
+        if not ok:
+            raise InputError(message)
+
+    solver, loader = cfg.SOLVER, cfg.DATALOADER
+    need(solver.MAX_EPOCH >= 1, f"SOLVER.MAX_EPOCH must be >= 1, got {solver.MAX_EPOCH}")
+    need(solver.BASE_LR > 0 and math.isfinite(solver.BASE_LR), f"SOLVER.BASE_LR must be > 0, got {solver.BASE_LR}")
+    need(solver.IMS_PER_BATCH >= 1, f"SOLVER.IMS_PER_BATCH must be >= 1, got {solver.IMS_PER_BATCH}")
+    need(solver.CHECKPOINT_PERIOD >= 1, f"SOLVER.CHECKPOINT_PERIOD must be >= 1 (epochs), got {solver.CHECKPOINT_PERIOD}")
+    need(cfg.TEST.EVAL_PERIOD >= 1, f"TEST.EVAL_PERIOD must be >= 1 (epochs), got {cfg.TEST.EVAL_PERIOD}")
+    need(cfg.TEST.IMS_PER_BATCH >= 1, f"TEST.IMS_PER_BATCH must be >= 1, got {cfg.TEST.IMS_PER_BATCH}")
+    need(loader.NUM_WORKERS >= 0, f"DATALOADER.NUM_WORKERS must be >= 0, got {loader.NUM_WORKERS}")
+    need(solver.WARMUP_ITERS >= 0, f"SOLVER.WARMUP_ITERS must be >= 0, got {solver.WARMUP_ITERS}")
+    if loader.SAMPLER_TRAIN in IDENTITY_SAMPLERS:
+        need(loader.NUM_INSTANCE >= 1, f"DATALOADER.NUM_INSTANCE must be >= 1, got {loader.NUM_INSTANCE}")
+        need(solver.IMS_PER_BATCH % loader.NUM_INSTANCE == 0,
+             f"SOLVER.IMS_PER_BATCH {solver.IMS_PER_BATCH} must be divisible by DATALOADER.NUM_INSTANCE "
+             f"{loader.NUM_INSTANCE} ({loader.SAMPLER_TRAIN} draws NUM_INSTANCE images per identity)")
+    need(solver.IMS_PER_BATCH % processes == 0,
+         f"SOLVER.IMS_PER_BATCH {solver.IMS_PER_BATCH} must be divisible by the number of processes {processes} "
+         f"(--num-gpus x --num-machines)")
+    for key in ("SIZE_TRAIN", "SIZE_TEST"):
+        size = list(cfg.INPUT[key])
+        need(len(size) == 2 and min(size) >= 1, f"INPUT.{key} must be [height, width] >= 1, got {size}")
+
+
+def check_clip_image_size(cfg):
+    """The image size against the CLIP tower: a ViT needs at least one patch, a ModifiedResNet a
+    size divisible by its output stride (32, or 16 with MODEL.BACKBONE.LAST_STRIDE 1)."""
+    from .clip_weights import RESNET_STRIDE_BEFORE_LAYER4, _model_config
+
+    vision = _model_config(cfg.MODEL.CLIP.NAME)["vision_cfg"]
+    size = list(cfg.INPUT.SIZE_TRAIN)
+    if isinstance(vision.get("layers"), (list, tuple)):   # ModifiedResNet
+        stride = RESNET_STRIDE_BEFORE_LAYER4 * (2 if cfg.MODEL.BACKBONE.LAST_STRIDE != 1 else 1)
+        if size[0] % stride or size[1] % stride:
+            raise InputError(f"INPUT.SIZE_TRAIN {size} must be divisible by {stride}, the output stride of "
+                             f"{cfg.MODEL.CLIP.NAME} at MODEL.BACKBONE.LAST_STRIDE {cfg.MODEL.BACKBONE.LAST_STRIDE}")
+    else:
+        patch = vision.get("patch_size", 16)
+        if min(size) < patch:
+            raise InputError(f"INPUT.SIZE_TRAIN {size} is smaller than the {patch}-pixel patches of "
+                             f"{cfg.MODEL.CLIP.NAME}")
+        if not 1 <= cfg.MODEL.CLIP.STRIDE <= patch:
+            raise InputError(f"MODEL.CLIP.STRIDE must be in [1, {patch}] (the patch size of "
+                             f"{cfg.MODEL.CLIP.NAME}), got {cfg.MODEL.CLIP.STRIDE}")
+
+
+def check_config(cfg, processes=1):
     """Values that FastReID or PromptSG would only reject at model build or at the final
-    evaluation (after every epoch has trained): one line naming the key."""
+    evaluation (after every epoch has trained): one line naming the key. ``processes``: the
+    run's number of processes (--num-gpus x --num-machines)."""
+    check_ranges(cfg, processes)
     if cfg.TEST.METRIC not in METRICS:
         raise InputError(f"TEST.METRIC must be one of {list(METRICS)}, got {cfg.TEST.METRIC!r}")
     if cfg.MODEL.META_ARCHITECTURE == "PromptSG":
@@ -70,6 +168,7 @@ def check_config(cfg):
         if cfg.MODEL.CLIP.ACTIVATION not in ACTIVATIONS:
             raise InputError(f"MODEL.CLIP.ACTIVATION must be one of {list(ACTIVATIONS)}, "
                              f"got {cfg.MODEL.CLIP.ACTIVATION!r}")
+        check_clip_image_size(cfg)
     else:
         unknown = [n for n in cfg.MODEL.LOSSES.NAME if n not in FASTREID_LOSSES]
         if unknown:
@@ -96,6 +195,11 @@ def check_weights(cfg, eval_only):
     weights = cfg.MODEL.WEIGHTS
     if eval_only and not weights:
         raise InputError("--eval-only needs MODEL.WEIGHTS (a checkpoint written by training)")
+    if weights and os.path.isdir(weights):
+        found = sorted(n for n in os.listdir(weights) if n.endswith((".pth", ".pt")))
+        raise InputError(f"MODEL.WEIGHTS {weights} is a folder, not a checkpoint file: "
+                         + (f"give one of its checkpoints ({', '.join(found[:5])}{' ...' if len(found) > 5 else ''})"
+                            if found else "it holds no .pth or .pt file"))
     if weights and not os.path.isfile(weights):
         raise InputError(f"MODEL.WEIGHTS file not found: {weights}")
     if weights:
@@ -168,9 +272,41 @@ def check_datasets(cfg, root, verify_images=True, cache_dir=None):
         except (RuntimeError, AssertionError) as exc:  # check_before_run: '"<dir>" is not found'; MSMT17 asserts
             raise InputError(f"dataset {name}: {' '.join(str(exc).split())} "
                              f"(datasets root: {os.path.abspath(root)}, set FASTREID_DATASETS)") from None
+        if name in cfg.DATASETS.NAMES and not dataset.train:
+            raise InputError(f"dataset {name}: no training images in {_split_dir(dataset, 'train')}")
+        if name in cfg.DATASETS.TESTS:
+            check_test_split(name, dataset)
         paths += [item[0] for item in dataset.train + dataset.query + dataset.gallery]
     if verify_images:
         verify_images_cached(list(dict.fromkeys(paths)), cache_dir)
+
+
+def _split_dir(dataset, split):
+    """The folder a FastReID dataset read ``split`` from (Market-1501 layout names), else its root."""
+    folder = getattr(dataset, f"{split}_dir", None) or getattr(dataset, "dataset_dir", None)
+    return folder if isinstance(folder, str) else "its folder"
+
+
+def valid_queries(query, gallery):
+    """How many queries FastReID's protocol can evaluate: those with a gallery image of their
+    identity from another camera (its ranking leaves out the same identity's same-camera images
+    and skips a query with no match left)."""
+    cameras = {}
+    for _, pid, camid in gallery:
+        cameras.setdefault(pid, set()).add(camid)
+    return sum(bool(cameras.get(pid, set()) - {camid}) for _, pid, camid in query)
+
+
+def check_test_split(name, dataset):
+    """A test split that the final evaluation cannot score fails here, not after the last epoch
+    (FastReID's ranker asserts "all query identities do not appear in gallery")."""
+    for split in ("query", "gallery"):
+        if not getattr(dataset, split):
+            raise InputError(f"dataset {name}: no {split} images in {_split_dir(dataset, split)}")
+    if not valid_queries(dataset.query, dataset.gallery):
+        raise InputError(f"dataset {name}: none of the {len(dataset.query)} queries in "
+                         f"{_split_dir(dataset, 'query')} has a gallery image of its identity from another camera "
+                         f"in {_split_dir(dataset, 'gallery')}: nothing to evaluate")
 
 
 def verify_image(path):

@@ -58,13 +58,17 @@ contrastive image-caption pretraining of a small CLIP::
 
 Generation is atomic: the dataset is written into a hidden temporary sibling
 directory and renamed into place only when complete, with ``manifest.json``
-recording the parameters.  A later call with the same parameters reuses the
-directory untouched; a call with different parameters (or on a generated
-dataset whose files were removed) regenerates it and replaces the old one.  A
-directory without our manifest is never touched: generation then raises.
+recording the parameters.  A folder is generated only when it is missing: a
+later call with the same parameters uses it as it is, with one warning line if
+images were added or removed since (a user trying a case; nothing is deleted
+or rewritten).  A call with other parameters raises (remove the folder or use
+another root); so does a folder written by another generator version, with the
+command that rewrites it explicitly (``python -m promptsg.datasets --regenerate
+DIR``).  A directory without our manifest is never touched.
 """
 
 import json
+import logging
 import os
 import os.path as osp
 import re
@@ -79,10 +83,12 @@ from PIL import Image, ImageDraw, ImageFilter
 from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.data.datasets.bases import ImageDataset
 
-__all__ = ["PersonMasks", "SyntheticMarket", "describe_person", "generate_caption_pool",
+__all__ = ["PersonMasks", "SyntheticMarket", "describe_person", "generate_caption_pool", "regenerate_dataset",
            "generate_synthetic_market", "identity_captions", "person_words"]
 
 # Bump whenever the drawing or the layout changes: old datasets are then regenerated.
+logger = logging.getLogger(__name__)
+
 GENERATOR_VERSION = 1
 # Bump whenever describe_person changes: caption pools are then regenerated.
 CAPTION_VERSION = 1
@@ -752,38 +758,63 @@ def _read_manifest(dataset_dir, layout=_MARKET):
     return manifest if isinstance(manifest, dict) and manifest.get("generator") == layout.generator else None
 
 
-def _is_complete(manifest, dataset_dir, params, layout):
-    """Our manifest, same versions and parameters, and every file present."""
-    if manifest is None or manifest.get("params") != params:
-        return False
-    if any(manifest.get(key) != value for key, value in layout.stamps.items()):
-        return False
-    if not all(osp.isfile(osp.join(dataset_dir, f)) for f in layout.files):
-        return False
+def _differences(manifest, dataset_dir, layout):
+    """How ``dataset_dir`` differs from what the generator wrote into it (its manifest's counts and
+    files): a list of short phrases, empty when nothing was added or removed."""
+    found = []
+    for f in layout.files:
+        if not osp.isfile(osp.join(dataset_dir, f)):
+            found.append(f"{f} missing")
     for d, count_key in layout.image_dirs.items():
         try:
-            found = sum(name.endswith(".jpg") for name in os.listdir(osp.join(dataset_dir, d)))
+            count = sum(name.endswith(".jpg") for name in os.listdir(osp.join(dataset_dir, d)))
         except OSError:
-            return False
-        if found != manifest["counts"][count_key]:
-            return False
-    return True
+            count = 0
+        if count != manifest["counts"][count_key]:
+            found.append(f"{count} images in {d}/ where the generator wrote {manifest['counts'][count_key]}")
+    return found
 
 
-def _generate_or_reuse(dataset_dir, layout, params, generate_into):
-    """Reuse ``dataset_dir`` if it is complete for ``params``, else build it atomically.
+REGENERATE = "python -m promptsg.datasets --regenerate"
+_warned = set()   # folders whose difference this process has already reported
 
-    ``generate_into(tmp_dir, params)`` writes the files into a hidden sibling directory and
-    returns the manifest counts; the manifest is written last and the directory renamed into
-    place.  A directory without our manifest is never touched (``RuntimeError``).
+
+def _generate_or_reuse(dataset_dir, layout, params, generate_into, regenerate=False):
+    """Generate ``dataset_dir`` only when it is missing (or when ``regenerate`` asks); otherwise
+    use it as it is. Nothing the generator did not just write is ever deleted.
+
+    * Missing: ``generate_into(tmp_dir, params)`` writes the files into a hidden sibling directory
+      and returns the manifest counts; the manifest is written last and the directory renamed
+      into place, so an interrupted run leaves nothing half-written under ``dataset_dir``.
+    * Our manifest, same parameters and generator version: used as it is. If images were added
+      or removed since (a user trying a case), one warning line says how it differs; the files
+      stay as they are.
+    * Our manifest with other parameters: ``RuntimeError`` naming them (remove the folder or use
+      another root). Another generator version: ``RuntimeError`` with the explicit command that
+      regenerates it (``regenerate=True``).
+    * No manifest of ours: ``RuntimeError``; the folder is never touched.
     """
     dataset_dir = osp.abspath(os.fspath(dataset_dir))
     existing = _read_manifest(dataset_dir, layout)
-    if _is_complete(existing, dataset_dir, params, layout):
-        return existing
     if osp.lexists(dataset_dir) and existing is None:
         raise RuntimeError(f"{dataset_dir} exists but was not created by {layout.function} "
                            f"(no {MANIFEST_NAME}); remove it or choose another directory")
+    if existing is not None and not regenerate:
+        stale = {k: existing.get(k) for k, v in layout.stamps.items() if existing.get(k) != v}
+        if stale or existing.get("params") != params:
+            if stale:
+                what = ", ".join(f"{k} {v} (this code writes {layout.stamps[k]})" for k, v in stale.items())
+                how = f"regenerate it with `{REGENERATE} {dataset_dir}` (its files are replaced)"
+            else:
+                what = f"other parameters ({_param_changes(existing.get('params') or {}, params)})"
+                how = "remove it to generate it with these parameters"
+            raise RuntimeError(f"{dataset_dir} was generated with {what}; {how}, or use another root")
+        changes = _differences(existing, dataset_dir, layout)
+        if changes and dataset_dir not in _warned:
+            _warned.add(dataset_dir)
+            logger.warning("%s differs from what the generator wrote (%s): used as it is; `%s %s` restores it",
+                           dataset_dir, "; ".join(changes), REGENERATE, dataset_dir)
+        return existing
 
     parent, name = osp.split(dataset_dir)
     os.makedirs(parent, exist_ok=True)
@@ -792,7 +823,7 @@ def _generate_or_reuse(dataset_dir, layout, params, generate_into):
         counts = generate_into(tmp_dir, params)
         manifest = {"generator": layout.generator, **layout.stamps, "params": params, "counts": counts}
         _write_json(osp.join(tmp_dir, MANIFEST_NAME), manifest)
-        if osp.lexists(dataset_dir):   # our own, with other parameters: move it aside first
+        if osp.lexists(dataset_dir):   # regenerate=True on our own folder: move it aside first
             old_dir = osp.join(parent, f".{name}.old-{uuid.uuid4().hex}")
             os.rename(dataset_dir, old_dir)
             shutil.rmtree(old_dir)
@@ -801,12 +832,29 @@ def _generate_or_reuse(dataset_dir, layout, params, generate_into):
         except OSError:
             # Another process installed a dataset meanwhile: accept it if it is what we want.
             current = _read_manifest(dataset_dir, layout)
-            if not _is_complete(current, dataset_dir, params, layout):
+            if current is None or current.get("params") != params or _differences(current, dataset_dir, layout):
                 raise
             manifest = current
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)   # no-op once renamed into place
     return manifest
+
+
+def _param_changes(old, new):
+    keys = sorted(set(old) | set(new))
+    return ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in keys if old.get(k) != new.get(k))
+
+
+def regenerate_dataset(dataset_dir):
+    """Write ``dataset_dir`` afresh with the parameters of its manifest and this generator
+    version (its files are replaced, added files included); returns the new manifest."""
+    manifest = _read_manifest(dataset_dir, _MARKET) or _read_manifest(dataset_dir, _POOL)
+    if manifest is None:
+        raise ValueError(f"no {MANIFEST_NAME} of generate_synthetic_market or generate_caption_pool: "
+                         f"not a generated dataset, left as it is")
+    layouts = {_MARKET.generator: (_MARKET, _generate_into), _POOL.generator: (_POOL, _generate_pool_into)}
+    layout, generate_into = layouts[manifest["generator"]]
+    return _generate_or_reuse(dataset_dir, layout, manifest["params"], generate_into, regenerate=True)
 
 
 def generate_synthetic_market(
@@ -821,18 +869,16 @@ def generate_synthetic_market(
     height=DEFAULT_HEIGHT,
     width=DEFAULT_WIDTH,
 ):
-    """Generate (or reuse) a SyntheticMarket dataset in ``dataset_dir``; returns its manifest.
+    """Generate a SyntheticMarket dataset in ``dataset_dir`` if it is missing; returns its manifest.
 
-    * Same parameters as the manifest already in ``dataset_dir``: nothing is written.
-    * A dataset generated by this function with other parameters (or an older
-      generator version, or missing files): regenerated and replaced.
-    * ``dataset_dir`` exists but holds no manifest of ours: ``RuntimeError``
-      (we never delete data we did not write).
-
-    The new dataset is built in a hidden sibling directory and renamed into
-    place when complete, so an interrupted run never leaves a partial dataset
-    under ``dataset_dir``.  Concurrent callers (e.g. one per training process)
-    are safe: whoever finishes second reuses the first one's result.
+    * ``dataset_dir`` missing: generated. It is built in a hidden sibling directory and renamed
+      into place when complete, so an interrupted run never leaves a partial dataset; concurrent
+      callers (one per training process) are safe: whoever finishes second uses the first one's.
+    * Generated before with the same parameters and generator version: used as it is, with one
+      warning if images were added or removed since (they stay as they are).
+    * Generated with other parameters or another generator version, or not generated here at
+      all: ``RuntimeError``. Nothing is deleted; ``regenerate_dataset(dataset_dir)`` (``python -m
+      promptsg.datasets --regenerate DIR``) rewrites a folder of ours explicitly.
     """
     if not 2 <= num_cameras <= 9:
         raise ValueError(f"num_cameras must be in [2, 9] (single-digit Market camera ids), got {num_cameras}")
@@ -855,7 +901,7 @@ def generate_caption_pool(dataset_dir, *, seed=DEFAULT_SEED, num_ids, images_per
     ``num_ids`` identities, none of them an identity of the re-ID dataset of any seed (they come
     from other random streams), with ``images_per_id`` images each and the caption
     :func:`describe_person` gives them, in ``captions.json`` (file name -> caption).  Reuse,
-    regeneration and atomicity are those of :func:`generate_synthetic_market`.
+    refusal and atomicity are those of :func:`generate_synthetic_market`.
     """
     if not 1 <= num_ids <= 99999 or not 1 <= images_per_id <= 999:
         raise ValueError("need 1 to 99999 identities with 1 to 999 images each")
