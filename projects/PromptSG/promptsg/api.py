@@ -1,0 +1,102 @@
+"""A small Python API: load a trained run, embed images as the evaluation does, search a gallery.
+
+    import promptsg
+    run = promptsg.load("logs/synthetic/promptsg_small_vit")       # its config.yaml and model_final.pth
+    features = run.embed("datasets/SyntheticMarket/query")         # (N, D) float32, one row per image
+    hits = run.search("wanted/", "camera1/", top_k=5)              # for each query, its 5 closest images
+    hits = run.search("wanted/", "camera1/", words="carrying a red backpack")   # PromptSG: image + words
+
+Images go through exactly what ``tools/train_net.py --eval-only`` does with a test set and what
+``tools/extract_features.py`` writes (``promptsg.inference``): the same features, the same
+distances (TEST.METRIC, TEST.AQE and TEST.RERANK of the run's config), the same rankings.
+"""
+import os
+
+import torch
+
+from .checkpoint import load_for_inference
+from .inference import check_text_search, embed_and_rank, list_images, ranking, text_queries
+from .preflight import InputError, load_checkpoint_config, verify_image
+
+__all__ = ["Run", "load"]
+
+
+def load(path, weights=None, opts=(), device=None, camera=None):
+    """A trained run, its checkpoint loaded whole.
+
+    ``path``: an OUTPUT_DIR of ``tools/train_net.py`` (its ``config.yaml``; the weights default to
+    its ``model_final.pth``) or a config file (then give ``weights``). ``opts``: KEY VALUE config
+    overrides. ``device``: default the config's, or the CPU when it names CUDA and there is none.
+    ``camera``: the training camera index for models with SIE (MODEL.CLIP.SIE_CAMERA).
+    """
+    if os.path.isdir(path):
+        config_file = os.path.join(path, "config.yaml")
+        weights = weights or os.path.join(path, "model_final.pth")
+    else:
+        config_file = path
+        if weights is None:
+            raise InputError(f"{path} is a config file: give the checkpoint too (weights=...)")
+    opts = [*opts, "MODEL.WEIGHTS", str(weights)]
+    if device is not None:
+        opts += ["MODEL.DEVICE", device]
+    cfg = load_checkpoint_config(config_file, [str(o) for o in opts])
+    if device is None and cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        cfg.MODEL.DEVICE = "cpu"
+    sie = "CLIP" in cfg.MODEL and cfg.MODEL.CLIP.SIE_CAMERA
+    if sie and (camera is None or not 0 <= camera < cfg.MODEL.CLIP.NUM_CAMERAS):
+        raise InputError(f"MODEL.CLIP.SIE_CAMERA is on: give camera=, a training camera index in "
+                         f"0..{cfg.MODEL.CLIP.NUM_CAMERAS - 1} (got {camera})")
+    cfg.TEST.ROC.ENABLED = False          # new images carry no identity labels
+    cfg.freeze()
+    from fastreid.engine import DefaultTrainer
+
+    model = DefaultTrainer.build_model(cfg)
+    load_for_inference(model, cfg.MODEL.WEIGHTS)
+    return Run(cfg, model, camera if sie else 0)
+
+
+def _images(source, what):
+    """Image paths from a folder, a path, or a list of folders and paths (a folder's images sorted,
+    recursive); each one decoded in full first, with one-line errors."""
+    sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if not sources:
+        raise InputError(f"{what}: no images given")
+    paths = []
+    for s in map(os.fspath, sources):
+        if os.path.isdir(s):
+            paths += list_images([s], what)
+        elif os.path.isfile(s):
+            verify_image(s)
+            paths.append(s)
+        else:
+            raise InputError(f"{what}: no such file or folder: {s}")
+    return paths
+
+
+class Run:
+    """A trained model with its config (``cfg``, frozen) and the camera index its images get."""
+
+    def __init__(self, cfg, model, camera=0):
+        self.cfg, self.model, self.camera = cfg, model, camera
+
+    def embed(self, images, bf16=False):
+        """The model's features of ``images`` (a folder, a path, or a list of them): an (N, D)
+        float32 array, one row per image in the order given (a folder's images sorted)."""
+        paths = _images(images, "images")
+        return embed_and_rank(self.cfg, self.model, [], paths, self.camera, bf16)[1]
+
+    def search(self, query, gallery, top_k=10, words=None):
+        """For each query image, its ``top_k`` closest gallery images, closest first:
+        ``[{"query": path, "top": [{"image": path, "distance": d}, ...]}, ...]``, the distances
+        FastReID's evaluator computes. ``words``: PromptSG's text-aware search, each query's MIM
+        query the composed prompt "A photo of a s* person <words>." (the entries get "prompt")."""
+        query_paths, gallery_paths = _images(query, "query"), _images(gallery, "gallery")
+        model, prompts = self.model, None
+        if words is not None:
+            from .text_search import WordsQueries
+
+            check_text_search(self.cfg, with_query=True)
+            text = text_queries(self.cfg, query_paths, text=words)
+            model, prompts = WordsQueries(self.model, text.words), text.prompts
+        _, _, dist = embed_and_rank(self.cfg, model, query_paths, gallery_paths, self.camera)
+        return ranking(dist, query_paths, gallery_paths, top_k, prompts)

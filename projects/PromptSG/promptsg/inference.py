@@ -1,0 +1,226 @@
+"""Images of new camera data embedded exactly as the evaluation embeds a test set, and a search.
+
+``embed_and_rank`` runs FastReID's test path (its test transforms, test loader and
+``inference_on_dataset``, flip test when TEST.FLIP.ENABLED) and returns the distances FastReID's
+``ReidEvaluator`` computes (TEST.METRIC, then TEST.AQE and TEST.RERANK when enabled). The rest
+reads image folders and text-aware search queries with one-line errors, and writes features and
+rankings whole or not at all. ``tools/extract_features.py`` and ``promptsg.api`` are built on it.
+"""
+import json
+import os
+from typing import NamedTuple
+
+import numpy as np
+import open_clip
+import torch
+
+from fastreid.data.build import build_reid_test_loader
+from fastreid.data.common import CommDataset
+from fastreid.data.transforms import build_transforms
+from fastreid.evaluation import DatasetEvaluator, ReidEvaluator, inference_on_dataset
+
+from .checkpoint import check_finite_features
+from .evaluation import ranked_distances
+from .heads import uses_inversion, uses_text_tower
+from .preflight import InputError, verify_image
+from .prompt import prompt_tokens, with_words
+from .text_search import composed_prompt_text, words_only_prompt
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def list_images(folders, flag):
+    """The images under ``folders``, sorted; one-line errors for a missing folder or no images."""
+    paths = []
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise InputError(f"{flag}: folder not found: {folder}")
+        found = sorted(os.path.join(root, name) for root, _, names in os.walk(folder)
+                       for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+        if not found:
+            raise InputError(f"{flag}: no {'/'.join(IMAGE_EXTENSIONS)} image under {folder}")
+        paths += found
+    for path in paths:
+        verify_image(path)
+    return paths
+
+
+def read_text_file(path):
+    """--text-file: a non-empty JSON object of names -> words."""
+    try:
+        with open(path) as f:
+            entries = json.load(f)
+    except OSError as exc:
+        raise InputError(f"--text-file: cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise InputError(f"--text-file: {path} is not JSON: {exc}") from None
+    if not isinstance(entries, dict) or not entries or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in entries.items()):
+        raise InputError(f"--text-file: {path} must hold a non-empty JSON object of names -> words (strings)")
+    return entries
+
+
+def query_words(text, text_file, query_paths):
+    """(query names, their words): one entry per query image with --query (in query_paths' order),
+    else one words-only query per --text / --text-file entry (``text``, or the JSON file ``text_file``). One-line errors for empty words and
+    for --text-file entries that do not match the query images one to one."""
+    if text is not None:
+        entries, where = {text: text}, "--text"
+    else:
+        entries, where = read_text_file(text_file), f"--text-file {text_file}"
+    for name, words in entries.items():
+        if not words.strip().rstrip(".").strip():
+            at = "" if text is not None else f" for {name!r}"
+            raise InputError(f"{where}: the words{at} are empty: give what to add to the prompt, e.g. "
+                             f'"carrying a red backpack"')
+    if not query_paths:
+        return list(entries), list(entries.values())
+    if text is not None:
+        return query_paths, [text] * len(query_paths)
+    # Keys name a query image by its path or, when unique among the queries, by its file name.
+    by_key = {}
+    for path in query_paths:
+        by_key[path] = by_key[os.path.abspath(path)] = path
+        name = os.path.basename(path)
+        by_key[name] = None if name in by_key else path
+    words = {}
+    for key, value in entries.items():
+        path = by_key.get(key, by_key.get(os.path.abspath(key), "unknown"))
+        if path == "unknown":
+            raise InputError(f"{where}: {key!r} is none of the --query images")
+        if path is None:
+            raise InputError(f"{where}: several --query images are named {key!r}: give its path")
+        words[path] = value
+    missing = [p for p in query_paths if p not in words]
+    if missing:
+        raise InputError(f"{where}: no words for {len(missing)} of the {len(query_paths)} --query images "
+                         f"(first: {missing[0]})")
+    return query_paths, [words[p] for p in query_paths]
+
+
+def check_text_search(cfg, with_query, config_file="the config"):
+    """What a text-aware search (with query images, or words only) needs of the model, from the
+    config alone, before anything is built."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch != "PromptSG":
+        raise InputError(f"--text needs a CLIP model (MODEL.META_ARCHITECTURE PromptSG: PromptSG or the CLIP "
+                         f"baseline); {config_file} builds {arch}")
+    p = cfg.MODEL.PROMPTSG
+    if with_query and not (uses_inversion(cfg) and p.MIM.CROSS_LAYERS > 0):
+        lacks = " and ".join(what for what, missing in (
+            ("no inversion network (MODEL.PROMPTSG.COMPOSE_TRAIN False, INFERENCE_PROMPT simplified)",
+             not uses_inversion(cfg)), ("no MIM (MODEL.PROMPTSG.MIM.CROSS_LAYERS 0)", p.MIM.CROSS_LAYERS == 0))
+            if missing)
+        raise InputError(f'--text with --query composes "A photo of a s* person <words>." for PromptSG\'s '
+                         f"inversion network and MIM; this model has {lacks} (the CLIP baseline has neither): "
+                         f"without --query, --text ranks the --images by the words alone against their CLIP "
+                         f"image embeddings")
+    if not with_query and not uses_text_tower(cfg) and not cfg.MODEL.CLIP.PRETRAINED:
+        raise InputError("--text: this model has no text tower of its own and MODEL.CLIP.PRETRAINED is empty: "
+                         "give the CLIP file it was fine-tuned from (MODEL.CLIP.PRETRAINED FILE), whose frozen "
+                         "text tower embeds the words")
+
+
+class TextQueries(NamedTuple):
+    """A text-aware search's queries: names (query images, or words-only query names), their words,
+    and their prompts as text ("A photo of a s* person <words>." or "A photo of a person <words>.")."""
+    names: list
+    words: list
+    prompts: list
+
+
+def text_queries(cfg, query_paths, text=None, text_file=None):
+    """The checked TextQueries of --text / --text-file (None without them): every prompt must fit
+    the text tower's context."""
+    if text is None and text_file is None:
+        return None
+    names, words = query_words(text, text_file, query_paths)
+    template = cfg.MODEL.PROMPTSG.PROMPT if query_paths else cfg.MODEL.PROMPTSG.SIMPLE_PROMPT
+    tokenizer = open_clip.get_tokenizer(cfg.MODEL.CLIP.NAME)
+    for w in dict.fromkeys(words):
+        try:
+            prompt_tokens(tokenizer, with_words(template, w))
+        except ValueError as exc:
+            raise InputError(f"--text: {exc}") from None
+    prompts = [composed_prompt_text(cfg, w) if query_paths else words_only_prompt(cfg, w) for w in words]
+    return TextQueries(names, words, prompts)
+
+
+class KeptFeatures(DatasetEvaluator):
+    """Keeps what ReidEvaluator is given: the model's features, as float32 on the CPU."""
+
+    def __init__(self, ranker=None):
+        self.ranker = ranker
+
+    def reset(self):
+        self.features = []
+        if self.ranker is not None:
+            self.ranker.reset()
+
+    def process(self, inputs, outputs):
+        self.features.append(outputs.to("cpu", torch.float32))
+        if self.ranker is not None:
+            self.ranker.process(inputs, outputs)
+
+    def evaluate(self):
+        return self.ranker.evaluate() if self.ranker is not None else {}
+
+
+class BF16Autocast(torch.nn.Module):
+    """``model`` run under bf16 autocast; what follows it (the distances) stays float32."""
+
+    def __init__(self, model, device_type):
+        super().__init__()
+        self.model, self.device_type = model, device_type
+
+    def forward(self, inputs):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.model(inputs)
+
+
+def embed_and_rank(cfg, model, query_paths, gallery_paths, camera, bf16=False):
+    """(query features, gallery features, query-gallery distances or None), by FastReID's test path;
+    ``bf16``: the model runs under bf16 autocast, the features and distances stay float32. Each
+    image's target is its position (queries first), which ``WordsQueries`` reads."""
+    items = [(path, i, camera) for i, path in enumerate(query_paths + gallery_paths)]
+    test_set = CommDataset(items, build_transforms(cfg, is_train=False), relabel=False)
+    loader, num_query = build_reid_test_loader(cfg, test_set=test_set, num_query=len(query_paths))
+    kept = KeptFeatures(ReidEvaluator(cfg, num_query) if query_paths else None)
+    if bf16:
+        model = BF16Autocast(model, torch.device(cfg.MODEL.DEVICE).type)
+    with ranked_distances(rank=False) as ranked:
+        inference_on_dataset(model, loader, kept, flip_test=cfg.TEST.FLIP.ENABLED)
+    features = torch.cat(kept.features)
+    check_finite_features(features)
+    features = features.numpy()
+    return features[:num_query], features[num_query:], ranked.get("dist")
+
+
+def write_atomic(path, write):
+    """``write(file)`` into ``path.tmp``, then renamed: a crash leaves no half-written file."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def write_features(output, prefix, features, paths, names=("features.npy", "images.txt")):
+    write_atomic(os.path.join(output, prefix + names[0]), lambda f: np.save(f, features))
+    write_atomic(os.path.join(output, prefix + names[1]),
+                 lambda f: f.write("".join(p + "\n" for p in paths).encode()))
+
+
+def ranking(dist, query_paths, gallery_paths, top_k, prompts=None):
+    """For each query, its ``top_k`` closest gallery images (stable order among equal distances);
+    with ``prompts``, each query's prompt too."""
+    lists = []
+    for q, path in enumerate(query_paths):
+        order = np.argsort(dist[q], kind="stable")[:top_k]
+        entry = {"query": path} if prompts is None else {"query": path, "prompt": prompts[q]}
+        entry["top"] = [{"image": gallery_paths[g], "distance": float(dist[q, g])} for g in order]
+        lists.append(entry)
+    return lists
+
+
+def write_ranking(output, lists):
+    write_atomic(os.path.join(output, "ranking.json"), lambda f: f.write(json.dumps(lists, indent=1).encode()))

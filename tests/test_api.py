@@ -1,0 +1,81 @@
+"""The Python API (``promptsg.load``, ``Run.embed``, ``Run.search``) against tools/extract_features.py
+on the same images: identical features, rankings and distances, from a tiny one-epoch training run."""
+import json
+
+import numpy as np
+import pytest
+
+import promptsg
+from promptsg.preflight import InputError
+
+from tiny_runs import PROMPTSG_CFG, TINY, load_extract_tool, run
+
+WORDS = "carrying a red backpack"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, datasets_root):
+    """A one-epoch tiny PromptSG run (composed prompt at test, so words can join a query)."""
+    out = tmp_path_factory.mktemp("run")
+    result = run(["--config-file", PROMPTSG_CFG, *TINY, "SOLVER.MAX_EPOCH", "1", "TEST.EVAL_PERIOD", "1",
+                  "SOLVER.CHECKPOINT_PERIOD", "1", "MODEL.PROMPTSG.INFERENCE_PROMPT", "composed",
+                  "OUTPUT_DIR", str(out)], datasets_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def folders(datasets_root):
+    split = datasets_root / "SyntheticMarketTiny"
+    return split / "query", split / "bounding_box_test"
+
+
+def tool_output(trained, tmp_path, *args):
+    """tools/extract_features.py on the run's checkpoint, with the training command's config."""
+    out = tmp_path / "tool"
+    load_extract_tool().main(["--config-file", PROMPTSG_CFG, *args, "--output", str(out), *TINY,
+                              "MODEL.PROMPTSG.INFERENCE_PROMPT", "composed",
+                              "MODEL.WEIGHTS", str(trained / "model_final.pth")])
+    return out
+
+
+def test_embed_gives_the_tool_s_features(trained, datasets_root, tmp_path):
+    query, _ = folders(datasets_root)
+    model = promptsg.load(str(trained))
+    features = model.embed(str(query))
+    out = tool_output(trained, tmp_path, "--images", str(query))
+    np.testing.assert_array_equal(features, np.load(out / "features.npy"))
+    assert (out / "images.txt").read_text().split() == sorted(str(p) for p in query.iterdir())
+    # a list of paths keeps its order; each image's row is the folder's row (to float rounding:
+    # a batch of two runs other CPU kernels than a batch of 64)
+    paths = sorted(str(p) for p in query.iterdir())
+    np.testing.assert_allclose(model.embed([paths[3], paths[0]]), features[[3, 0]], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("words", [None, WORDS])
+def test_search_gives_the_tool_s_ranking(trained, datasets_root, tmp_path, words):
+    query, gallery = folders(datasets_root)
+    hits = promptsg.load(str(trained)).search(str(query), str(gallery), top_k=5, words=words)
+    args = ["--query", str(query), "--images", str(gallery), "--top-k", "5"] + (["--text", words] if words else [])
+    expected = json.loads((tool_output(trained, tmp_path, *args) / "ranking.json").read_text())
+    assert [h["query"] for h in hits] == [e["query"] for e in expected]
+    for h, e in zip(hits, expected):
+        assert [t["image"] for t in h["top"]] == [t["image"] for t in e["top"]]
+        np.testing.assert_allclose([t["distance"] for t in h["top"]], [t["distance"] for t in e["top"]], rtol=0,
+                                   atol=0)
+        assert h.get("prompt") == e.get("prompt")
+    if words:
+        assert hits[0]["prompt"].endswith(f"person {WORDS}.")
+
+
+def test_load_takes_a_config_and_weights_and_names_what_is_missing(trained, tmp_path, datasets_root):
+    query, _ = folders(datasets_root)
+    from_config = promptsg.load(str(trained / "config.yaml"), weights=trained / "model_final.pth")
+    np.testing.assert_array_equal(from_config.embed(str(query)), promptsg.load(str(trained)).embed(str(query)))
+    with pytest.raises(InputError, match="give the checkpoint too"):
+        promptsg.load(str(trained / "config.yaml"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match=f"config file not found: {empty / 'config.yaml'}"):
+        promptsg.load(str(empty))
+    with pytest.raises(InputError, match="no such file or folder"):
+        promptsg.load(str(trained)).embed(str(tmp_path / "nowhere"))
