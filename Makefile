@@ -15,7 +15,7 @@ $(STAMP): requirements.txt requirements-fastreid.txt pyproject.toml
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-fastreid.txt
 	$(PY) -m pip install --quiet --no-deps -e .
-	$(PY) -c "import promptsg.compat as c; c.build_cython_ranker()"
+	$(PY) -c "import promptsg.engine.compat as c; c.build_cython_ranker()"
 	touch $@
 
 # The main job: PromptSG and the CLIP baseline trained and evaluated on the synthetic dataset.

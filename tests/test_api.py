@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import promptsg
-from promptsg.preflight import InputError
+from promptsg.engine.preflight import InputError
 
 from tiny_runs import PROMPTSG_CFG, TINY, load_extract_tool, run
 

@@ -1,5 +1,5 @@
-"""Attention maps (promptsg/attention_maps.py, tools/attention_maps.py) and the synthetic person
-masks they are measured against (promptsg.datasets.PersonMasks).
+"""Attention maps (promptsg/analysis/attention_maps.py, tools/attention_maps.py) and the synthetic person
+masks they are measured against (promptsg.data.PersonMasks).
 
 The maps are checked against computations written here: softmax(Q K^T / sqrt(d)) from the
 in-projection weights and PyTorch's own MultiheadAttention weights for the MIM cross-attention,
@@ -24,16 +24,16 @@ from PIL import Image
 from scipy import ndimage
 
 import promptsg  # noqa: F401  (patches FastReID, registers PromptSG and the datasets)
-import promptsg.interaction
+import promptsg.modeling.interaction
 from fastreid.config import get_cfg
 from fastreid.engine import DefaultTrainer
 from fastreid.utils.checkpoint import Checkpointer
 from open_clip.transformer import VisionTransformer
-from promptsg.attention_maps import (PatchGrid, attention_rollout, cls_attention_maps, mask_share,
+from promptsg.analysis.attention_maps import (PatchGrid, attention_rollout, cls_attention_maps, mask_share,
                                      patch_coverage, pixel_density, promptsg_cross_attention)
-from promptsg.clip_backbone import CLIPVisualBackbone
-from promptsg.datasets import PersonMasks, synthetic
-from promptsg.interaction import MultimodalInteraction
+from promptsg.modeling.clip_backbone import CLIPVisualBackbone
+from promptsg.data import PersonMasks, synthetic
+from promptsg.modeling.interaction import MultimodalInteraction
 
 from test_promptsg_model import batch, tiny_cfg
 from tiny_runs import BASELINE_CFG, PROMPTSG_CFG, ROOT, TINY, load_tool
@@ -99,21 +99,21 @@ def test_promptsg_maps_are_the_weights_the_forward_used(monkeypatch, prompt, que
     randomise_norms_and_biases(model.heads.mim.cross)
     used = []
     if fusion == "reweight":                            # the weights re-weighting the patches
-        original = promptsg.interaction.PatchWeighting.forward
+        original = promptsg.modeling.interaction.PatchWeighting.forward
 
         def recording(self, q, patches):
             used.append(original(self, q, patches))
             return used[-1]
 
-        target = (promptsg.interaction.PatchWeighting, "forward")
+        target = (promptsg.modeling.interaction.PatchWeighting, "forward")
     else:                                               # first call: the cross block; then the last block's row
-        original = promptsg.interaction.few_query_attention_weights
+        original = promptsg.modeling.interaction.few_query_attention_weights
 
         def recording(attn, q, kv):
             used.append(original(attn, q, kv))
             return used[-1]
 
-        target = (promptsg.interaction, "few_query_attention_weights")
+        target = (promptsg.modeling.interaction, "few_query_attention_weights")
 
     inputs = batch()
     with torch.no_grad():
@@ -294,7 +294,7 @@ def test_tool_draws_and_measures_the_tiny_split(datasets_root, tmp_path):
 
     maps = np.load(out / "attention_maps.npz")
     paths = list(maps["paths"])
-    dataset = promptsg.datasets.SyntheticMarketTiny(root=str(datasets_root))
+    dataset = promptsg.data.SyntheticMarketTiny(root=str(datasets_root))
     assert paths == [p for p, _, _ in dataset.query + dataset.gallery]
     n = len(paths)
     for name in ("simplified", "composed"):
@@ -351,7 +351,7 @@ def test_tool_bad_input_is_one_line_naming_it(tmp_path, monkeypatch, case):
     weights = tmp_path / "model.pth"
     weights.write_bytes(b"never read: the bad input is found first")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(promptsg.preflight.InputError, match=message):
+    with pytest.raises(promptsg.engine.preflight.InputError, match=message):
         tool.main(["--config-file", config, *source, "--output", "out", *OPTS, *opts, "MODEL.WEIGHTS", str(weights)])
     assert not (tmp_path / "out").exists()
 

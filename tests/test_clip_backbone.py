@@ -9,8 +9,8 @@ import torch
 from fastreid.config import get_cfg
 from fastreid.modeling.backbones import BACKBONE_REGISTRY
 
-from promptsg.clip_backbone import CLIPVisualBackbone
-from promptsg.clip_weights import create_clip_model
+from promptsg.modeling.clip_backbone import CLIPVisualBackbone
+from promptsg.modeling.clip_weights import create_clip_model
 from promptsg.config import add_promptsg_config
 
 TIGHT = dict(rtol=1e-6, atol=1e-6)

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import QuickGELU
 
-from promptsg.clip_backbone import CLIPVisualBackbone
-from promptsg.clip_weights import create_clip_model, resize_grid_pos_embed, set_resnet_last_stride
+from promptsg.modeling.clip_backbone import CLIPVisualBackbone
+from promptsg.modeling.clip_weights import create_clip_model, resize_grid_pos_embed, set_resnet_last_stride
 
 TEXT = open_clip.tokenize(["a photo of a person.", "a photo of a red car."])
 
@@ -315,7 +315,7 @@ def test_failed_download_raises_one_line_naming_tag_and_model(monkeypatch):
 
 
 def test_empty_pretrained_warns_about_random_weights(caplog):
-    with caplog.at_level(logging.WARNING, logger="promptsg.clip_weights"):
+    with caplog.at_level(logging.WARNING, logger="promptsg.modeling.clip_weights"):
         create_clip_model("tiny-ViT", "")
     assert any("random" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
 

@@ -1,4 +1,4 @@
-"""Each FastReID compatibility patch (promptsg/compat.py) is needed and works.
+"""Each FastReID compatibility patch (promptsg/engine/compat.py) is needed and works.
 
 Every test drives FastReID's own public code path; without the patch it named, the test fails
 (import error, silent no-op, TypeError, CUDA assertion, sys.exit, or a lost checkpoint).
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import promptsg  # noqa: F401
-from promptsg import compat
+from promptsg.engine import compat
 
 from fastreid.config import get_cfg
 from fastreid.data.common import CommDataset

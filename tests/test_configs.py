@@ -17,8 +17,8 @@ from fastreid.engine import DefaultTrainer
 from fastreid.evaluation import ReidEvaluator, inference_on_dataset
 from fastreid.modeling import build_model
 from fastreid.utils.events import EventStorage
-from promptsg.datasets import SyntheticMarket
-from promptsg.evaluation import ranked_distances
+from promptsg.data import SyntheticMarket
+from promptsg.engine.evaluation import ranked_distances
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTSG_CONFIGS = sorted(

@@ -1,4 +1,4 @@
-"""Several processes train what one process trains (promptsg.distributed, compat._global_batches):
+"""Several processes train what one process trains (promptsg.utils.distributed, compat._global_batches):
 global-batch BatchNorm and losses against one process on the whole batch, the sampler's batches
 for any number of processes, the test loader's workers, and tools/train_net.py run as 1 process,
 2 processes and 2 machines x 1 process (gloo on localhost) ending at the same weights, and a
@@ -22,9 +22,9 @@ from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.modeling import build_model
 from fastreid.utils import comm
 from fastreid.utils.env import seed_all_rng
-from promptsg.distributed import GlobalBatchNorm1d, gather_batch
-from promptsg.losses import triplet_loss
-from promptsg.supcon import symmetric_supcon_loss
+from promptsg.utils.distributed import GlobalBatchNorm1d, gather_batch
+from promptsg.modeling.losses import triplet_loss
+from promptsg.modeling.supcon import symmetric_supcon_loss
 
 from tiny_runs import PROMPTSG_CFG, ROOT, TINY, TRAIN_NET, run
 

@@ -13,9 +13,9 @@ import torch
 
 import promptsg  # noqa: F401
 from fastreid.engine import DefaultTrainer
-from promptsg import onnx_export
-from promptsg.checkpoint import load_for_inference
-from promptsg.preflight import load_checkpoint_config
+from promptsg.export import onnx_export
+from promptsg.engine.checkpoint import load_for_inference
+from promptsg.engine.preflight import load_checkpoint_config
 from tiny_runs import BASELINE_CFG, BOT_CFG, PROMPTSG_CFG, ROOT, TINY, load_tool, one_line_error
 
 TOOL = os.path.join(ROOT, "tools", "export_onnx.py")

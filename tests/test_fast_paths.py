@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import promptsg.interaction
-from promptsg.interaction import FUSIONS
+import promptsg.modeling.interaction
+from promptsg.modeling.interaction import FUSIONS
 from fastreid.engine import DefaultTrainer
 from fastreid.engine.train_loop import SimpleTrainer
 from fastreid.evaluation import DatasetEvaluator, inference_on_dataset
 from fastreid.modeling import build_model
 from fastreid.utils.events import EventStorage
-from promptsg.clip_weights import create_clip_model
+from promptsg.modeling.clip_weights import create_clip_model
 from test_promptsg_model import PROMPT, SIMPLE, batch, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,7 +161,7 @@ def test_head_feature_with_mim_fast_path_equals_the_full_blocks(monkeypatch, pro
     model.heads.mim.blocks[-1].mlp.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[1]))
     with torch.no_grad():
         fast = model(batch())
-        monkeypatch.setattr(promptsg.interaction, fast_path, MIM_FAST_PATHS[fast_path])
+        monkeypatch.setattr(promptsg.modeling.interaction, fast_path, MIM_FAST_PATHS[fast_path])
         full = model(batch())
     assert rows[0] == 1                          # the fast path runs the last MLP on one token
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
@@ -179,7 +179,7 @@ def test_training_losses_and_gradients_with_mim_fast_path_equal_the_full_blocks(
         return {k: v.detach() for k, v in losses.items()}, grads
 
     fast_losses, fast_grads = losses_and_grads()
-    monkeypatch.setattr(promptsg.interaction, fast_path, MIM_FAST_PATHS[fast_path])
+    monkeypatch.setattr(promptsg.modeling.interaction, fast_path, MIM_FAST_PATHS[fast_path])
     full_losses, full_grads = losses_and_grads()
     torch.testing.assert_close(fast_losses, full_losses, rtol=1e-5, atol=1e-6)
     assert fast_grads.keys() == full_grads.keys()
@@ -198,7 +198,7 @@ def test_mim_fast_paths_under_bf16_autocast_are_as_close_to_float32_as_the_full_
         with torch.autocast("cpu", torch.bfloat16):
             fast = model(inputs).float()
             for name, reference in MIM_FAST_PATHS.items():
-                monkeypatch.setattr(promptsg.interaction, name, reference)
+                monkeypatch.setattr(promptsg.modeling.interaction, name, reference)
             full = model(inputs).float()
     fast_error, full_error = (fast - exact).abs().max(), (full - exact).abs().max()
     assert 0 < full_error < 0.05 * exact.abs().max()              # bf16 rounding, nothing worse
@@ -314,7 +314,7 @@ def test_cuda_forward_and_backward_never_synchronise_with_the_host(amp):
 @pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
 def test_cross_entropy_loss_equals_fastreid(eps):
     from fastreid.modeling.losses import cross_entropy_loss as fastreid_ce
-    from promptsg.losses import cross_entropy_loss
+    from promptsg.modeling.losses import cross_entropy_loss
 
     torch.manual_seed(int(eps * 10))
     logits = torch.randn(12, 7, requires_grad=True) * 3
@@ -328,7 +328,7 @@ def test_cross_entropy_loss_equals_fastreid(eps):
 def test_cross_entropy_loss_counts_only_non_zero_samples_like_fastreid():
     """Without smoothing, a sample classified with certainty has loss exactly 0 and is not counted."""
     from fastreid.modeling.losses import cross_entropy_loss as fastreid_ce
-    from promptsg.losses import cross_entropy_loss
+    from promptsg.modeling.losses import cross_entropy_loss
 
     logits = torch.tensor([[200.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
     targets = torch.tensor([0, 0, 2])
@@ -341,7 +341,7 @@ def test_cross_entropy_loss_counts_only_non_zero_samples_like_fastreid():
     (0.3, False, True), (0.3, True, True), (0.0, False, True), (0.0, True, False), (0.5, False, False)])
 def test_triplet_loss_equals_fastreid(margin, norm_feat, hard_mining):
     from fastreid.modeling.losses import triplet_loss as fastreid_triplet
-    from promptsg.losses import triplet_loss
+    from promptsg.modeling.losses import triplet_loss
 
     torch.manual_seed(3)
     embedding = torch.randn(16, 8, requires_grad=True)
@@ -356,7 +356,7 @@ def test_triplet_loss_equals_fastreid(margin, norm_feat, hard_mining):
 
 def test_triplet_soft_margin_falls_back_to_margin_03_where_it_overflows_like_fastreid():
     from fastreid.modeling.losses import triplet_loss as fastreid_triplet
-    from promptsg.losses import triplet_loss
+    from promptsg.modeling.losses import triplet_loss
 
     # Anchor 0: hardest positive at distance 200, hardest negative at 0.1: log(1 + e^199.9) = inf.
     embedding = torch.tensor([[0.0], [200.0], [0.1], [200.1]])
@@ -368,7 +368,7 @@ def test_triplet_soft_margin_falls_back_to_margin_03_where_it_overflows_like_fas
 
 def test_top1_accuracy_equals_fastreid_log_accuracy():
     from fastreid.modeling.losses import log_accuracy
-    from promptsg.losses import top1_accuracy
+    from promptsg.modeling.losses import top1_accuracy
 
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
     targets = torch.tensor([1, 0, 0, 2])
@@ -378,7 +378,7 @@ def test_top1_accuracy_equals_fastreid_log_accuracy():
 
 
 def test_deferred_scalars_log_cpu_values_at_once():
-    from promptsg.deferred_log import DeferredScalars
+    from promptsg.utils.deferred_log import DeferredScalars
 
     log = DeferredScalars()
     with EventStorage(0) as storage:
@@ -389,7 +389,7 @@ def test_deferred_scalars_log_cpu_values_at_once():
 @needs_cuda
 def test_deferred_scalars_log_cuda_values_one_put_later_under_their_iteration():
     """The GPU is kept busy before it writes the first value: its copy still reads 0.25."""
-    from promptsg.deferred_log import DeferredScalars
+    from promptsg.utils.deferred_log import DeferredScalars
 
     log = DeferredScalars()
     with EventStorage(3) as storage:
@@ -466,7 +466,7 @@ def test_fused_optimizer_updates_like_the_multi_tensor_one(opt):
 
 
 def test_fused_optimizer_keeps_classes_without_fused_kernels():
-    from promptsg.solver import with_fused_kernels
+    from promptsg.engine.solver import with_fused_kernels
 
     optimizer = torch.optim.Rprop(torch.nn.Linear(2, 2).parameters())
     assert with_fused_kernels(optimizer) is optimizer

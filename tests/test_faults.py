@@ -18,9 +18,9 @@ from fastreid.config import get_cfg
 from fastreid.data import common, data_utils
 from fastreid.engine import DefaultTrainer
 from fastreid.utils.checkpoint import Checkpointer
-from promptsg.checkpoint import (CheckpointError, NonFiniteError, check_finite_features, check_finite_losses,
+from promptsg.engine.checkpoint import (CheckpointError, NonFiniteError, check_finite_features, check_finite_losses,
                                  load_for_inference)
-from promptsg.preflight import InputError, verify_image, verify_images_cached
+from promptsg.engine.preflight import InputError, verify_image, verify_images_cached
 
 from tiny_runs import BASELINE_CFG, PROMPTSG_CFG, ROOT, TINY, TRAIN_NET, one_line_error, run
 
@@ -109,7 +109,7 @@ def test_own_checkpoint_loads_whole_and_the_classifier_only_by_choice(tmp_path):
 def test_a_checkpoint_without_the_classifier_needs_weights_new_classifier():
     """By hand, on state dicts: the ID classifier missing from the checkpoint is refused naming it,
     unless MODEL.WEIGHTS_NEW_CLASSIFIER (skip_classifier) leaves it out."""
-    from promptsg.checkpoint import check_compatible
+    from promptsg.engine.checkpoint import check_compatible
 
     model = {"backbone.w": torch.zeros(2), "heads.classifier.weight": torch.zeros(5, 2)}
     checkpoint = {"backbone.w": torch.ones(2)}
@@ -268,7 +268,7 @@ def test_every_image_mode_is_read_as_rgb(tmp_path, mode):
 
 
 def test_a_16_bit_image_uses_its_full_range():
-    from promptsg.compat import image_to_rgb
+    from promptsg.engine.compat import image_to_rgb
 
     ramp = Image.fromarray(np.array([[0, 257, 32896, 65535]], dtype=np.uint16))
     assert [image_to_rgb(ramp).getpixel((x, 0))[0] for x in range(4)] == [0, 1, 128, 255]
@@ -289,7 +289,7 @@ def test_truncated_jpeg_fails_verification_and_reading_naming_the_file(tmp_path)
 
 
 def test_verified_images_are_remembered_by_size_and_mtime(tmp_path, monkeypatch):
-    import promptsg.preflight as preflight
+    import promptsg.engine.preflight as preflight
 
     paths = []
     for i in range(3):
@@ -325,7 +325,7 @@ def test_an_image_changed_at_the_same_size_is_checked_again(tmp_path):
 
 
 def test_truncated_gallery_and_training_images_are_found_at_start_up(tmp_path, datasets_root):
-    from promptsg.preflight import check_datasets
+    from promptsg.engine.preflight import check_datasets
 
     cfg = promptsg.add_promptsg_config(get_cfg())
     cfg.merge_from_file(PROMPTSG_CFG)
@@ -343,7 +343,7 @@ def test_rng_states_restore_torch_numpy_and_python():
     """``--resume`` restores the three generators a run draws from: the same draws follow."""
     import random
 
-    from promptsg.checkpoint import rng_state, set_rng_state
+    from promptsg.engine.checkpoint import rng_state, set_rng_state
 
     state = rng_state()
     first = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)], random.gauss(0, 1))
@@ -436,7 +436,7 @@ def test_the_final_model_is_written_before_the_final_evaluation(tmp_path, datase
 # ---- --resume ----
 
 def test_resume_finds_the_newest_complete_checkpoint_without_last_checkpoint(tmp_path):
-    from promptsg.checkpoint import newest_checkpoint
+    from promptsg.engine.checkpoint import newest_checkpoint
 
     model = build(BASELINE_CFG)
     checkpointer = Checkpointer(model, save_dir=str(tmp_path))

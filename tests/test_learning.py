@@ -17,7 +17,7 @@ import pytest
 
 import promptsg  # noqa: F401
 from fastreid.config import get_cfg
-from promptsg.diagnostics import supcon_levels
+from promptsg.modeling.diagnostics import supcon_levels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "projects/PromptSG/configs/Synthetic/promptsg_small_vit.yml")

@@ -13,7 +13,7 @@ import promptsg  # noqa: F401  (patches FastReID, registers PromptSG)
 from fastreid.config import get_cfg
 from fastreid.engine import DefaultTrainer
 from promptsg import add_promptsg_config
-from promptsg.preflight import InputError
+from promptsg.engine.preflight import InputError
 
 from tiny_runs import BASELINE_CFG, PROMPTSG_CFG, ROOT, TINY, TRAIN_NET, load_tool
 
@@ -163,14 +163,14 @@ def test_given_queries_follow_each_images_position():
 
 
 def test_cosine_distance_against_a_hand_computation():
-    from promptsg.text_search import cosine_distances
+    from promptsg.analysis.text_search import cosine_distances
 
     d = cosine_distances([[1.0, 0.0], [1.0, 1.0]], [[0.0, 5.0], [2.0, 0.0]])
     assert d.ravel().tolist() == pytest.approx([1.0, 0.0, 1 - 2 ** -0.5, 1 - 2 ** -0.5], abs=1e-6)
 
 
 def test_records_are_named_by_the_checkouts_commit_and_written_whole(tmp_path):
-    from promptsg.records import commit, write_record
+    from promptsg.utils.records import commit, write_record
 
     head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip()

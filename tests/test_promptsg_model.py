@@ -11,12 +11,12 @@ from fastreid.config import get_cfg
 from fastreid.engine import DefaultTrainer
 from fastreid.modeling import build_model
 from fastreid.utils.events import EventStorage
-from promptsg.clip_weights import create_clip_model
-from promptsg.interaction import (FUSIONS, MultimodalInteraction, PatchWeighting, few_query_attention,
+from promptsg.modeling.clip_weights import create_clip_model
+from promptsg.modeling.interaction import (FUSIONS, MultimodalInteraction, PatchWeighting, few_query_attention,
                                   query_row_forward)
-from promptsg.inversion import InversionNet
-from promptsg.prompt import build_prompt_composer
-from promptsg.supcon import supcon_loss, symmetric_supcon_loss
+from promptsg.modeling.inversion import InversionNet
+from promptsg.modeling.prompt import build_prompt_composer
+from promptsg.modeling.supcon import supcon_loss, symmetric_supcon_loss
 
 PROMPT, SIMPLE = "A photo of a X person.", "A photo of a person."
 
@@ -402,7 +402,7 @@ def test_chance_level_matches_the_mean_ap_of_random_rankings():
     import numpy as np
 
     from fastreid.evaluation.rank import evaluate_rank
-    from promptsg.evaluation import chance_level
+    from promptsg.engine.evaluation import chance_level
 
     rng = np.random.default_rng(0)
     g_pids = np.array([0] * 3 + [1] * 2 + [2] * 60)          # pid 2: distractor-like negatives
@@ -418,7 +418,7 @@ def test_chance_level_matches_the_mean_ap_of_random_rankings():
 # ---- alignment diagnostics (what the training log shows) ----
 
 def test_mean_pairwise_cosine_by_hand():
-    from promptsg.diagnostics import mean_pairwise_cosine
+    from promptsg.modeling.diagnostics import mean_pairwise_cosine
 
     x = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 3.0]])   # pairs: cos 1, 0, 0
     assert float(mean_pairwise_cosine(x)) == pytest.approx(1 / 3)
@@ -426,7 +426,7 @@ def test_mean_pairwise_cosine_by_hand():
 
 
 def test_in_batch_top1_by_hand():
-    from promptsg.diagnostics import in_batch_top1
+    from promptsg.modeling.diagnostics import in_batch_top1
 
     targets = torch.tensor([0, 0, 1])
     similarity = torch.tensor([[0.9, 0.1, 0.5],     # row 0 -> column 0: same identity
@@ -690,8 +690,8 @@ def test_visual_only_model_logs_the_collapse_of_v_and_no_prompt_diagnostics():
 
 def test_concat_feature_is_the_mim_output_then_v():
     """``MODEL.PROMPTSG.FEATURE concat``: the test feature is [MIM output, v], in that order."""
-    from promptsg.clip_backbone import CLIPVisualOutput
-    from promptsg.heads import PromptSGHead
+    from promptsg.modeling.clip_backbone import CLIPVisualOutput
+    from promptsg.modeling.heads import PromptSGHead
 
     torch.manual_seed(0)
     kwargs = dict(embed_dim=16, token_dim=8, num_classes=3, use_inversion=False, inversion_hidden=16,

@@ -19,8 +19,8 @@ import torch
 
 import promptsg  # noqa: F401
 from fastreid.config import get_cfg
-from promptsg.output_dir import LOCK_NAME, OutputDirLock, check_new_run, remove_previous_run
-from promptsg.preflight import InputError, check_config, check_datasets, check_weights, load_config, valid_queries
+from promptsg.engine.output_dir import LOCK_NAME, OutputDirLock, check_new_run, remove_previous_run
+from promptsg.engine.preflight import InputError, check_config, check_datasets, check_weights, load_config, valid_queries
 
 from tiny_runs import BOT_CFG, PROMPTSG_CFG, ROOT, TINY, one_line_error, run
 
@@ -33,7 +33,7 @@ def promptsg_cfg(*opts):
 
 HOLDER = """
 import sys, time
-from promptsg.output_dir import OutputDirLock
+from promptsg.engine.output_dir import OutputDirLock
 OutputDirLock(sys.argv[1]).acquire()
 print("held", flush=True)
 time.sleep(600)
@@ -61,12 +61,12 @@ def test_a_run_into_a_held_output_dir_stops_naming_the_folder_and_the_holder(tmp
         holder.wait()
     assert sorted(os.listdir(out)) == [LOCK_NAME]                        # the refused run wrote nothing
     # Killed without releasing: its lock is stale, taken over with one line naming the run that left it.
-    with caplog.at_level(logging.WARNING, logger="promptsg.output_dir"):
+    with caplog.at_level(logging.WARNING, logger="promptsg.engine.output_dir"):
         lock = OutputDirLock(str(out)).acquire()
     assert any("stale" in r.getMessage() and f"process {holder.pid}" in r.getMessage() for r in caplog.records)
     lock.release()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="promptsg.output_dir"), OutputDirLock(str(out)):
+    with caplog.at_level(logging.WARNING, logger="promptsg.engine.output_dir"), OutputDirLock(str(out)):
         pass                                                             # released cleanly: nothing stale
     assert not caplog.records
 
@@ -145,7 +145,7 @@ def test_a_duplicate_key_or_section_is_refused_naming_file_key_and_lines(tmp_pat
 
 
 def test_every_project_config_is_free_of_duplicate_keys():
-    from promptsg.preflight import check_duplicate_keys
+    from promptsg.engine.preflight import check_duplicate_keys
 
     configs = [os.path.join(d, f) for top in ("configs", "projects/PromptSG/configs")
                for d, _, files in os.walk(os.path.join(ROOT, top)) for f in files if f.endswith(".yml")]
@@ -258,7 +258,7 @@ def test_skipped_queries_are_counted_in_the_results_and_the_log(caplog):
     pids = torch.tensor([1, 2, 3, 1, 2, 3] + [9] * 8)
     camids = torch.tensor([0, 0, 1, 1, 0, 0] + [0] * 8)
     evaluator.process({"targets": pids, "camids": camids}, feats)
-    with caplog.at_level(logging.INFO, logger="promptsg.compat"):
+    with caplog.at_level(logging.INFO, logger="promptsg.engine.compat"):
         results = evaluator.evaluate()
     assert results["queries_evaluated"] == 2 and results["queries_skipped"] == 1
     # by hand: query 1 ranks its match first (AP 1); query 3 (at 9.0) ranks pid 3 (8.0) first (AP 1)
@@ -273,7 +273,7 @@ def test_results_json_holds_the_query_counts(tmp_path, datasets_root):
     assert result.returncode == 0, result.stderr[-2000:]
     with open(out / "results.json") as f:
         results = json.load(f)
-    from promptsg.datasets import SyntheticMarketTiny
+    from promptsg.data import SyntheticMarketTiny
 
     query = SyntheticMarketTiny(root=str(datasets_root)).query
     assert results["queries_evaluated"] + results["queries_skipped"] == len(query)

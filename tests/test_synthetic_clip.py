@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import promptsg  # noqa: F401  (registers the tiny CLIP configs with open_clip)
-from promptsg.clip_weights import create_clip_model
-from promptsg.datasets import synthetic
-from promptsg.datasets.synthetic import describe_person, generate_caption_pool, generate_synthetic_market
+from promptsg.modeling.clip_weights import create_clip_model
+from promptsg.data import synthetic
+from promptsg.data.synthetic import describe_person, generate_caption_pool, generate_synthetic_market
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("pretrain_synthetic_clip", REPO / "tools" / "pretrain_synthetic_clip.py")

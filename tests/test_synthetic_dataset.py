@@ -11,8 +11,8 @@ from PIL import Image
 
 import promptsg  # noqa: F401  (patches FastReID, registers the dataset)
 from fastreid.data.datasets import DATASET_REGISTRY
-from promptsg.datasets import SyntheticMarket, generate_synthetic_market
-from promptsg.datasets import synthetic
+from promptsg.data import SyntheticMarket, generate_synthetic_market
+from promptsg.data import synthetic
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_a_folder_is_generated_only_when_missing_and_user_changes_are_kept(tmp_p
     added.write_bytes(query[0].read_bytes())
     removed = sorted((d / "bounding_box_test").glob("*.jpg"))[0]
     removed.unlink()
-    with caplog.at_level(logging.WARNING, logger="promptsg.datasets.synthetic"):
+    with caplog.at_level(logging.WARNING, logger="promptsg.data.synthetic"):
         assert generate_synthetic_market(d, **SMALL) == first
         generate_synthetic_market(d, **SMALL)                            # the same process: said once
     warnings = [r.getMessage() for r in caplog.records if "differs" in r.getMessage()]
@@ -153,11 +153,11 @@ def test_regenerate_command_rewrites_only_generated_folders(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("keep")
-    done = subprocess.run([sys.executable, "-m", "promptsg.datasets", "--regenerate", str(d)],
+    done = subprocess.run([sys.executable, "-m", "promptsg.data", "--regenerate", str(d)],
                           capture_output=True, text=True)
     assert done.returncode == 0 and "regenerated" in done.stdout, done.stderr
     assert not (d / "query" / "0999_c2s1_000001_01.jpg").exists()
-    refused = subprocess.run([sys.executable, "-m", "promptsg.datasets", "--regenerate", str(foreign)],
+    refused = subprocess.run([sys.executable, "-m", "promptsg.data", "--regenerate", str(foreign)],
                              capture_output=True, text=True)
     assert refused.returncode == 1 and str(foreign) in refused.stderr.strip().splitlines()[-1]
     assert (foreign / "keep.txt").read_text() == "keep"

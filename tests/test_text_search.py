@@ -19,9 +19,9 @@ from fastreid.data.data_utils import read_image
 from fastreid.data.transforms import build_transforms
 from fastreid.engine import DefaultTrainer
 from promptsg import add_promptsg_config
-from promptsg.checkpoint import load_for_inference
-from promptsg.datasets import synthetic
-from promptsg.preflight import InputError
+from promptsg.engine.checkpoint import load_for_inference
+from promptsg.data import synthetic
+from promptsg.engine.preflight import InputError
 
 from tiny_runs import BASELINE_CFG, BOT_CFG, PROMPTSG_CFG, ROOT, TINY, load_extract_tool, market_ids, one_line_error
 

@@ -88,7 +88,7 @@ def test_eval_only_reproduces_the_training_run(trained, datasets_root, mode, tmp
 
 def test_training_log_holds_the_alignment_diagnostics(trained):
     """metrics.json (and so tensorboard, from the same event storage) and log.txt carry them."""
-    from promptsg.diagnostics import DIAGNOSTICS
+    from promptsg.modeling.diagnostics import DIAGNOSTICS
 
     out_dir = trained["simplified"]
     records = [json.loads(line) for line in (out_dir / "metrics.json").read_text().splitlines()]

@@ -11,7 +11,7 @@
     python tools/attention_maps.py --config-file CFG --images a.jpg b.jpg /data/cam1 --output DIR \\
         MODEL.WEIGHTS model.pth
 
-Maps (promptsg/attention_maps.py): PromptSG's MIM cross-attention of the prompt embedding over the
+Maps (promptsg/analysis/attention_maps.py): PromptSG's MIM cross-attention of the prompt embedding over the
 patch tokens (the paper's Fig. 1 and 5), for the simplified prompt "A photo of a person." and the
 composed prompt "A photo of a s* person.", averaged over heads and per head; the baseline's map is
 the CLS attention rollout through its visual transformer. The images go through FastReID's test
@@ -20,7 +20,7 @@ MODEL.WEIGHTS is PromptSG's checkpoint, ``--baseline-weights`` the baseline's. M
 take the dataset's camera ids, or ``--camera`` for --images.
 
 Images of a generated SyntheticMarket dataset come with their person's silhouette
-(``promptsg.datasets.PersonMasks``): then the tool also measures the share of each map's mass
+(``promptsg.data.PersonMasks``): then the tool also measures the share of each map's mass
 inside the person (the mask's coverage of each patch, weighted by the map), prints a table of the
 means against the chance level (the mass a uniform map puts there, the mean coverage) and writes
 ``attention_in_person.json`` (or ``--shares-json``). Images without a person (background crops)
@@ -58,11 +58,11 @@ from fastreid.data.common import CommDataset  # noqa: E402
 from fastreid.data.datasets import DATASET_REGISTRY  # noqa: E402
 from fastreid.data.transforms import build_transforms  # noqa: E402
 from fastreid.engine import DefaultTrainer  # noqa: E402
-from promptsg.attention_maps import (PatchGrid, cls_attention_maps, mask_share, patch_coverage,  # noqa: E402
+from promptsg.analysis.attention_maps import (PatchGrid, cls_attention_maps, mask_share, patch_coverage,  # noqa: E402
                                      patch_grid, pixel_density, promptsg_cross_attention)
-from promptsg.checkpoint import NonFiniteError, load_for_inference  # noqa: E402
-from promptsg.datasets.synthetic import MANIFEST_NAME, PersonMasks  # noqa: E402
-from promptsg.preflight import InputError, check_config, load_checkpoint_config, verify_image  # noqa: E402
+from promptsg.engine.checkpoint import NonFiniteError, load_for_inference  # noqa: E402
+from promptsg.data.synthetic import MANIFEST_NAME, PersonMasks  # noqa: E402
+from promptsg.engine.preflight import InputError, check_config, load_checkpoint_config, verify_image  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -140,7 +140,7 @@ def setup_configs(args):
 def check_model(cfg, path, args):
     """The config's values as train_net.py checks them; maps need a CLIP ViT (the rollout walks its
     blocks); an SIE model needs the images' camera."""
-    from promptsg.clip_weights import _model_config
+    from promptsg.modeling.clip_weights import _model_config
 
     check_config(cfg)
     layers = _model_config(cfg.MODEL.CLIP.NAME).get("vision_cfg", {}).get("layers")

@@ -14,7 +14,7 @@ composed one. A relative MODEL.WEIGHTS is resolved from where the run was starte
 less its relative OUTPUT_DIR), so a copied or moved logs/ folder still reads.
 
 The metrics are the runs' own evaluations; nothing is re-evaluated. Each model is built from the
-run's config.yaml and loaded through ``promptsg.checkpoint.load_for_inference`` (whole and finite,
+run's config.yaml and loaded through ``promptsg.engine.checkpoint.load_for_inference`` (whole and finite,
 the ID classifier left out), as ``train_net.py --eval-only`` does, and measured on this machine:
 
   * parameters: every parameter of that inference model (PromptSG's frozen text tower included);
@@ -57,8 +57,8 @@ import promptsg  # noqa: F401  (patches FastReID, registers PromptSG)
 from fastreid.config import get_cfg
 from fastreid.engine import DefaultTrainer
 from promptsg import add_promptsg_config
-from promptsg.checkpoint import NonFiniteError, load_for_inference
-from promptsg.preflight import InputError, check_torch_file, load_config
+from promptsg.engine.checkpoint import NonFiniteError, load_for_inference
+from promptsg.engine.preflight import InputError, check_torch_file, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ("mAP", "Rank-1", "Rank-5", "Rank-10", "mINP")
@@ -176,7 +176,7 @@ def find_runs(directories):
 
 def build(run):
     """The run's inference model, loaded; a config that does not build is one line naming it."""
-    clip_log = logging.getLogger("promptsg.clip_weights")
+    clip_log = logging.getLogger("promptsg.modeling.clip_weights")
     level = clip_log.level
     clip_log.setLevel(logging.ERROR)   # its warning about random CLIP weights: the checkpoint holds them
     try:

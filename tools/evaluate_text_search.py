@@ -28,7 +28,7 @@ searches, its own frozen text tower) and the CLIP baseline (--baseline: words on
 frozen text tower of the CLIP it was fine-tuned from, against its v, which is also its retrieval
 feature). Each run directory needs config.yaml and model_final.pth. mAP and Rank-1 come from
 FastReID's evaluate_rank; chance is a uniformly random ranking under the same protocol
-(promptsg.evaluation.chance_level).
+(promptsg.engine.evaluation.chance_level).
 
 Prints the table and writes it, with per-query figures, to
 ``<--output>/text_search_<date>_<commit>.json`` (and ``.md``).
@@ -54,12 +54,12 @@ from fastreid.engine import DefaultTrainer  # noqa: E402
 from fastreid.evaluation.rank import evaluate_rank  # noqa: E402
 from fastreid.utils.compute_dist import build_dist  # noqa: E402
 from promptsg import add_promptsg_config  # noqa: E402
-from promptsg.checkpoint import NonFiniteError, load_for_inference  # noqa: E402
-from promptsg.datasets.synthetic import identity_captions, person_words  # noqa: E402
-from promptsg.evaluation import chance_level  # noqa: E402
-from promptsg.preflight import InputError, check_weights, load_config  # noqa: E402
-from promptsg.records import commit, write_record  # noqa: E402
-from promptsg.text_search import (ImageEmbeddings, WordsQueries, cosine_distances, text_tower,  # noqa: E402
+from promptsg.engine.checkpoint import NonFiniteError, load_for_inference  # noqa: E402
+from promptsg.data.synthetic import identity_captions, person_words  # noqa: E402
+from promptsg.engine.evaluation import chance_level  # noqa: E402
+from promptsg.engine.preflight import InputError, check_weights, load_config  # noqa: E402
+from promptsg.utils.records import commit, write_record  # noqa: E402
+from promptsg.analysis.text_search import (ImageEmbeddings, WordsQueries, cosine_distances, text_tower,  # noqa: E402
                                   words_only_prompt)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,9 +9,9 @@
 Works for PromptSG (either test prompt, MODEL.PROMPTSG.INFERENCE_PROMPT), the CLIP baseline and
 FastReID's own baselines where their layers export (the BoT, AGW, SBS and BoT-ViT configs of
 configs/ do; a model that does not export stops the tool with one line naming the exporter's error). The checkpoint is loaded like ``train_net.py --eval-only``
-loads it (promptsg.checkpoint.load_for_inference: a checkpoint of another model is refused).
+loads it (promptsg.engine.checkpoint.load_for_inference: a checkpoint of another model is refused).
 
-The graph (promptsg/onnx_export.py):
+The graph (promptsg/export/onnx_export.py):
   * input ``images``: float32 (batch, 3, H, W), RGB in 0-255 at INPUT.SIZE_TEST, what FastReID's
     test transforms give (resize, then ``ToTensor`` without scaling); the normalisation by
     MODEL.PIXEL_MEAN / PIXEL_STD is inside the graph;
@@ -43,10 +43,10 @@ from tqdm import tqdm
 import promptsg  # noqa: F401  (patches FastReID, registers PromptSG)
 from fastreid.engine import DefaultTrainer
 from fastreid.evaluation import inference_on_dataset
-from promptsg import onnx_export
-from promptsg.checkpoint import NonFiniteError, load_for_inference
-from promptsg.evaluation import ranked_distances
-from promptsg.preflight import InputError, check_datasets, check_output_dir, load_checkpoint_config
+from promptsg.export import onnx_export
+from promptsg.engine.checkpoint import NonFiniteError, load_for_inference
+from promptsg.engine.evaluation import ranked_distances
+from promptsg.engine.preflight import InputError, check_datasets, check_output_dir, load_checkpoint_config
 
 
 class ExportError(RuntimeError):

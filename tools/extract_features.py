@@ -53,11 +53,11 @@ import sys
 
 import promptsg  # noqa: F401  (patches FastReID, registers PromptSG)
 from fastreid.engine import DefaultTrainer
-from promptsg.checkpoint import NonFiniteError, check_finite_features, load_for_inference
+from promptsg.engine.checkpoint import NonFiniteError, check_finite_features, load_for_inference
 from promptsg.inference import (check_text_search, embed_and_rank, list_images, ranking, text_queries,
                                 write_features, write_ranking)
-from promptsg.preflight import InputError, load_checkpoint_config
-from promptsg.text_search import ImageEmbeddings, WordsQueries, cosine_distances, text_tower
+from promptsg.engine.preflight import InputError, load_checkpoint_config
+from promptsg.analysis.text_search import ImageEmbeddings, WordsQueries, cosine_distances, text_tower
 
 
 def parse_args(argv=None):

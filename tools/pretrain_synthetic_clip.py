@@ -4,7 +4,7 @@
 PromptSG keeps CLIP's text tower frozen, so the tower must already tie words to image content.
 Offline there are no pretrained weights for the CPU-sized CLIP of the synthetic demo, so this tool
 makes them: it generates a pool of synthetic people, none of them a re-ID identity
-(``promptsg.datasets.synthetic.generate_caption_pool``), each captioned from its attributes
+(``promptsg.data.synthetic.generate_caption_pool``), each captioned from its attributes
 ("a person with short black hair wearing a short-sleeved red shirt, blue trousers and white
 shoes."), and trains open_clip model ``--model`` from random weights on the image-caption pairs
 with open_clip's ``ClipLoss``: AdamW, linear warm-up then cosine decay, random flip and
@@ -31,8 +31,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from promptsg.clip_weights import create_clip_model
-from promptsg.datasets.synthetic import (CAPTION_VERSION, GENERATOR_VERSION, generate_caption_pool,
+from promptsg.modeling.clip_weights import create_clip_model
+from promptsg.data.synthetic import (CAPTION_VERSION, GENERATOR_VERSION, generate_caption_pool,
                                          read_caption_pool)
 
 # Defaults: about 100 s on two idle CPU cores for small-ViT, pool generation included. Within that
@@ -205,7 +205,7 @@ def pretrain(args):
           f"{data_seconds:.1f} s", flush=True)
 
     # Random initial weights are the point here: silence create_clip_model's warning about them.
-    logging.getLogger("promptsg.clip_weights").setLevel(logging.ERROR)
+    logging.getLogger("promptsg.modeling.clip_weights").setLevel(logging.ERROR)
     model = create_clip_model(args.model, "", (height, width))
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     scheduler = build_scheduler(optimizer, args.warmup, args.steps)

@@ -28,10 +28,10 @@ from fastreid.data.build import build_transforms
 from fastreid.data.data_utils import read_image
 from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.engine import DefaultTrainer
-from promptsg.checkpoint import NonFiniteError, load_for_inference
-from promptsg.diagnostics import alignment_diagnostics, mean_pairwise_cosine
-from promptsg.preflight import InputError, check_weights, load_config
-from promptsg.supcon import supcon_loss
+from promptsg.engine.checkpoint import NonFiniteError, load_for_inference
+from promptsg.modeling.diagnostics import alignment_diagnostics, mean_pairwise_cosine
+from promptsg.engine.preflight import InputError, check_weights, load_config
+from promptsg.modeling.supcon import supcon_loss
 
 
 def parse_args(argv=None):

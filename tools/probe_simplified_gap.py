@@ -52,11 +52,11 @@ from fastreid.engine import DefaultTrainer  # noqa: E402
 from fastreid.evaluation.rank import evaluate_rank  # noqa: E402
 from fastreid.utils.compute_dist import build_dist  # noqa: E402
 from promptsg import add_promptsg_config  # noqa: E402
-from promptsg.checkpoint import NonFiniteError, load_for_inference  # noqa: E402
-from promptsg.diagnostics import mean_pairwise_cosine  # noqa: E402
-from promptsg.preflight import InputError, check_weights, load_config  # noqa: E402
-from promptsg.records import commit, write_record  # noqa: E402
-from promptsg.text_search import cosine_distances  # noqa: E402
+from promptsg.engine.checkpoint import NonFiniteError, load_for_inference  # noqa: E402
+from promptsg.modeling.diagnostics import mean_pairwise_cosine  # noqa: E402
+from promptsg.engine.preflight import InputError, check_weights, load_config  # noqa: E402
+from promptsg.utils.records import commit, write_record  # noqa: E402
+from promptsg.analysis.text_search import cosine_distances  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

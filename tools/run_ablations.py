@@ -13,7 +13,7 @@ pretrains on synthetic captions (reused when present). A row with a MIM that com
 training is evaluated with both test-time prompts (the composed one with ``--eval-only``). Per
 row: mean and standard deviation over the seeds of mAP and Rank-1 per prompt, and of the
 alignment at the end of training (``loss_supcon`` over its chance level, in-batch top-1, collapse
-monitors; ``promptsg.diagnostics``). Writes a JSON (every run and the summary) and a markdown
+monitors; ``promptsg.modeling.diagnostics``). Writes a JSON (every run and the summary) and a markdown
 table; ``--readme`` replaces the table between the README's ``<!-- ablations:TABLE:start -->`` and
 ``<!-- ablations:TABLE:end -->`` markers. Runs already finished in ``--work-dir`` are reused.
 """
@@ -168,7 +168,7 @@ def row_prompts(config, overrides):
 
 def run_one(row, seed, common, work_dir):
     """Train (or reuse) one row with one seed and evaluate it with its prompts; returns its record."""
-    from promptsg.diagnostics import alignment_report
+    from promptsg.modeling.diagnostics import alignment_report
 
     key, label, config, overrides = row
     out_dir = os.path.join(work_dir, key, f"seed{seed}")

@@ -77,8 +77,8 @@ def main():
 
     import promptsg  # noqa: F401
     from fastreid.data.datasets import DATASET_REGISTRY
-    from promptsg.diagnostics import alignment_report
-    from promptsg.evaluation import chance_level
+    from promptsg.modeling.diagnostics import alignment_report
+    from promptsg.engine.evaluation import chance_level
 
     data = DATASET_REGISTRY.get("SyntheticMarket")(root=root)
     chance_map, chance_r1 = (100 * x for x in chance_level(

@@ -5,7 +5,7 @@ Ranks the gallery for every query by the cosine similarity of colour
 histograms (8x8x8 RGB bins) and scores the ranking with FastReID's Market-1501
 evaluation (same-camera matches ignored, distractors are negatives, junk is
 dropped when the files are read), beside the chance level of a random ranking
-(``promptsg.evaluation.chance_level``).
+(``promptsg.engine.evaluation.chance_level``).
 
 A colour histogram should do clearly better than chance but stay far from
 solving the dataset: lighting and backgrounds change colours between cameras
@@ -65,7 +65,7 @@ def market_eval(q_feats, g_feats, q_pids, q_cams, g_pids, g_cams):
     """mAP, Rank-1 (FastReID's evaluate_rank on cosine distances) and the chance mAP, as fractions."""
     import promptsg  # noqa: F401  (FastReID needs the compatibility patches to import)
     from fastreid.evaluation.rank import evaluate_rank
-    from promptsg.evaluation import chance_level
+    from promptsg.engine.evaluation import chance_level
 
     dist = (1 - q_feats @ g_feats.T).astype(np.float32)
     cmc, all_ap, _ = evaluate_rank(dist, q_pids, g_pids, q_cams, g_cams)
@@ -88,7 +88,7 @@ def main():
     parser.add_argument("dataset_dir", nargs="?", default=default_dir)
     args = parser.parse_args()
     if not osp.isdir(args.dataset_dir):
-        from promptsg.datasets import generate_synthetic_market
+        from promptsg.data import generate_synthetic_market
         generate_synthetic_market(args.dataset_dir)
     for label, region in (("central region", CENTRAL_REGION), ("whole image", None)):
         r = probe(args.dataset_dir, region)

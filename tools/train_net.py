@@ -25,11 +25,11 @@ from fastreid.utils import comm
 from fastreid.utils.env import seed_all_rng
 from fastreid.utils.logger import setup_logger
 from promptsg import add_promptsg_config
-from promptsg.checkpoint import (NonFiniteError, SaveFinalBeforeEvaluation, load_for_inference,
+from promptsg.engine.checkpoint import (NonFiniteError, SaveFinalBeforeEvaluation, load_for_inference,
                                  resume_training_position)
-from promptsg.diagnostics import AlignmentPrinter
-from promptsg.output_dir import OutputDirLock, check_new_run, remove_previous_run
-from promptsg.preflight import (InputError, check_config, check_datasets, check_output_dir, check_weights,
+from promptsg.modeling.diagnostics import AlignmentPrinter
+from promptsg.engine.output_dir import OutputDirLock, check_new_run, remove_previous_run
+from promptsg.engine.preflight import (InputError, check_config, check_datasets, check_output_dir, check_weights,
                                 load_config)
 
 

@@ -41,11 +41,11 @@ from tqdm import tqdm  # noqa: E402
 import promptsg  # noqa: E402,F401  (patches FastReID, registers PromptSG)
 from fastreid.engine import DefaultTrainer  # noqa: E402
 from fastreid.evaluation import inference_on_dataset  # noqa: E402
-from promptsg.checkpoint import NonFiniteError, load_for_inference  # noqa: E402
+from promptsg.engine.checkpoint import NonFiniteError, load_for_inference  # noqa: E402
 from fastreid.utils.visualizer import Visualizer  # noqa: E402
-from promptsg.evaluation import ranked_distances  # noqa: E402
-from promptsg.compat import image_to_rgb  # noqa: E402
-from promptsg.preflight import InputError, check_datasets, load_checkpoint_config  # noqa: E402
+from promptsg.engine.evaluation import ranked_distances  # noqa: E402
+from promptsg.engine.compat import image_to_rgb  # noqa: E402
+from promptsg.engine.preflight import InputError, check_datasets, load_checkpoint_config  # noqa: E402
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -83,7 +83,7 @@ def setup(args):
 
 def evaluate_and_capture(cfg, model, dataset_name):
     """FastReID's evaluation of ``model``; returns its metrics, the test dataset and what it ranked
-    (the distance matrix after the metric, AQE and re-ranking: ``promptsg.evaluation.ranked_distances``)."""
+    (the distance matrix after the metric, AQE and re-ranking: ``promptsg.engine.evaluation.ranked_distances``)."""
     loader, evaluator = DefaultTrainer.build_evaluator(cfg, dataset_name)
     with ranked_distances() as ranked:
         results = inference_on_dataset(model, loader, evaluator, flip_test=cfg.TEST.FLIP.ENABLED)

@@ -20,24 +20,24 @@ PACKAGE = REPO / "projects" / "PromptSG" / "promptsg"
 
 # (name, file in the package, text, replacement)
 MUTATIONS = [
-    ("tokens query read at position 0, not at the EOT token", "meta_arch.py",
+    ("tokens query read at position 0, not at the EOT token", "modeling/meta_arch.py",
      "tokens, tokens.shape[1] - 1)", "tokens, 0)"),
-    ("lambda dropped from Eq. 10", "meta_arch.py",
+    ("lambda dropped from Eq. 10", "modeling/meta_arch.py",
      'loss_dict["loss_supcon"] = sc["scale"] * symmetric_supcon_loss(', 'loss_dict["loss_supcon"] = symmetric_supcon_loss('),
-    ("SupCon on the MIM output instead of v", "meta_arch.py",
+    ("SupCon on the MIM output instead of v", "modeling/meta_arch.py",
      'visual.embedding, text, batch_targets, sc["temperature"]',
      'outputs["features"], text, batch_targets, sc["temperature"]'),
-    ("v detached before f_theta", "meta_arch.py",
+    ("v detached before f_theta", "modeling/meta_arch.py",
      "self.heads.inversion(visual.embedding)", "self.heads.inversion(visual.embedding.detach())"),
-    ("visual-state triplets averaged, not summed", "meta_arch.py",
+    ("visual-state triplets averaged, not summed", "modeling/meta_arch.py",
      "sum(triplet(s) for s in states)", "sum(triplet(s) for s in states) / len(states)"),
-    ("MIM self-attention over the query alone", "interaction.py",
+    ("MIM self-attention over the query alone", "modeling/interaction.py",
      "x = torch.cat([query, patches], dim=1)", "x = query"),
-    ("visual-only model: triplet on the embedding twice", "meta_arch.py",
+    ("visual-only model: triplet on the embedding twice", "modeling/meta_arch.py",
      "states = visual.states if has_mim else visual.states[:-1]", "states = visual.states"),
-    ("f_theta fed ln_post(CLS) instead of v", "meta_arch.py",
+    ("f_theta fed ln_post(CLS) instead of v", "modeling/meta_arch.py",
      "self.heads.inversion(visual.embedding)", "self.heads.inversion(visual.states[1])"),
-    ("the query added back to the cross-attention output (x = q + A(q, P))", "interaction.py",
+    ("the query added back to the cross-attention output (x = q + A(q, P))", "modeling/interaction.py",
      "    x = block.ls_1(few_query_attention(", "    x = query + block.ls_1(few_query_attention("),
 ]
 

@@ -14,7 +14,7 @@ configs/Market1501/clip_baseline.yml (``BASELINE_OVERRIDES``).
   * training: forward + backward + optimizer step (DefaultTrainer.build_optimizer) on synthetic
     images of INPUT.SIZE_TRAIN in FastReID's P x K layout (SOLVER.IMS_PER_BATCH images,
     DATALOADER.NUM_INSTANCE per identity), under bf16 autocast when SOLVER.AMP.ENABLED and CUDA
-    supports it (fp16 with a GradScaler otherwise), as promptsg.compat's AMPTrainer trains;
+    supports it (fp16 with a GradScaler otherwise), as promptsg.engine.compat's AMPTrainer trains;
   * inference: eval mode under torch.inference_mode (and the same autocast on CUDA), batch
     TEST.IMS_PER_BATCH, for both MODEL.PROMPTSG.INFERENCE_PROMPT modes;
   * memory: the bytes held by the model and optimizer (parameters, gradients, optimizer state)
@@ -47,7 +47,7 @@ from fastreid.engine import DefaultTrainer
 from fastreid.modeling import build_model
 from fastreid.utils.events import EventStorage
 from promptsg import add_promptsg_config
-from promptsg.preflight import InputError, load_config
+from promptsg.engine.preflight import InputError, load_config
 
 # The CLIP baseline of configs/Market1501/clip_baseline.yml: ID + triplet losses, no prompt, no MIM.
 BASELINE_OVERRIDES = [
@@ -104,7 +104,7 @@ def setup_cfg(args, device, extra_opts=()):
 
 
 def amp_dtype(cfg, device):
-    """The autocast dtype of promptsg.compat's AMPTrainer, or None (float32)."""
+    """The autocast dtype of promptsg.engine.compat's AMPTrainer, or None (float32)."""
     if not cfg.SOLVER.AMP.ENABLED or device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -2,7 +2,7 @@
 """How long train_net.py's start-up image check takes at MSMT17's size (126,441 images).
 
 Writes N person-crop-sized JPEGs (random heights 128-384, widths 48-160, as MSMT17's crops vary;
-blurred noise, about MSMT17's 20 kB per image) and times ``promptsg.preflight.verify_images_cached``
+blurred noise, about MSMT17's 20 kB per image) and times ``promptsg.engine.preflight.verify_images_cached``
 on them: the first start (every image decoded, JPEGs at 1/8 scale, on a thread pool), a second
 start (every image known by size and modification time), and one image changed.
 
@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 import promptsg  # noqa: F401
-from promptsg.preflight import verify_images_cached
+from promptsg.engine.preflight import verify_images_cached
 
 
 def main():

@@ -14,9 +14,9 @@ import os
 
 import torch
 
-from .checkpoint import load_for_inference
+from .engine.checkpoint import load_for_inference
 from .inference import check_text_search, embed_and_rank, list_images, ranking, text_queries
-from .preflight import InputError, load_checkpoint_config, verify_image
+from .engine.preflight import InputError, load_checkpoint_config, verify_image
 
 __all__ = ["Run", "load"]
 
@@ -93,7 +93,7 @@ class Run:
         query_paths, gallery_paths = _images(query, "query"), _images(gallery, "gallery")
         model, prompts = self.model, None
         if words is not None:
-            from .text_search import WordsQueries
+            from .analysis.text_search import WordsQueries
 
             check_text_search(self.cfg, with_query=True)
             text = text_queries(self.cfg, query_paths, text=words)

@@ -1,8 +1,8 @@
 """Config keys added by the PromptSG project (paper symbols in brackets)."""
 from fastreid.config import CfgNode as CN
 
-from .interaction import FUSIONS
-from .supcon import POSITIVE_REDUCTIONS
+from .modeling.interaction import FUSIONS
+from .modeling.supcon import POSITIVE_REDUCTIONS
 
 
 def add_promptsg_config(cfg):
@@ -10,7 +10,7 @@ def add_promptsg_config(cfg):
     if "CLIP" in cfg.MODEL:
         return cfg
 
-    # ---- Trained checkpoints (promptsg/checkpoint.py) ----
+    # ---- Trained checkpoints (promptsg/engine/checkpoint.py) ----
     # MODEL.WEIGHTS must match the model whole. True: it comes from training on another dataset,
     # and its ID classifier (another number of identities) is left out and trained anew (logged).
     cfg.MODEL.WEIGHTS_NEW_CLASSIFIER = False
@@ -68,7 +68,7 @@ def add_promptsg_config(cfg):
     # Query of the cross-attention: "pooled" (the EOT text embedding l_p) or
     # "tokens" (every prompt token, projected to the joint space).
     cfg.MODEL.PROMPTSG.MIM.QUERY = "pooled"
-    # How the cross-attention's result enters the self-attention blocks (promptsg/interaction.py):
+    # How the cross-attention's result enters the self-attention blocks (promptsg/modeling/interaction.py):
     # "query_residual" (x = q + A(q, P), open_clip's cross block: s* reaches the feature directly),
     # "attention" (x = A(q, P), Eq. 7 as written: the text acts through the attention weights only),
     # "visual_residual" (x = v + A(q, P)), "reweight" (the weights re-weight the patches; [v; patches]

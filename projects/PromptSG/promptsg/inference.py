@@ -19,12 +19,12 @@ from fastreid.data.common import CommDataset
 from fastreid.data.transforms import build_transforms
 from fastreid.evaluation import DatasetEvaluator, ReidEvaluator, inference_on_dataset
 
-from .checkpoint import check_finite_features
-from .evaluation import ranked_distances
-from .heads import uses_inversion, uses_text_tower
-from .preflight import InputError, verify_image
-from .prompt import prompt_tokens, with_words
-from .text_search import composed_prompt_text, words_only_prompt
+from .engine.checkpoint import check_finite_features
+from .engine.evaluation import ranked_distances
+from .modeling.heads import uses_inversion, uses_text_tower
+from .engine.preflight import InputError, verify_image
+from .modeling.prompt import prompt_tokens, with_words
+from .analysis.text_search import composed_prompt_text, words_only_prompt
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 

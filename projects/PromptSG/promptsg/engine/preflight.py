@@ -130,7 +130,7 @@ def check_ranges(cfg, processes=1):
 def check_clip_image_size(cfg):
     """The image size against the CLIP tower: a ViT needs at least one patch, a ModifiedResNet a
     size divisible by its output stride (32, or 16 with MODEL.BACKBONE.LAST_STRIDE 1)."""
-    from .clip_weights import RESNET_STRIDE_BEFORE_LAYER4, _model_config
+    from ..modeling.clip_weights import RESNET_STRIDE_BEFORE_LAYER4, _model_config
 
     vision = _model_config(cfg.MODEL.CLIP.NAME)["vision_cfg"]
     size = list(cfg.INPUT.SIZE_TRAIN)
@@ -157,8 +157,8 @@ def check_config(cfg, processes=1):
     if cfg.TEST.METRIC not in METRICS:
         raise InputError(f"TEST.METRIC must be one of {list(METRICS)}, got {cfg.TEST.METRIC!r}")
     if cfg.MODEL.META_ARCHITECTURE == "PromptSG":
-        from .clip_weights import ACTIVATIONS, _model_config
-        from .config import validate_promptsg_config
+        from ..modeling.clip_weights import ACTIVATIONS, _model_config
+        from ..config import validate_promptsg_config
 
         try:
             validate_promptsg_config(cfg)
@@ -241,7 +241,7 @@ def load_checkpoint_config(config_file, opts):
     like ``train_net.py --eval-only`` (MODEL.WEIGHTS required and present), not yet frozen."""
     from fastreid.config import get_cfg
 
-    from .config import add_promptsg_config
+    from ..config import add_promptsg_config
 
     cfg = load_config(add_promptsg_config(get_cfg()), config_file, opts)
     if not cfg.MODEL.WEIGHTS:

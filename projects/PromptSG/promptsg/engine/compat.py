@@ -74,7 +74,7 @@ def _optimizer_not_contiguous():
 
     def build_optimizer(cfg, model, contiguous=False):
         optimizer, params = original(cfg, model, contiguous=False)
-        if cfg.SOLVER.get("FUSED", False):  # not a fix: PromptSG's SOLVER.FUSED (promptsg/solver.py)
+        if cfg.SOLVER.get("FUSED", False):  # not a fix: PromptSG's SOLVER.FUSED (promptsg/engine/solver.py)
             from .solver import with_fused_kernels
             optimizer = with_fused_kernels(optimizer)
         return optimizer, params
@@ -291,7 +291,7 @@ def _global_batches():
     trained on other batches than 1 process with the same seed and global batch. One draw of
     IMS_PER_BATCH / NUM_INSTANCE identities gives every W the batches of one process; FastReID's
     ``reorder_index`` then hands process r the r-th contiguous share (whole identities). With one
-    process nothing changes. (promptsg.distributed makes the losses and BatchNorm see the global
+    process nothing changes. (promptsg.utils.distributed makes the losses and BatchNorm see the global
     batch; tests/test_distributed.py shows 2 processes training the weights of 1.)"""
     from fastreid.data import samplers
 
@@ -746,7 +746,7 @@ def _loss_log_reads_written_losses():
     from fastreid.engine.train_loop import SimpleTrainer
 
     from .checkpoint import check_finite_losses
-    from .deferred_log import DeferredLossLog
+    from ..utils.deferred_log import DeferredLossLog
 
     if getattr(SimpleTrainer._write_metrics, "_promptsg_patched", False):
         return

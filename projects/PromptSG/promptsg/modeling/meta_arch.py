@@ -26,11 +26,11 @@ from torch import nn
 
 from .clip_backbone import CLIPVisualOutput
 from .clip_weights import create_clip_model
-from .config import validate_promptsg_config
+from ..config import validate_promptsg_config
 from .heads import uses_text_tower
-from .deferred_log import DeferredScalars
+from ..utils.deferred_log import DeferredScalars
 from .diagnostics import alignment_diagnostics, mean_pairwise_cosine
-from .distributed import gather_batch, world_size
+from ..utils.distributed import gather_batch, world_size
 from .losses import cross_entropy_loss, top1_accuracy, triplet_loss
 from .prompt import build_prompt_composer
 from .supcon import symmetric_supcon_loss
@@ -225,7 +225,7 @@ class PromptSG(nn.Module):
 
     def global_batch(self, outputs, visual, text, targets):
         """With several processes, what the batch-level terms (triplet, L_SupCon) read, gathered over
-        the global batch (promptsg.distributed); the ID loss keeps each process's share, which DDP's
+        the global batch (promptsg.utils.distributed); the ID loss keeps each process's share, which DDP's
         gradient average makes global."""
         names, kw = self.loss_kwargs["loss_names"], self.loss_kwargs
         if "TripletLoss" in names:

@@ -106,7 +106,7 @@ def alignment_report(output_dir):
     diagnostics, as a dict and a one-line summary of the L_SupCon part ("" without L_SupCon)."""
     from fastreid.config import get_cfg
 
-    from .config import add_promptsg_config
+    from ..config import add_promptsg_config
 
     cfg = add_promptsg_config(get_cfg())
     cfg.merge_from_file(os.path.join(output_dir, "config.yaml"))

@@ -63,7 +63,7 @@ later call with the same parameters uses it as it is, with one warning line if
 images were added or removed since (a user trying a case; nothing is deleted
 or rewritten).  A call with other parameters raises (remove the folder or use
 another root); so does a folder written by another generator version, with the
-command that rewrites it explicitly (``python -m promptsg.datasets --regenerate
+command that rewrites it explicitly (``python -m promptsg.data --regenerate
 DIR``).  A directory without our manifest is never touched.
 """
 
@@ -775,7 +775,7 @@ def _differences(manifest, dataset_dir, layout):
     return found
 
 
-REGENERATE = "python -m promptsg.datasets --regenerate"
+REGENERATE = "python -m promptsg.data --regenerate"
 _warned = set()   # folders whose difference this process has already reported
 
 
@@ -878,7 +878,7 @@ def generate_synthetic_market(
       warning if images were added or removed since (they stay as they are).
     * Generated with other parameters or another generator version, or not generated here at
       all: ``RuntimeError``. Nothing is deleted; ``regenerate_dataset(dataset_dir)`` (``python -m
-      promptsg.datasets --regenerate DIR``) rewrites a folder of ours explicitly.
+      promptsg.data --regenerate DIR``) rewrites a folder of ours explicitly.
     """
     if not 2 <= num_cameras <= 9:
         raise ValueError(f"num_cameras must be in [2, 9] (single-digit Market camera ids), got {num_cameras}")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from .clip_backbone import CLIPVisualBackbone
+from ..modeling.clip_backbone import CLIPVisualBackbone
 
 
 class PatchGrid(NamedTuple):

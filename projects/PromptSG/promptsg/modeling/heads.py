@@ -9,7 +9,7 @@ from fastreid.modeling.heads import REID_HEADS_REGISTRY
 from fastreid.layers.weight_init import weights_init_classifier, weights_init_kaiming
 from torch import nn
 
-from .distributed import GlobalBatchNorm1d
+from ..utils.distributed import GlobalBatchNorm1d
 from .inversion import InversionNet
 from .interaction import MultimodalInteraction
 

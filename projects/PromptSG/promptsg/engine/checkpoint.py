@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from .interaction import FUSIONS
+from ..modeling.interaction import FUSIONS
 from .preflight import InputError, zip_directory_intact
 
 logger = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .clip_weights import create_clip_model
-from .prompt import build_prompt_composer, with_words
+from ..modeling.clip_weights import create_clip_model
+from ..modeling.prompt import build_prompt_composer, with_words
 
 
 def words_only_prompt(cfg, words):

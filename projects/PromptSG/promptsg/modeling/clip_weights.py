@@ -27,7 +27,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-CLIP_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "clip"
+CLIP_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "clip"
 open_clip.add_model_config(CLIP_CONFIG_DIR)
 
 # Entries of OpenAI's TorchScript archives (and traced open_clip models) that are not weights.

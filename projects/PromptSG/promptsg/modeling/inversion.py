@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from .distributed import GlobalBatchNorm1d
+from ..utils.distributed import GlobalBatchNorm1d
 
 
 class InversionNet(nn.Module):

@@ -1,0 +1,1 @@
+"""What a trained model does: where the prompt looks (attention maps) and searching with words."""

@@ -1,0 +1,1 @@
+"""The retrieval feature as an ONNX graph."""
