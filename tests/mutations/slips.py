@@ -11,9 +11,8 @@ first eight passed the tests closest to them once; each now has a test against a
 expectation.
 """
 import sys
-import tempfile
 
-from wiring import copy_package, run_tests
+from wiring import check
 
 FAULTS = "tests/test_faults.py::"
 GUARDS = "tests/test_run_guards.py::"
@@ -65,25 +64,7 @@ SLIPS = [
 
 
 def main():
-    survived = 0
-    targets = sorted({t for *_, tests in SLIPS for t in tests})
-    with tempfile.TemporaryDirectory() as tmp:
-        copy_package(tmp)
-        clean = run_tests(tmp, targets)
-        if clean.returncode != 0:
-            sys.exit("the tests fail without any slip:\n" + clean.stdout[-2000:])
-        for name, filename, text, replacement, tests in SLIPS:
-            copy_package(tmp, (name, filename, text, replacement))
-            result = run_tests(tmp, tests)
-            # pytest's exit code 1: tests ran and one failed (2-4: collection or usage errors).
-            if result.returncode not in (0, 1):
-                sys.exit(f"slip {name!r}: pytest could not run the tests:\n{result.stdout[-2000:]}")
-            caught = result.returncode == 1
-            failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED")]
-            survived += not caught
-            print(f"{'caught  ' if caught else 'SURVIVED'} {name}: {failed[0] if failed else ''}", flush=True)
-    print(f"{len(SLIPS) - survived} of {len(SLIPS)} slips caught")
-    return 1 if survived else 0
+    return check(SLIPS, "slips")
 
 
 if __name__ == "__main__":
