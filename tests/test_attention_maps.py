@@ -1,5 +1,5 @@
-"""Attention maps (promptsg/analysis/attention_maps.py, tools/attention_maps.py) and the synthetic person
-masks they are measured against (promptsg.data.PersonMasks).
+"""Attention maps (promptsg/analysis/attention_maps.py, attention_shares.py, tools/attention_maps.py)
+and the synthetic person masks they are measured against (promptsg.data.PersonMasks).
 
 The maps are checked against computations written here: softmax(Q K^T / sqrt(d)) from the
 in-projection weights and PyTorch's own MultiheadAttention weights for the MIM cross-attention,
@@ -242,7 +242,7 @@ def test_mask_is_where_drawing_the_person_changes_the_image(datasets_root, monke
     changed_inside, people, empty = [], 0, 0
     for path in files:
         image, mask = masks.render(path)
-        monkeypatch.setattr(synthetic, "_draw_person", without_target)
+        monkeypatch.setattr(synthetic.cameras, "_draw_person", without_target)
         background, _ = masks.render(path)
         monkeypatch.undo()
         change = np.abs(np.asarray(image, int) - np.asarray(background, int)).max(axis=2)
@@ -357,9 +357,10 @@ def test_tool_bad_input_is_one_line_naming_it(tmp_path, monkeypatch, case):
 
 
 def test_effective_patches_of_a_uniform_map_is_the_grid_size_and_of_one_patch_is_one():
-    tool = load_attention_tool()
+    from promptsg.analysis.attention_shares import effective_patches
+
     uniform, single = torch.full((1, 7, 3), 1 / 21), torch.zeros(1, 7, 3)
     single[0, 2, 1] = 1.0
     halves = torch.zeros(1, 7, 3)
     halves[0, 0, 0] = halves[0, 6, 2] = 0.5
-    assert tool.effective_patches(torch.cat([uniform, single, halves])).tolist() == pytest.approx([21, 1, 2])
+    assert effective_patches(torch.cat([uniform, single, halves])).tolist() == pytest.approx([21, 1, 2])

@@ -1,6 +1,7 @@
 """tools/compare.py on tiny trained runs (a PromptSG run with its composed-prompt evaluation beside
 it, and a FastReID BoT run): the table holds each run's own metrics, the inference model's parameter
-count and a PNG plot; FLOPs against hand counts; bad run folders fail in one line."""
+count and a PNG plot; FLOPs (promptsg.analysis.flops) against hand counts; the speed harness
+(promptsg.analysis.speed) on a clock of its own; bad run folders fail in one line."""
 import json
 import os
 import re
@@ -15,6 +16,10 @@ from PIL import Image
 from torch import nn
 
 import promptsg  # noqa: F401  (patches FastReID for this stack)
+from promptsg.analysis import speed
+from promptsg.analysis.compare import resolve_weights
+from promptsg.analysis.flops import FlopCountError, count_flops
+from promptsg.engine.preflight import InputError
 from tiny_runs import BOT_CFG, PROMPTSG_CFG, ROOT, TINY, TRAIN_NET, load_tool
 
 
@@ -135,13 +140,12 @@ def test_flops_match_a_hand_count():
     weighted sum 2 * 2*48*48*4, out-projection 2*48*4*4; linear 2*4*5. In eval mode under no_grad
     nn.MultiheadAttention takes a fused path that FlopCounterMode alone counts as 0, and its CPU
     attention kernel has no formula in FlopCounterMode: both must be counted."""
-    tool = load_compare_tool()
     model = ConvAttentionLinear().eval()
     per_image = 2 * 27 * 4 * 48 + 2 * 48 * 4 * 12 + 2 * (2 * 48 * 48 * 4) + 2 * 48 * 4 * 4 + 2 * 4 * 5
     assert per_image == 53416
     for batch in (1, 3):
         inputs = {"images": torch.rand(batch, 3, 8, 6)}
-        assert tool.count_flops(model, inputs) == batch * per_image
+        assert count_flops(model, inputs) == batch * per_image
     assert torch.backends.mha.get_fastpath_enabled()              # restored after counting
 
 
@@ -149,7 +153,6 @@ def test_speed_is_the_median_batch_and_the_ratio_is_paired_within_rounds(monkeyp
     """On a clock the models advance themselves: b takes twice a's time in each round while the
     machine's load changes from round to round, except for one spike that hits b alone; the
     warm-up batches are slow. The paired ratio ignores the spike; the ratio of medians would not."""
-    tool = load_compare_tool()
     clock = [0.0]
     seconds = {"a": [100.0, 1.0, 3.0, 1.5, 2.0], "b": [100.0, 2.0, 6.0, 3.0, 400.0]}
 
@@ -161,9 +164,9 @@ def test_speed_is_the_median_batch_and_the_ratio_is_paired_within_rounds(monkeyp
         def forward(self, batched_inputs):
             clock[0] += seconds[self.name].pop(0)
 
-    monkeypatch.setattr(tool.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
     inputs = [{"images": torch.zeros(8, 3, 2, 2)}, {"images": torch.zeros(8, 3, 2, 2)}]
-    per_second, relative = tool.measure_speed([Timed("a"), Timed("b")], inputs, warmup=1, rounds=4)
+    per_second, relative = speed.measure_speed([Timed("a"), Timed("b")], inputs, warmup=1, rounds=4)
     assert per_second == pytest.approx([8 / 1.75, 8 / 4.5])      # medians of the timed batches
     assert relative == pytest.approx([1.0, 0.5])                 # median of 1/2, 1/2, 1/2, 1/200 (not 0.39)
 
@@ -173,9 +176,8 @@ def test_a_matrix_product_without_a_flop_formula_is_an_error():
         def forward(self, batched_inputs):
             return torch.mv(batched_inputs["images"].flatten(1), torch.ones(12))
 
-    tool = load_compare_tool()
-    with pytest.raises(tool.FlopCountError, match="aten.mv"):
-        tool.count_flops(MatrixVector(), {"images": torch.rand(2, 3, 2, 2)})
+    with pytest.raises(FlopCountError, match="aten.mv"):
+        count_flops(MatrixVector(), {"images": torch.rand(2, 3, 2, 2)})
 
 
 def test_relative_weights_of_a_moved_run_are_found_from_where_it_started(tmp_path):
@@ -183,17 +185,16 @@ def test_relative_weights_of_a_moved_run_are_found_from_where_it_started(tmp_pat
     was started from: a copy of logs/ elsewhere still finds it."""
     from fastreid.config import CfgNode
 
-    tool = load_compare_tool()
     run_dir = tmp_path / "copy" / "logs" / "synthetic" / "promptsg_composed"
     weights = "logs/synthetic/promptsg/model_final.pth"
     cfg = CfgNode({"MODEL": CfgNode({"WEIGHTS": weights}), "OUTPUT_DIR": "logs/synthetic/promptsg_composed"})
-    assert tool.resolve_weights(str(run_dir), cfg) == weights       # not there: as given
+    assert resolve_weights(str(run_dir), cfg) == weights       # not there: as given
     expected = tmp_path / "copy" / weights
     expected.parent.mkdir(parents=True)
     expected.write_bytes(b"")
-    assert tool.resolve_weights(str(run_dir), cfg) == str(expected)
+    assert resolve_weights(str(run_dir), cfg) == str(expected)
     cfg.OUTPUT_DIR = "elsewhere/promptsg_composed"                   # the folder renamed: as given
-    assert tool.resolve_weights(str(run_dir), cfg) == weights
+    assert resolve_weights(str(run_dir), cfg) == weights
 
 
 def test_a_folder_without_results_is_one_line_naming_it(runs, tmp_path, monkeypatch, capsys):
@@ -217,6 +218,5 @@ def test_a_config_that_does_not_build_is_one_line_naming_it(runs, tmp_path):
     config = (broken / "config.yaml").read_text()
     assert "DEPTH: 18x" in config
     (broken / "config.yaml").write_text(config.replace("DEPTH: 18x", "DEPTH: 7x"))
-    tool = load_compare_tool()
-    with pytest.raises(tool.InputError, match="^" + re.escape(f"{broken / 'config.yaml'}: the model does not build")):
-        tool.main([str(broken), "--output", str(tmp_path / "out")])
+    with pytest.raises(InputError, match="^" + re.escape(f"{broken / 'config.yaml'}: the model does not build")):
+        load_compare_tool().main([str(broken), "--output", str(tmp_path / "out")])

@@ -1,4 +1,4 @@
-"""Each FastReID compatibility patch (promptsg/engine/compat.py) is needed and works.
+"""Each FastReID compatibility patch (promptsg/engine/compat/) is needed and works.
 
 Every test drives FastReID's own public code path; without the patch it named, the test fails
 (import error, silent no-op, TypeError, CUDA assertion, sys.exit, or a lost checkpoint).
@@ -45,9 +45,9 @@ def _batch(n_ids=4, per_id=2, size=(64, 32)):
 
 def test_all_patches_are_applied_once():
     assert compat.apply_all() == compat.APPLIED
-    assert len(set(compat.APPLIED)) == len(compat.APPLIED) == 20
+    assert len(set(compat.APPLIED)) == len(compat.APPLIED) == 21
     assert {"read_image_rgb", "checkpoint_load_whole", "evaluation_refuses_non_finite",
-            "sampler_skips_on_resume"} <= set(compat.APPLIED)
+            "sampler_skips_on_resume", "evaluation_in_query_chunks"} <= set(compat.APPLIED)
 
 
 def test_fastreid_imports_only_with_the_import_aliases():
@@ -156,7 +156,7 @@ def test_evaluator_falls_back_to_python_ranker_instead_of_exiting(monkeypatch):
 
     monkeypatch.setattr(rank, "IS_CYTHON_AVAI", False)
     monkeypatch.setitem(sys.modules, "fastreid.evaluation.rank_cylib.rank_cy", None)  # not built
-    monkeypatch.setattr(compat.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "make: gcc: not found"))
+    monkeypatch.setattr(compat.evaluation.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "make: gcc: not found"))
     with pytest.warns(UserWarning, match="Python ranker"):
         results = _evaluate(_tiny_baseline_cfg())
     assert results["Rank-1"] == pytest.approx(100.0) and results["mAP"] == pytest.approx(100.0)
@@ -325,7 +325,7 @@ def _history(storage, name):
 def test_deferred_loss_log_writes_fastreid_values_under_their_own_iteration(monkeypatch):
     """The waiting path (used on CUDA), run on the CPU: each step's losses are written at the next
     step, under their own iteration, with FastReID's values, total and data time."""
-    monkeypatch.setattr(compat, "DEFERRED_LOSS_LOG_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(compat.training, "DEFERRED_LOSS_LOG_DEVICES", ("cuda", "cpu"))
     inputs = [1.0, 0.5, 0.25]
     trainer = _simple_trainer(inputs)
     w = 1.0
@@ -357,7 +357,7 @@ def test_deferred_loss_log_writes_fastreid_values_under_their_own_iteration(monk
 
 
 def test_deferred_loss_log_names_the_iteration_of_a_nan_loss(monkeypatch):
-    monkeypatch.setattr(compat, "DEFERRED_LOSS_LOG_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(compat.training, "DEFERRED_LOSS_LOG_DEVICES", ("cuda", "cpu"))
     trainer = _simple_trainer([1.0, float("nan"), 1.0])
     with EventStorage(0) as storage:
         for step in range(2):
@@ -374,7 +374,7 @@ def test_default_trainer_writes_the_last_loss_of_each_epoch_at_once(monkeypatch)
 
     from fastreid.engine import DefaultTrainer
 
-    monkeypatch.setattr(compat, "DEFERRED_LOSS_LOG_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(compat.training, "DEFERRED_LOSS_LOG_DEVICES", ("cuda", "cpu"))
     inner = _simple_trainer([1.0] * 6)
     trainer = SimpleNamespace(_trainer=inner, iters_per_epoch=3)
     with EventStorage(0) as storage:

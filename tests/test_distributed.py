@@ -2,7 +2,8 @@
 global-batch BatchNorm and losses against one process on the whole batch, the sampler's batches
 for any number of processes, the test loader's workers, and tools/train_net.py run as 1 process,
 2 processes and 2 machines x 1 process (gloo on localhost) ending at the same weights, and a
-2-process evaluation giving one process's metrics."""
+2-process evaluation giving one process's metrics; the 2 processes of torchrun and of a SLURM job
+step (promptsg.engine.launcher) end at the weights of --num-gpus 2."""
 import itertools
 import json
 import os
@@ -181,9 +182,10 @@ EQUIVALENCE = [*TINY, "SOLVER.MAX_EPOCH", "1", "TEST.EVAL_PERIOD", "1", "SOLVER.
 TOLERANCE = 1e-4     # measured: at most 5.5e-6 after 4 steps that move some weights by 2.3
 
 
-def train_net(args, root):
-    env = dict(os.environ, FASTREID_DATASETS=str(root), PYTHONWARNINGS="ignore")
-    return subprocess.Popen([sys.executable, TRAIN_NET, "--config-file", PROMPTSG_CFG, *args], env=env, cwd=ROOT,
+def train_net(args, root, launcher=(sys.executable,), env=os.environ):
+    """tools/train_net.py started by ``launcher`` (a command line) in ``env``; the Popen."""
+    env = dict(env, FASTREID_DATASETS=str(root), PYTHONWARNINGS="ignore")
+    return subprocess.Popen([*launcher, TRAIN_NET, "--config-file", PROMPTSG_CFG, *args], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -211,7 +213,24 @@ def initial_weights():
     return build_model(cfg).state_dict()
 
 
-def test_one_process_two_processes_and_two_machines_train_the_same_weights(datasets_root, tmp_path):
+@pytest.fixture(scope="module")
+def two_processes(datasets_root, tmp_path_factory):
+    """The equivalence run with --num-gpus 2: its OUTPUT_DIR and its log."""
+    out = tmp_path_factory.mktemp("two")
+    log = finish(train_net(["--num-gpus", "2", "--dist-url", "auto", *EQUIVALENCE, "OUTPUT_DIR", str(out)],
+                           datasets_root))
+    return out, log
+
+
+def assert_same_weights(out_dir, reference_dir):
+    got, want = final_weights(out_dir), final_weights(reference_dir)
+    for k in want:
+        if want[k].is_floating_point():
+            assert (got[k] - want[k]).abs().max() <= TOLERANCE, k
+
+
+def test_one_process_two_processes_and_two_machines_train_the_same_weights(datasets_root, tmp_path, two_processes):
+    two_dir, two_log = two_processes
     port = free_port()
     machines = [train_net(["--num-machines", "2", "--machine-rank", str(rank), "--dist-url",
                            f"tcp://127.0.0.1:{port}", *EQUIVALENCE, "OUTPUT_DIR", str(tmp_path / f"machine{rank}")],
@@ -219,18 +238,16 @@ def test_one_process_two_processes_and_two_machines_train_the_same_weights(datas
     for process in machines:
         finish(process)
     finish(train_net([*EQUIVALENCE, "OUTPUT_DIR", str(tmp_path / "one")], datasets_root))
-    two_log = finish(train_net(["--num-gpus", "2", "--dist-url", "auto", *EQUIVALENCE,
-                                "OUTPUT_DIR", str(tmp_path / "two")], datasets_root))
     assert "World size: 2" in two_log
     # Evaluation shards the test set over both processes and gathers it: the metrics of one
     # process evaluating the same checkpoint.
     single = run(["--config-file", PROMPTSG_CFG, "--eval-only", *EQUIVALENCE, "MODEL.WEIGHTS",
-                  str(tmp_path / "two" / "model_final.pth"), "OUTPUT_DIR", str(tmp_path / "eval")], datasets_root)
+                  str(two_dir / "model_final.pth"), "OUTPUT_DIR", str(tmp_path / "eval")], datasets_root)
     assert single.returncode == 0, single.stderr[-3000:]
     assert read(tmp_path / "eval" / "eval_results.json")["mAP"] == pytest.approx(
-        read(tmp_path / "two" / "results.json")["mAP"], abs=1e-6)
+        read(two_dir / "results.json")["mAP"], abs=1e-6)
 
-    one, two, machines = (final_weights(tmp_path / d) for d in ("one", "two", "machine0"))
+    one, two, machines = (final_weights(d) for d in (tmp_path / "one", two_dir, tmp_path / "machine0"))
     assert not (tmp_path / "machine1" / "model_final.pth").exists()   # only global rank 0 writes
     start = initial_weights()
     assert torch.equal(start["text.positional_embedding"], one["text.positional_embedding"])  # same init
@@ -240,3 +257,39 @@ def test_one_process_two_processes_and_two_machines_train_the_same_weights(datas
         if one[k].is_floating_point():
             assert (two[k] - one[k]).abs().max() <= TOLERANCE, k
             assert (machines[k] - two[k]).abs().max() <= TOLERANCE, k
+
+
+# ---- the same run started by torchrun and by a SLURM job step (promptsg.engine.launcher) ----
+
+def ranks_logged(out_dir, log):
+    """The "Rank of current process" lines of rank 0 (its output) and rank 1 (its log file)."""
+    with open(out_dir / "log.txt.rank1") as f:
+        rank1 = f.read()
+    return [line.split("]: ")[-1] for line in log.splitlines() if "Rank of current process" in line] + \
+        [line.split("INFO: ")[-1] for line in rank1.splitlines() if "Rank of current process" in line]
+
+
+def test_torchrun_s_two_processes_train_the_weights_of_num_gpus_2(datasets_root, tmp_path, two_processes):
+    """Each process torchrun starts joins the run as its rank (none starts more), and only rank 0
+    takes the OUTPUT_DIR lock (a second taker would stop the run)."""
+    out = tmp_path / "torchrun"
+    log = finish(train_net([*EQUIVALENCE, "OUTPUT_DIR", str(out)], datasets_root, launcher=(
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")))
+    assert ranks_logged(out, log) == ["Rank of current process: 0. World size: 2",
+                                      "Rank of current process: 1. World size: 2"]
+    assert_same_weights(out, two_processes[0])
+
+
+def test_a_slurm_job_step_s_two_tasks_train_the_weights_of_num_gpus_2(datasets_root, tmp_path, two_processes):
+    """The 2 tasks srun --ntasks-per-node 2 would start on one node, started here by hand."""
+    out = tmp_path / "slurm"
+    launchers = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in launchers}
+    step = dict(clean, SLURM_JOB_ID="4242", SLURM_STEP_ID="0", SLURM_NTASKS="2", SLURM_TASKS_PER_NODE="2",
+                SLURM_NODEID="0", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(free_port()))
+    tasks = [train_net([*EQUIVALENCE, "OUTPUT_DIR", str(out)], datasets_root,
+                       env=dict(step, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank))) for rank in range(2)]
+    logs = [finish(task) for task in tasks]
+    assert ranks_logged(out, logs[0]) == ["Rank of current process: 0. World size: 2",
+                                      "Rank of current process: 1. World size: 2"]
+    assert_same_weights(out, two_processes[0])

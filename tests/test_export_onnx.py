@@ -1,5 +1,5 @@
-"""tools/export_onnx.py: the ONNX graph of a model's retrieval feature, run by onnxruntime, gives
-PyTorch's features at any batch size and FastReID's evaluation the same ranking."""
+"""tools/export_onnx.py (promptsg/export/): the ONNX graph of a model's retrieval feature, run by
+onnxruntime, gives PyTorch's features at any batch size and FastReID's evaluation the same ranking."""
 import os
 import re
 import shutil
@@ -15,7 +15,7 @@ import promptsg  # noqa: F401
 from fastreid.engine import DefaultTrainer
 from promptsg.export import onnx_export
 from promptsg.engine.checkpoint import load_for_inference
-from promptsg.engine.preflight import load_checkpoint_config
+from promptsg.engine.preflight import InputError, load_checkpoint_config
 from tiny_runs import BASELINE_CFG, BOT_CFG, PROMPTSG_CFG, ROOT, TINY, load_tool, one_line_error
 
 TOOL = os.path.join(ROOT, "tools", "export_onnx.py")
@@ -197,8 +197,9 @@ def test_a_graph_that_disagrees_with_pytorch_is_refused_and_nothing_is_written(b
     torch.save(state, tmp_path / "changed.pth")
     monkeypatch.setattr(onnx_export, "export", lambda graph, images, path: shutil.copy(baseline["output"], path))
     output = tmp_path / "model.onnx"
-    with pytest.raises(tool.ExportError, match=r"^onnxruntime disagrees with PyTorch: min cosine -?\d\.\d+ < 0\.9999 "
-                                               r"over 3 images \(max abs difference .*\); nothing written$"):
+    with pytest.raises(onnx_export.ExportError, match=r"^onnxruntime disagrees with PyTorch: min cosine "
+                                                      r"-?\d\.\d+ < 0\.9999 over 3 images "
+                                                      r"\(max abs difference .*\); nothing written$"):
         tool.main(["--config-file", BASELINE_CFG, "--output", str(output), "--camera", "2", *BASELINE_OPTS,
                    "MODEL.WEIGHTS", str(tmp_path / "changed.pth")])
     assert sorted(os.listdir(tmp_path)) == ["changed.pth"]
@@ -206,7 +207,7 @@ def test_a_graph_that_disagrees_with_pytorch_is_refused_and_nothing_is_written(b
 
 def test_bad_input_fails_in_one_line_before_the_model_is_built(tmp_path, monkeypatch):
     tool = load_export_tool()
-    monkeypatch.setattr(tool.DefaultTrainer, "build_model", lambda cfg: pytest.fail("the model was built"))
+    monkeypatch.setattr(DefaultTrainer, "build_model", lambda cfg: pytest.fail("the model was built"))
     monkeypatch.setenv("FASTREID_DATASETS", str(tmp_path / "no_datasets"))
     weights = tmp_path / "model.pth"          # never read: every check comes first
     weights.write_bytes(b"checkpoint")
@@ -223,7 +224,7 @@ def test_bad_input_fails_in_one_line_before_the_model_is_built(tmp_path, monkeyp
     for flags, overrides, message in cases:
         output = [] if "--output" in flags else ["--output", str(tmp_path / "model.onnx")]
         given = [] if "--weights" in flags else ["--weights", str(weights)]
-        with pytest.raises(tool.InputError, match="^" + re.escape(message)):
+        with pytest.raises(InputError, match="^" + re.escape(message)):
             tool.main(["--config-file", PROMPTSG_CFG, *output, *given, *flags, *TINY, *overrides])
     assert sorted(os.listdir(tmp_path)) == ["a_file", "model.pth"]
     result = subprocess.run([sys.executable, TOOL, "--config-file", PROMPTSG_CFG, "--output", str(tmp_path / "m.onnx")],
@@ -262,3 +263,14 @@ def test_vit_b16_graph_gives_pytorchs_features_and_the_same_ranking(datasets_roo
     assert np.ptp(dist["pytorch"]) > 1e-3                  # the images get distinct features
     np.testing.assert_array_equal(np.argsort(dist["onnx"], axis=1, kind="stable"),
                                   np.argsort(dist["pytorch"], axis=1, kind="stable"))
+
+
+def test_same_rankings_counts_queries_whose_order_agrees():
+    from promptsg.export.onnx_evaluation import same_rankings
+
+    a = np.array([[0.1, 0.2, 0.3], [0.3, 0.2, 0.1], [0.5, 0.5, 0.1]])
+    b = np.array([[0.0, 0.5, 0.9], [0.2, 0.3, 0.1], [0.4, 0.6, 0.0]])
+    # query 0: the same order; query 1: the same closest image, then swapped; query 2: the same order
+    # (a's tie broken by position, as b orders them)
+    assert same_rankings(a, b) == 2
+    assert same_rankings(a, b, top=1) == 3

@@ -670,10 +670,10 @@ def test_benchmark_times_one_phase_alone_and_gives_its_ratios(capsys, flag, kind
 
 
 def test_benchmark_baseline_is_the_visual_only_model():
-    benchmark = load_benchmark()
-    args = benchmark.parse_args(["--config-file", str(REPO / "projects/PromptSG/configs/Base-PromptSG.yml"),
-                                 *TINY_OPTS])
-    cfg = benchmark.setup_cfg(args, "cpu", benchmark.BASELINE_OVERRIDES)
+    from promptsg.analysis.baseline_benchmark import BASELINE_OVERRIDES, setup_cfg
+
+    cfg = setup_cfg(str(REPO / "projects/PromptSG/configs/Base-PromptSG.yml"), TINY_OPTS, "cpu",
+                    extra_opts=BASELINE_OVERRIDES)
     cfg.MODEL.HEADS.NUM_CLASSES = 4
     model = build_model(cfg)
     assert model.text is None and model.heads.mim is None and model.heads.inversion is None

@@ -9,7 +9,7 @@ from tiny_runs import ROOT
 PACKAGE = os.path.join(ROOT, "projects", "PromptSG", "promptsg")
 # layer of each top-level name under promptsg/; a module may import from its layer or a lower one
 LAYERS = {"utils": 0, "modeling": 1, "config": 1, "engine": 2, "data": 2, "analysis": 3, "export": 3,
-          "inference": 4, "api": 5, "__init__": 6}
+          "inference": 4, "gallery_index": 4, "api": 5, "__init__": 6}
 
 
 def modules():

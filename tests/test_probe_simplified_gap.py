@@ -1,6 +1,6 @@
-"""tools/probe_simplified_gap.py: the fixed MIM queries it swaps in give the model's own features for
-the prompts they stand for, and its simplified and composed rows are what FastReID's evaluation of
-the same checkpoint reports."""
+"""tools/probe_simplified_gap.py (promptsg.analysis.simplified_gap): the fixed MIM queries it swaps in
+give the model's own features for the prompts they stand for, and its simplified and composed rows
+are what FastReID's evaluation of the same checkpoint reports."""
 import json
 import os
 import subprocess
@@ -13,6 +13,7 @@ import promptsg  # noqa: F401  (patches FastReID, registers PromptSG)
 from fastreid.config import get_cfg
 from fastreid.engine import DefaultTrainer
 from promptsg import add_promptsg_config
+from promptsg.analysis import simplified_gap as probe
 from promptsg.engine.preflight import InputError
 
 from tiny_runs import BASELINE_CFG, PROMPTSG_CFG, ROOT, TINY, TRAIN_NET, load_tool
@@ -43,36 +44,35 @@ def batch(n=5):
 
 @torch.no_grad()
 def test_fixed_simplified_query_is_the_simplified_prompts_feature():
-    tool, model, images = probe_tool(), tiny_model(), batch()
+    model, images = tiny_model(), batch()
     model.inference_prompt = "simplified"
     expected = model(images)
     l_simple = model.text.simple(1, model.device)[0]
-    assert torch.allclose(tool.FixedQuery(model, l_simple)(images), expected, rtol=0, atol=1e-6)
-    other = tool.FixedQuery(model, l_simple + torch.randn_like(l_simple))(images)
+    assert torch.allclose(probe.FixedQuery(model, l_simple)(images), expected, rtol=0, atol=1e-6)
+    other = probe.FixedQuery(model, l_simple + torch.randn_like(l_simple))(images)
     assert (other - expected).abs().max() > 1e-2             # the query the probe swaps in is used
 
 
 @torch.no_grad()
 def test_each_images_own_prompt_as_fixed_query_is_its_composed_feature():
-    tool, model, images = probe_tool(), tiny_model(), batch()
+    model, images = tiny_model(), batch()
     model.inference_prompt = "composed"
     expected = model(images)
-    prompts = tool.ComposedPrompts(model)(images)
+    prompts = probe.ComposedPrompts(model)(images)
     s = model.heads.inversion(model.image_embeddings(images))
     assert torch.allclose(prompts, model.text.compose(s), rtol=0, atol=1e-6)
     assert prompts.shape == (5, model.text.simple(1, model.device).shape[1])
     for i in range(5):
         one = {"images": images["images"][i:i + 1]}
-        assert torch.allclose(tool.FixedQuery(model, prompts[i])(one), expected[i:i + 1], rtol=0, atol=1e-5)
+        assert torch.allclose(probe.FixedQuery(model, prompts[i])(one), expected[i:i + 1], rtol=0, atol=1e-5)
 
 
 def test_mean_cosine_against_a_hand_computation():
-    tool = probe_tool()
     queries = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     prompts = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
     # query 0: cos 1 and 1/sqrt(2); query 1: cos 0 and 1/sqrt(2)
     expected = [(1 + 2 ** -0.5) / 2, (0 + 2 ** -0.5) / 2]
-    assert tool.mean_cosine(queries, prompts).tolist() == pytest.approx(expected, abs=1e-6)
+    assert probe.mean_cosine(queries, prompts).tolist() == pytest.approx(expected, abs=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_probe_rows_match_fastreids_evaluation_of_the_checkpoint(tiny_run, datas
 def test_summary_is_the_mean_and_sample_deviation_over_runs():
     runs = [{"rows": [{"query": "q", "mAP": m, "Rank-1": r, "cos_to_training_prompts": c}]}
             for m, r, c in ((40.0, 50.0, 0.1), (44.0, 56.0, 0.3), (48.0, 53.0, 0.2))]
-    (row,) = probe_tool().summarise(runs)
+    (row,) = probe.summarise(runs)
     assert (row["mAP"], row["Rank-1"], row["cos_to_training_prompts"]) == pytest.approx((44.0, 53.0, 0.2))
     assert (row["mAP_std"], row["Rank-1_std"]) == pytest.approx((4.0, 3.0))       # sample sd (n - 1)
 
@@ -135,31 +135,30 @@ def test_a_run_without_a_mim_is_one_line(tmp_path):
     (run / "config.yaml").write_text(cfg.dump())
     torch.save({"model": DefaultTrainer.build_model(cfg).state_dict()}, run / "model_final.pth")
     with pytest.raises(InputError, match="not a PromptSG run with composed prompts and a MIM"):
-        probe_tool().run_config(str(run))
+        probe.run_config(str(run))
     with pytest.raises(InputError, match="no config.yaml"):
-        probe_tool().run_config(str(tmp_path))
+        probe.run_config(str(tmp_path))
 
 
 def test_other_identity_gives_every_image_another_persons_prompt():
-    tool = probe_tool()
     pids = [1, 1, 1, 2, 2, 3, 4, 4, 4, 4, 5]
     for seed in range(20):
-        perm = tool.other_identity(pids, seed)
+        perm = probe.other_identity(pids, seed)
         assert sorted(perm.tolist()) == list(range(len(pids)))          # a permutation
         assert all(pids[j] != pids[i] for i, j in enumerate(perm))      # nobody keeps their own identity
     with pytest.raises(ValueError):
-        tool.other_identity([7, 7, 7])
+        probe.other_identity([7, 7, 7])
 
 
 @torch.no_grad()
 def test_given_queries_follow_each_images_position():
-    tool, model, images = probe_tool(), tiny_model(), batch(4)
+    model, images = tiny_model(), batch(4)
     queries = torch.randn(6, model.text.simple(1, model.device).shape[1], generator=torch.Generator().manual_seed(2))
     positions = torch.tensor([5, 0, 3, 3])
-    out = tool.GivenQueries(model, queries)({**images, "targets": positions})
+    out = probe.GivenQueries(model, queries)({**images, "targets": positions})
     for i, p in enumerate(positions.tolist()):
         one = {"images": images["images"][i:i + 1]}
-        assert torch.allclose(out[i:i + 1], tool.FixedQuery(model, queries[p])(one), rtol=0, atol=1e-5)
+        assert torch.allclose(out[i:i + 1], probe.FixedQuery(model, queries[p])(one), rtol=0, atol=1e-5)
 
 
 def test_cosine_distance_against_a_hand_computation():
@@ -180,3 +179,22 @@ def test_records_are_named_by_the_checkouts_commit_and_written_whole(tmp_path):
     assert [os.path.basename(p) for p in paths] == ["table_2026-01-01_abc.json", "table_2026-01-01_abc.md"]
     assert json.loads(open(paths[0]).read()) == {"mAP": 1.5} and open(paths[1]).read() == "| a |\n"
     assert sorted(os.listdir(tmp_path / "out")) == ["table_2026-01-01_abc.json", "table_2026-01-01_abc.md"]
+
+
+def test_a_commit_with_uncommitted_changes_says_so_when_asked(tmp_path):
+    from promptsg.utils.records import commit
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "a.txt").write_text("a")
+    git("add", "a.txt")
+    git("commit", "-q", "-m", "a")
+    head = git("rev-parse", "--short", "HEAD")
+    (tmp_path / "untracked.txt").write_text("not a change of the commit's files")
+    assert commit(str(tmp_path), "+changes") == head
+    (tmp_path / "a.txt").write_text("b")
+    assert commit(str(tmp_path), "+changes") == head + "+changes"
+    assert commit(str(tmp_path)) == head

@@ -112,13 +112,15 @@ def test_a_new_run_into_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_pat
 
 def test_the_project_scripts_start_their_runs_so_that_a_second_start_works():
     """run_synthetic.py retrains the demo (--overwrite), run_ablations.py continues or reuses a row
-    (--resume), and make compare continues BoT's run (--resume): each call to train_net says so."""
+    (--resume, promptsg.analysis.ablations.run_one), and make compare continues BoT's run
+    (--resume): each call to train_net says so."""
     def calls(path):
         with open(os.path.join(ROOT, path)) as f:
             text = f.read()
         return text
     assert '"--overwrite", *common' in calls("tools/run_synthetic.py")
-    assert '"--config-file", config, "--resume", *common' in calls("tools/run_ablations.py")
+    assert '"--config-file", config, "--resume", *common' in calls(
+        os.path.join("projects", "PromptSG", "promptsg", "analysis", "ablations.py"))
     assert "bagtricks_R18.yml --resume" in calls("Makefile")
 
 

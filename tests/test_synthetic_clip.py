@@ -1,5 +1,6 @@
-"""Captions of synthetic people, the caption pool, and tools/pretrain_synthetic_clip.py (a tiny CLIP,
-a tiny pool, a few steps: seconds on CPU)."""
+"""Captions of synthetic people, the caption pool, the zero-shot check of
+promptsg.data.clip_pretraining, and tools/pretrain_synthetic_clip.py (a tiny CLIP, a tiny pool, a
+few steps: seconds on CPU)."""
 import importlib.util
 import json
 import math
@@ -13,6 +14,7 @@ import torch
 import promptsg  # noqa: F401  (registers the tiny CLIP configs with open_clip)
 from promptsg.modeling.clip_weights import create_clip_model
 from promptsg.data import synthetic
+from promptsg.data.clip_pretraining import zero_shot
 from promptsg.data.synthetic import describe_person, generate_caption_pool, generate_synthetic_market
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +78,7 @@ def test_pool_identities_are_none_of_the_reid_identities(tmp_path, monkeypatch):
         pool_people.append(person)
         return describe_person(person)
 
-    monkeypatch.setattr(synthetic, "describe_person", recording_describe)
+    monkeypatch.setattr(synthetic.captions, "describe_person", recording_describe)
     generate_caption_pool(tmp_path / "pool", seed=0, num_ids=300, images_per_id=1, height=32, width=16)
     assert len(pool_people) == 300
     reid = synthetic._sample_identities({"seed": 0, "num_train_ids": synthetic.DEFAULT_NUM_TRAIN_IDS,
@@ -132,7 +134,7 @@ def test_zero_shot_check_counts_an_image_right_when_its_own_caption_scores_highe
     images = torch.arange(12, dtype=torch.uint8).view(12, 1, 1, 1).expand(12, 3, 2, 2).contiguous()
     # 8 images embed at their own caption, 4 at another one.
     match = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 9, 8, 11, 10])
-    result = pretrain_tool.zero_shot(_OneHotCLIP(match, 12), lambda texts: None, images, captions, choices=12)
+    result = zero_shot(_OneHotCLIP(match, 12), lambda texts: None, images, captions, choices=12)
     assert result["top1"] == pytest.approx(8 / 12) and result["all_top1"] == pytest.approx(8 / 12)
     assert result["chance"] == pytest.approx(1 / 12) and result["all_chance"] == pytest.approx(1 / 12)
     assert result["images"] == 12 and result["captions"] == 12

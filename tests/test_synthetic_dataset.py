@@ -134,7 +134,8 @@ def test_a_folder_of_another_generator_version_is_refused_until_regenerated(tmp_
     generate_synthetic_market(d, **SMALL)
     digest = _digest(d)
     newer = synthetic._MARKET._replace(stamps={"version": synthetic.GENERATOR_VERSION + 1})
-    monkeypatch.setattr(synthetic, "_MARKET", newer)
+    for part in (synthetic.market, synthetic.registration):   # the parts that write a market folder
+        monkeypatch.setattr(part, "_MARKET", newer)
     with pytest.raises(RuntimeError, match=rf"version {synthetic.GENERATOR_VERSION} \(this code writes "
                                            rf"{synthetic.GENERATOR_VERSION + 1}\); regenerate it with"):
         generate_synthetic_market(d, **SMALL)
@@ -183,23 +184,23 @@ def test_interrupted_generation_leaves_nothing_usable(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated interruption")
         real_save(image, path)
 
-    monkeypatch.setattr(synthetic, "_save_jpeg", failing_save)
+    monkeypatch.setattr(synthetic.market, "_save_jpeg", failing_save)
     with pytest.raises(KeyboardInterrupt):
         generate_synthetic_market(d, **SMALL)
     assert os.listdir(tmp_path) == []   # neither the dataset nor its temporary directory
 
     # An interrupted regeneration keeps the previous complete dataset as it was.
-    monkeypatch.setattr(synthetic, "_save_jpeg", real_save)
+    monkeypatch.setattr(synthetic.market, "_save_jpeg", real_save)
     generate_synthetic_market(d, **SMALL)
     digest = _digest(d)
     calls.clear()
-    monkeypatch.setattr(synthetic, "_save_jpeg", failing_save)
+    monkeypatch.setattr(synthetic.market, "_save_jpeg", failing_save)
     with pytest.raises(KeyboardInterrupt):
         synthetic.regenerate_dataset(d)
     assert sorted(os.listdir(tmp_path)) == ["SyntheticMarket"] and _digest(d) == digest
 
     # A leftover of a killed run (a hidden temporary sibling) is never picked up.
-    monkeypatch.setattr(synthetic, "_save_jpeg", real_save)
+    monkeypatch.setattr(synthetic.market, "_save_jpeg", real_save)
     leftover = tmp_path / ".Other.tmp-killed"
     (leftover / "query").mkdir(parents=True)
     generate_synthetic_market(tmp_path / "Other", **SMALL)

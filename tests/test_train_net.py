@@ -17,7 +17,7 @@ from fastreid.config import get_cfg
 from fastreid.engine import DefaultTrainer
 from fastreid.utils.events import EventStorage
 
-from tiny_runs import BOT_CFG, PROMPTSG_CFG, ROOT, TINY, load_extract_tool, load_tool, market_ids, one_line_error, run
+from tiny_runs import BOT_CFG, PROMPTSG_CFG, ROOT, TINY, load_extract_tool, market_ids, one_line_error, run
 
 
 def read(path):
@@ -119,8 +119,8 @@ def test_visualize_draws_the_ranking_that_eval_only_scores(trained, datasets_roo
     assert result.returncode == 0, result.stderr[-3000:]
     final = read(train_dir / "results.json")
     again = read(tmp_path / "results.json")
-    for key in ("mAP", "Rank-1", "mINP"):
-        assert again[key] == pytest.approx(final[key], abs=1e-6), key
+    for key in ("mAP", "Rank-1", "mINP"):   # percent; training scores in query chunks (float64 AP),
+        assert again[key] == pytest.approx(final[key], abs=1e-4), key   # visualize densely (FastReID, float32)
     for name in ("0.jpg", "1.jpg", "2.jpg", "roc.jpg", "pos_neg_dist.jpg", "roc_info.pickle"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert not (tmp_path / "3.jpg").exists()
@@ -142,12 +142,9 @@ def test_visualize_draws_the_ranking_that_eval_only_scores(trained, datasets_roo
         assert ranks == sorted(ranks, reverse=True)
 
 
-def load_visualize_tool():
-    return load_tool("tools/visualize_result.py")
-
-
 def test_distance_labels_tell_close_distances_apart():
-    labels = load_visualize_tool().distance_labels
+    from promptsg.analysis.visualize import distance_labels as labels
+
     # A model whose distances all lie near 1e-5 (FastReID's labels read 1.000 for each).
     close = [1.0e-5, 1.00004e-5, 1.2e-5, 3.1e-5]
     got = labels(close)
@@ -158,14 +155,15 @@ def test_distance_labels_tell_close_distances_apart():
 
 
 def test_distance_histogram_is_ranged_to_the_data():
-    tool = load_visualize_tool()
+    from promptsg.analysis.visualize import histogram_bins
+
     rng = np.random.default_rng(0)
     pos, neg = rng.uniform(1e-6, 1e-5, 500), rng.uniform(5e-6, 3e-5, 5000)
-    edges = tool.histogram_bins(pos, neg)
+    edges = histogram_bins(pos, neg)
     assert edges[0] == pos.min() and edges[-1] == neg.max() and len(edges) == 81
     counts, _ = np.histogram(np.concatenate([pos, neg]), bins=edges)
     assert counts.sum() == 5500 and (counts > 0).sum() > 40       # spread over the bins, not one
-    edges = tool.histogram_bins([0.2, 0.2], [0.2])                # all equal: a bin around the value
+    edges = histogram_bins([0.2, 0.2], [0.2])                # all equal: a bin around the value
     assert edges[0] < 0.2 < edges[-1]
 
 

@@ -11,7 +11,7 @@ FastReID's own baselines where their layers export (the BoT, AGW, SBS and BoT-Vi
 configs/ do; a model that does not export stops the tool with one line naming the exporter's error). The checkpoint is loaded like ``train_net.py --eval-only``
 loads it (promptsg.engine.checkpoint.load_for_inference: a checkpoint of another model is refused).
 
-The graph (promptsg/export/onnx_export.py):
+The graph (promptsg/export/onnx_export.py; the evaluation in promptsg/export/onnx_evaluation.py):
   * input ``images``: float32 (batch, 3, H, W), RGB in 0-255 at INPUT.SIZE_TEST, what FastReID's
     test transforms give (resize, then ``ToTensor`` without scaling); the normalisation by
     MODEL.PIXEL_MEAN / PIXEL_STD is inside the graph;
@@ -37,34 +37,13 @@ import os
 import sys
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
 import promptsg  # noqa: F401  (patches FastReID, registers PromptSG)
 from fastreid.engine import DefaultTrainer
-from fastreid.evaluation import inference_on_dataset
-from promptsg.export import onnx_export
 from promptsg.engine.checkpoint import NonFiniteError, load_for_inference
-from promptsg.engine.evaluation import ranked_distances
-from promptsg.engine.preflight import InputError, check_datasets, check_output_dir, load_checkpoint_config
-
-
-class ExportError(RuntimeError):
-    """The model does not export to ONNX, or its graph disagrees with PyTorch."""
-
-
-class WithProgress:
-    """A test loader that shows a progress bar while FastReID's ``inference_on_dataset`` runs
-    through it (that function reads only its length, its dataset and its batches)."""
-
-    def __init__(self, loader, desc):
-        self.loader, self.dataset, self.desc = loader, loader.dataset, desc
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        return iter(tqdm(self.loader, desc=self.desc, file=sys.stderr, leave=False))
+from promptsg.engine.preflight import InputError
+from promptsg.export import onnx_export
+from promptsg.export.onnx_evaluation import evaluate, same_rankings
 
 
 def parse_args(argv=None):
@@ -87,119 +66,20 @@ def parse_args(argv=None):
     return args
 
 
-def setup(args):
-    """The config, the camera index and the test set, checked before anything is built."""
-    opts = list(args.opts) + (["MODEL.WEIGHTS", args.weights] if args.weights else [])
-    cfg = load_checkpoint_config(args.config_file, opts)
-    cfg.MODEL.DEVICE = "cpu"              # the graph is traced on the CPU; ONNX has no device
-    if "PROMPTSG" in cfg.MODEL:
-        cfg.MODEL.PROMPTSG.COMPILE = ""   # torch.compile changes no result; the exporter traces eager code
-    camera = None
-    if "CLIP" in cfg.MODEL and cfg.MODEL.CLIP.SIE_CAMERA:
-        cameras = cfg.MODEL.CLIP.NUM_CAMERAS
-        if args.camera is None or not 0 <= args.camera < cameras:
-            raise InputError(f"MODEL.CLIP.SIE_CAMERA is on: give --camera, a training camera index "
-                             f"in 0..{cameras - 1} (got {args.camera})")
-        if args.evaluate:
-            raise InputError("--evaluate needs each test image's own camera; with MODEL.CLIP.SIE_CAMERA the "
-                             "graph gives every image the --camera embedding")
-        camera = args.camera
-    check_output_dir(os.path.dirname(os.path.abspath(args.output)), "--output folder")
-    dataset = None
-    if args.evaluate:
-        if not cfg.DATASETS.TESTS:
-            raise InputError(f"{args.config_file}: DATASETS.TESTS is empty: --evaluate has no test set")
-        dataset = cfg.DATASETS.TESTS[0]
-        test_only = cfg.clone()
-        test_only.DATASETS.NAMES, test_only.DATASETS.TESTS = (), (dataset,)   # no training data needed
-        check_datasets(test_only, os.getenv("FASTREID_DATASETS", "datasets"))
-    cfg.freeze()
-    return cfg, camera, dataset
-
-
-def export_checked(cfg, graph, output, check_batch):
-    """Export ``graph`` to ``output`` once onnxruntime reproduces PyTorch on ``check_batch``
-    images; returns (max abs difference, min cosine, feature width). Nothing is written when
-    either fails."""
-    tmp = output + ".tmp"
-    try:
-        try:
-            onnx_export.export(graph, onnx_export.example_images(cfg, onnx_export.EXPORT_BATCH), tmp)
-        except Exception as exc:  # the exporter's errors are many and long: keep their first line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ExportError(f"{cfg.MODEL.META_ARCHITECTURE} ({cfg.MODEL.BACKBONE.NAME}) does not export to "
-                              f"ONNX: {type(exc).__name__}: {first}") from None
-        agreement = check_agreement(cfg, graph, onnx_export.session(tmp), check_batch)
-        os.replace(tmp, output)
-    finally:
-        onnx_export.remove_quietly(tmp)
-    return agreement
-
-
-def check_agreement(cfg, graph, sess, batch):
-    """(max abs difference, min cosine, feature width) of the graph's features against PyTorch's
-    on ``batch`` noise images; ExportError when a cosine is below onnx_export.MIN_COSINE."""
-    images = onnx_export.example_images(cfg, batch, seed=1)
-    with torch.no_grad():
-        reference = graph(images).numpy()
-    features = onnx_export.run(sess, images)
-    if features.shape != reference.shape:
-        raise ExportError(f"onnxruntime gives features of shape {features.shape}, PyTorch {reference.shape}; "
-                          f"nothing written")
-    difference, cosine = onnx_export.agreement(reference, features)
-    if not cosine.min() >= onnx_export.MIN_COSINE:      # also refuses NaN
-        raise ExportError(f"onnxruntime disagrees with PyTorch: min cosine {cosine.min():.6f} < "
-                          f"{onnx_export.MIN_COSINE} over {batch} images (max abs difference {difference:.3g}); "
-                          f"nothing written")
-    return difference, float(cosine.min()), reference.shape[1]
-
-
-def evaluate(cfg, graph, sess, dataset):
-    """FastReID's evaluation on ``dataset`` of the PyTorch model (its own flip test) and of the
-    graph (flip test inside it): {"pytorch": (metrics, ranked), "onnx": (metrics, ranked)},
-    ``ranked`` holding the query-gallery distances the evaluator ranked."""
-    runs = {}
-    for name, model, flip_test in (("pytorch", graph.model, cfg.TEST.FLIP.ENABLED),
-                                   ("onnx", onnx_export.OnnxFeatures(sess), False)):
-        loader, evaluator = DefaultTrainer.build_evaluator(cfg, dataset)
-        with ranked_distances() as ranked:
-            metrics = inference_on_dataset(model, WithProgress(loader, f"{dataset}, {name}"), evaluator,
-                                           flip_test=flip_test)
-        runs[name] = (metrics, ranked)
-    return runs
-
-
-def same_rankings(dist_a, dist_b, top=None):
-    """How many queries order their ``top`` closest gallery images (all with None) the same in
-    both distance matrices (stable argsort)."""
-    order_a = np.argsort(dist_a, axis=1, kind="stable")[:, :top]
-    order_b = np.argsort(dist_b, axis=1, kind="stable")[:, :top]
-    return int((order_a == order_b).all(axis=1).sum())
-
-
-def describe(cfg, graph):
-    """One line on what the graph holds of PromptSG's prompt."""
-    model = graph.model
-    if getattr(model, "text", None) is None or getattr(model.heads, "mim", None) is None:
-        return "visual encoder only"
-    if model.inference_prompt == "composed":
-        return "composed prompt: inversion network and text encoder per image"
-    return f"simplified prompt {cfg.MODEL.PROMPTSG.SIMPLE_PROMPT!r} folded in as a constant (no text encoder)"
-
-
 def main(argv=None):
     args = parse_args(argv)
-    cfg, camera, dataset = setup(args)
+    cfg, camera, dataset = onnx_export.export_config(args.config_file, args.opts, args.output, weights=args.weights,
+                                                     camera=args.camera, evaluate=args.evaluate)
     model = DefaultTrainer.build_model(cfg)
     load_for_inference(model, cfg.MODEL.WEIGHTS)
     graph = onnx_export.feature_graph(cfg, model, camera)
     print(f"exporting to {args.output} (from seconds for small models to about a minute for ViT-B/16 on two "
           f"CPU cores)", file=sys.stderr, flush=True)
-    difference, cosine, dim = export_checked(cfg, graph, args.output, args.check_batch)
+    difference, cosine, dim = onnx_export.export_checked(cfg, graph, args.output, args.check_batch)
 
     height, width = cfg.INPUT.SIZE_TEST
     print(f"{args.output} ({os.path.getsize(args.output) / 1e6:.1f} MB): images (batch, 3, {height}, {width}) "
-          f"float32 RGB 0-255 -> features (batch, {dim}); {describe(cfg, graph)}"
+          f"float32 RGB 0-255 -> features (batch, {dim}); {onnx_export.describe(cfg, graph)}"
           f"{'; flip test inside' if cfg.TEST.FLIP.ENABLED else ''}")
     print(f"onnxruntime against PyTorch on {args.check_batch} images: max abs difference {difference:.3g}, "
           f"min cosine {cosine:.7f}")
@@ -219,5 +99,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (InputError, NonFiniteError, ExportError) as exc:
+    except (InputError, NonFiniteError, onnx_export.ExportError) as exc:
         sys.exit(f"error: {exc}")

@@ -7,6 +7,8 @@ The same command trains a FastReID baseline config (configs/) or a PromptSG conf
     python tools/train_net.py --config-file projects/PromptSG/configs/Market1501/vit.yml
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file CFG --num-gpus 2       # two processes (gloo on CPU)
+    torchrun --nproc-per-node 2 tools/train_net.py --config-file CFG   # the same, started by torchrun
+    srun --ntasks-per-node 2 python tools/train_net.py --config-file CFG   # or by a SLURM job step
     python tools/train_net.py --config-file CFG --resume           # continue the run in OUTPUT_DIR
     python tools/train_net.py --config-file CFG --overwrite        # replace the run in OUTPUT_DIR
 
@@ -20,13 +22,14 @@ import sys
 
 import promptsg  # noqa: F401  (patches FastReID for this stack, registers PromptSG)
 from fastreid.config import get_cfg
-from fastreid.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from fastreid.engine import DefaultTrainer, default_argument_parser, default_setup
 from fastreid.utils import comm
 from fastreid.utils.env import seed_all_rng
 from fastreid.utils.logger import setup_logger
 from promptsg import add_promptsg_config
 from promptsg.engine.checkpoint import (NonFiniteError, SaveFinalBeforeEvaluation, load_for_inference,
                                  resume_training_position)
+from promptsg.engine.launcher import flags_not_given, launch, resolve_launch
 from promptsg.modeling.diagnostics import AlignmentPrinter
 from promptsg.engine.output_dir import OutputDirLock, check_new_run, remove_previous_run
 from promptsg.engine.preflight import (InputError, check_config, check_datasets, check_output_dir, check_weights,
@@ -107,19 +110,21 @@ def main(args):
     return results
 
 
-def preflight(args):
+def preflight(args, run):
     """Fail on bad input in one line before any process is spawned or any model is built; returns
-    the lock this run holds on its OUTPUT_DIR (machine 0 holds it for every process of the run)."""
+    the lock this run holds on its OUTPUT_DIR (machine 0's launcher, or global rank 0 under
+    torchrun or srun, holds it for every process of the run)."""
     cfg = load_config(add_promptsg_config(get_cfg()), args.config_file, args.opts)
-    check_config(cfg, processes=args.num_gpus * args.num_machines)
+    check_config(cfg, processes=run.world_size)
     check_weights(cfg, args.eval_only)
     check_output_dir(cfg.OUTPUT_DIR)
     lock, previous = None, []
-    if cfg.OUTPUT_DIR and args.machine_rank == 0:
+    if cfg.OUTPUT_DIR and run.holds_output_dir:
         lock = OutputDirLock(cfg.OUTPUT_DIR).acquire()
         if not args.eval_only:
             previous = check_new_run(cfg.OUTPUT_DIR, args.resume, args.overwrite)
-    check_datasets(cfg, os.getenv("FASTREID_DATASETS", "datasets"))
+    # one process per machine decodes the images
+    check_datasets(cfg, os.getenv("FASTREID_DATASETS", "datasets"), verify_images=run.local_rank in (None, 0))
     remove_previous_run(cfg.OUTPUT_DIR, previous)   # only once every check has passed
     return lock
 
@@ -132,18 +137,13 @@ def argument_parser():
 
 
 if __name__ == "__main__":
-    args = argument_parser().parse_args()
+    parser = argument_parser()
+    args = parser.parse_args(namespace=flags_not_given())
     lock = None
     try:
-        lock = preflight(args)
-        launch(
-            main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
+        run = resolve_launch(args, parser)    # the flags, or torchrun's / srun's variables
+        lock = preflight(args, run)
+        launch(main, run, args=(args,))
     except (InputError, NonFiniteError) as exc:   # bad input, a foreign checkpoint, a NaN stop
         sys.exit(f"error: {exc}")
     finally:

@@ -13,38 +13,27 @@ provider, float32) embed a batch of INPUT.SIZE_TEST images at each --batches siz
 --threads intra-op threads (onnxruntime's without spinning, so that its idle threads take no CPU
 from PyTorch's turns). After a warm-up, the two alternate over --rounds rounds of about
 --seconds each, so that other load on the machine hits both alike; each figure is the median
-round's images/s, and the ratio is onnxruntime / PyTorch within this run.
+round's images/s, and the ratio is onnxruntime / PyTorch within this run (the harness:
+promptsg.export.onnx_speed).
 
 Prints the date, commit, machine and versions, then one line per model and batch size; with
 --out also writes them as JSON lines.
 """
 import argparse
-import datetime
-import importlib.util
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 from tqdm import tqdm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def load_export_tool():
-    spec = importlib.util.spec_from_file_location("export_onnx", os.path.join(ROOT, "tools", "export_onnx.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-export_tool = load_export_tool()
-onnx_export = export_tool.onnx_export
+import promptsg  # noqa: F401  (patches FastReID, registers PromptSG)
+from fastreid.engine import DefaultTrainer
+from promptsg.engine.checkpoint import load_for_inference
+from promptsg.engine.preflight import InputError
+from promptsg.export import onnx_export
+from promptsg.export.onnx_speed import check_runs, environment, measure, model_name
 
 
 def parse_args(argv=None):
@@ -66,83 +55,6 @@ def parse_args(argv=None):
     return args
 
 
-def check_runs(runs, opts):
-    """Each run's config, checked before any model is built (one line per bad input)."""
-    configs = []
-    for run in runs:
-        config_file = os.path.join(run, "config.yaml")
-        weights = os.path.join(run, "model_final.pth")
-        cfg = export_tool.setup(argparse.Namespace(config_file=config_file, weights=weights, opts=opts,
-                                                   camera=None, evaluate=False,
-                                                   output=os.path.join(tempfile.gettempdir(), "model.onnx")))[0]
-        configs.append((run, cfg))
-    return configs
-
-
-def environment(threads):
-    """Date, commit, machine and versions of this measurement."""
-    import onnxruntime
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": commit + ("+changes" if dirty else ""), "cpu": cpu, "cpus": os.cpu_count(),
-            "threads": threads, "load_average": os.getloadavg()[0], "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
-
-
-def timed(call, batch, seconds):
-    """images/s of ``call`` repeated for about ``seconds`` (at least once)."""
-    start = time.perf_counter()
-    count = 0
-    while True:
-        call()
-        count += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return batch * count / elapsed
-
-
-def measure(graph, sess, images, rounds, seconds, progress):
-    """Median images/s of PyTorch and of onnxruntime, alternating which goes first."""
-    array = images.numpy()
-
-    def pytorch():
-        with torch.inference_mode():
-            graph(images)
-
-    def onnxruntime():
-        onnx_export.run(sess, array)
-
-    engines = {"pytorch": pytorch, "onnxruntime": onnxruntime}
-    for call in engines.values():   # warm-up: first-call allocations, onnxruntime's arena
-        call()
-        call()
-    speeds = {name: [] for name in engines}
-    for r in range(rounds):
-        for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
-            speeds[name].append(timed(engines[name], len(images), seconds))
-            progress.update()
-    return {name: statistics.median(values) for name, values in speeds.items()}
-
-
-def model_name(cfg):
-    if cfg.MODEL.META_ARCHITECTURE != "PromptSG":
-        return f"{cfg.MODEL.META_ARCHITECTURE} {cfg.MODEL.BACKBONE.NAME}"
-    p = cfg.MODEL.PROMPTSG
-    if p.MIM.CROSS_LAYERS == 0:
-        return f"CLIP baseline {cfg.MODEL.CLIP.NAME}"
-    return f"PromptSG {cfg.MODEL.CLIP.NAME}, {p.INFERENCE_PROMPT} prompt"
-
-
 def main(argv=None):
     args = parse_args(argv)
     configs = check_runs(args.runs, args.opts)
@@ -152,11 +64,11 @@ def main(argv=None):
     progress = tqdm(total=len(configs) * len(args.batches) * args.rounds * 2, desc="timed rounds", file=sys.stderr)
     with tempfile.TemporaryDirectory() as folder:
         for i, (run, cfg) in enumerate(configs):
-            model = export_tool.DefaultTrainer.build_model(cfg)
-            export_tool.load_for_inference(model, cfg.MODEL.WEIGHTS)
+            model = DefaultTrainer.build_model(cfg)
+            load_for_inference(model, cfg.MODEL.WEIGHTS)
             graph = onnx_export.feature_graph(cfg, model)
             path = os.path.join(folder, f"model{i}.onnx")
-            difference, cosine, _ = export_tool.export_checked(cfg, graph, path, check_batch=3)
+            difference, cosine, _ = onnx_export.export_checked(cfg, graph, path, check_batch=3)
             sess = onnx_export.session(path, threads=args.threads, spinning=False)
             for batch in args.batches:
                 speed = measure(graph, sess, onnx_export.example_images(cfg, batch), args.rounds, args.seconds, progress)
@@ -184,5 +96,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (export_tool.InputError, export_tool.ExportError) as exc:
+    except (InputError, onnx_export.ExportError) as exc:
         sys.exit(f"error: {exc}")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # MODEL.PROMPTSG.COMPILE reduce-overhead (torch.compile + CUDA graphs) through FastReID's own
-# trainer and evaluator on one GPU, and the GPU stream fixes of compat.py (sections 12-13), in one
+# trainer and evaluator on one GPU, and the GPU stream fixes of engine/compat/training.py and data.py (sections 12-13), in one
 # go: about 5 minutes on an H100, at most 9 (each step has a time limit; 545 s in all, plus the install).
 #
 #   OUT=/some/dir tools/perf/gpu_compile_check.sh       # from the repository root, .whl/ carried along

@@ -5,21 +5,20 @@ simplified prompt), sorted by what PromptSG adds.
 
     python tools/perf/profile_inference.py OUT.json [KEY VALUE ...]    # e.g. MODEL.PROMPTSG.MIM.FUSION attention
 """
-import os, sys, json, time
+import sys, json, time
 import torch
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark
+import promptsg  # noqa: F401  (patches FastReID, registers PromptSG)
+from promptsg.analysis.baseline_benchmark import BASELINE_OVERRIDES, Variant, setup_cfg
 from torch.profiler import profile, ProfilerActivity
 torch.set_num_threads(1)
-extra = sys.argv[2:]
-args = benchmark.parse_args(["--config-file", "projects/PromptSG/configs/Market1501/vit.yml", "--test-batch", "32",
-                             "MODEL.CLIP.PRETRAINED", "", "SOLVER.AMP.ENABLED", "False", *extra])
+config_file = "projects/PromptSG/configs/Market1501/vit.yml"
+opts = ["MODEL.CLIP.PRETRAINED", "", "SOLVER.AMP.ENABLED", "False", *sys.argv[2:]]
 device = torch.device("cpu")
-cfg_p = benchmark.setup_cfg(args, "cpu")
-cfg_b = benchmark.setup_cfg(args, "cpu", benchmark.BASELINE_OVERRIDES)
+cfg_p = setup_cfg(config_file, opts, "cpu", test_batch=32)
+cfg_b = setup_cfg(config_file, opts, "cpu", test_batch=32, extra_opts=BASELINE_OVERRIDES)
 out = {}
 for name, cfg, prompt in (("baseline", cfg_b, "visual"), ("promptsg", cfg_p, "simplified")):
-    v = benchmark.Variant(name, cfg, device)
+    v = Variant(name, cfg, device)
     batch = v.test_batch(32)
     for _ in range(2):
         v.infer(batch, prompt)

@@ -12,14 +12,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
-from fastreid.utils.events import EventStorage
 from torch.profiler import ProfilerActivity, profile, record_function
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark  # noqa: E402  (tools/perf/benchmark.py: config set-up and model variants)
+import promptsg  # noqa: F401  (patches FastReID, registers PromptSG)
+from fastreid.utils.events import EventStorage
+from promptsg.analysis import baseline_benchmark as benchmark   # config set-up and model variants
 
 
 def phase_times(variant, batch, iters):
@@ -57,12 +56,11 @@ def main():
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = benchmark.resolve_device(args.device)
-    bench_args = benchmark.parse_args(["--config-file", args.config_file, "--device", device.type, *args.opts])
 
     results = {}
     with EventStorage(0):  # FastReID's losses log into an event storage
         for name, extra in BASELINE_AND_PROMPTSG:
-            results[name] = profile_variant(name, extra, bench_args, device, args)
+            results[name] = profile_variant(name, extra, device, args)
     with open(os.path.join(args.out, "phases.json"), "w") as f:
         json.dump({"device": str(device), "batch": args.batch, **results}, f, indent=2)
 
@@ -70,9 +68,9 @@ def main():
 BASELINE_AND_PROMPTSG = (("baseline", benchmark.BASELINE_OVERRIDES), ("promptsg", ()))
 
 
-def profile_variant(name, extra, bench_args, device, args):
+def profile_variant(name, extra, device, args):
     """Phase times of one model variant, and its profiler tables written under ``args.out``."""
-    cfg = benchmark.setup_cfg(bench_args, device.type, extra)
+    cfg = benchmark.setup_cfg(args.config_file, args.opts, device.type, extra_opts=extra)
     cfg.MODEL.HEADS.NUM_CLASSES = cfg.MODEL.HEADS.NUM_CLASSES or benchmark.DEFAULT_NUM_CLASSES
     variant = benchmark.Variant(name, cfg, device)
     batch = variant.train_batch(args.batch)

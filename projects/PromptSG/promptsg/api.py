@@ -9,37 +9,53 @@
 Images go through exactly what ``tools/train_net.py --eval-only`` does with a test set and what
 ``tools/extract_features.py`` writes (``promptsg.inference``): the same features, the same
 distances (TEST.METRIC, TEST.AQE and TEST.RERANK of the run's config), the same rankings.
+
+A gallery searched many times is embedded once into a faiss index (``promptsg.gallery_index``):
+
+    index = run.build_index(["camera1/", "camera2/"])              # exact; factory="IVF4096,Flat", "HNSW32", ...
+    index.save("gallery_index.npz")                                # faiss index, image list, model fingerprint
+    index = run.load_index("gallery_index.npz")                    # refused unless this model built it
+    hits = index.search("wanted/", k=5)                            # as run.search ranks (TEST.METRIC alone)
+    added, skipped = index.add("camera3/")                         # new images; known paths are skipped
+
+``index.search`` also takes an (Q, D) array of ``run.embed`` features; with the default exact
+index it gives ``run.search``'s images and distances (without TEST.AQE and TEST.RERANK, which
+need every query-gallery distance).
 """
 import os
 
 import torch
 
 from .engine.checkpoint import load_for_inference
-from .inference import check_text_search, embed_and_rank, list_images, ranking, text_queries
-from .engine.preflight import InputError, load_checkpoint_config, verify_image
+from .engine.preflight import InputError, load_checkpoint_config
+from .gallery_index import GalleryIndex
+from .inference import check_text_search, embed_and_rank, image_paths, ranking, text_queries
 
-__all__ = ["Run", "load"]
+__all__ = ["GalleryIndex", "Run", "load"]
 
 
 def load(path, weights=None, opts=(), device=None, camera=None):
     """A trained run, its checkpoint loaded whole.
 
     ``path``: an OUTPUT_DIR of ``tools/train_net.py`` (its ``config.yaml``; the weights default to
-    its ``model_final.pth``) or a config file (then give ``weights``). ``opts``: KEY VALUE config
-    overrides. ``device``: default the config's, or the CPU when it names CUDA and there is none.
-    ``camera``: the training camera index for models with SIE (MODEL.CLIP.SIE_CAMERA).
+    its ``model_final.pth``) or a config file (then give ``weights``, or MODEL.WEIGHTS in ``opts``).
+    ``opts``: KEY VALUE config overrides. ``device``: default the config's, or the CPU when it
+    names CUDA and there is none. ``camera``: the training camera index for models with SIE
+    (MODEL.CLIP.SIE_CAMERA).
     """
+    opts = [str(o) for o in opts]
+    weights = weights or dict(zip(opts[::2], opts[1::2])).get("MODEL.WEIGHTS")
     if os.path.isdir(path):
         config_file = os.path.join(path, "config.yaml")
         weights = weights or os.path.join(path, "model_final.pth")
     else:
         config_file = path
         if weights is None:
-            raise InputError(f"{path} is a config file: give the checkpoint too (weights=...)")
+            raise InputError(f"{path} is a config file: give the checkpoint too (weights=..., or MODEL.WEIGHTS in opts)")
     opts = [*opts, "MODEL.WEIGHTS", str(weights)]
     if device is not None:
         opts += ["MODEL.DEVICE", device]
-    cfg = load_checkpoint_config(config_file, [str(o) for o in opts])
+    cfg = load_checkpoint_config(config_file, opts)
     if device is None and cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
     sie = "CLIP" in cfg.MODEL and cfg.MODEL.CLIP.SIE_CAMERA
@@ -55,24 +71,6 @@ def load(path, weights=None, opts=(), device=None, camera=None):
     return Run(cfg, model, camera if sie else 0)
 
 
-def _images(source, what):
-    """Image paths from a folder, a path, or a list of folders and paths (a folder's images sorted,
-    recursive); each one decoded in full first, with one-line errors."""
-    sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
-    if not sources:
-        raise InputError(f"{what}: no images given")
-    paths = []
-    for s in map(os.fspath, sources):
-        if os.path.isdir(s):
-            paths += list_images([s], what)
-        elif os.path.isfile(s):
-            verify_image(s)
-            paths.append(s)
-        else:
-            raise InputError(f"{what}: no such file or folder: {s}")
-    return paths
-
-
 class Run:
     """A trained model with its config (``cfg``, frozen) and the camera index its images get."""
 
@@ -82,7 +80,7 @@ class Run:
     def embed(self, images, bf16=False):
         """The model's features of ``images`` (a folder, a path, or a list of them): an (N, D)
         float32 array, one row per image in the order given (a folder's images sorted)."""
-        paths = _images(images, "images")
+        paths = image_paths(images, "images")
         return embed_and_rank(self.cfg, self.model, [], paths, self.camera, bf16)[1]
 
     def search(self, query, gallery, top_k=10, words=None):
@@ -90,7 +88,7 @@ class Run:
         ``[{"query": path, "top": [{"image": path, "distance": d}, ...]}, ...]``, the distances
         FastReID's evaluator computes. ``words``: PromptSG's text-aware search, each query's MIM
         query the composed prompt "A photo of a s* person <words>." (the entries get "prompt")."""
-        query_paths, gallery_paths = _images(query, "query"), _images(gallery, "gallery")
+        query_paths, gallery_paths = image_paths(query, "query"), image_paths(gallery, "gallery")
         model, prompts = self.model, None
         if words is not None:
             from .analysis.text_search import WordsQueries
@@ -100,3 +98,13 @@ class Run:
             model, prompts = WordsQueries(self.model, text.words), text.prompts
         _, _, dist = embed_and_rank(self.cfg, model, query_paths, gallery_paths, self.camera)
         return ranking(dist, query_paths, gallery_paths, top_k, prompts)
+
+    def build_index(self, images, factory="Flat", params=""):
+        """A GalleryIndex of ``images`` (a folder, a path, or a list of them) for many searches:
+        ``factory`` a faiss index_factory string ("Flat": exact; "IVF4096,Flat", "HNSW32",
+        "IVF4096,PQ64np"), ``params`` its search parameters ("nprobe=16", "efSearch=128")."""
+        return GalleryIndex.build(self, images, factory, params)
+
+    def load_index(self, path, params=None):
+        """The GalleryIndex saved at ``path``; refused (InputError) unless this model built it."""
+        return GalleryIndex.load(path, self, params)

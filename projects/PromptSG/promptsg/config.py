@@ -102,6 +102,12 @@ def add_promptsg_config(cfg):
     # Use the text-to-image term L_t2i (Table 3 row c turns it off).
     cfg.MODEL.LOSSES.SUPCON.T2I = True
 
+    # ---- Evaluation (promptsg/engine/evaluation.py) ----
+    # Queries ranked at a time by the bounded-memory evaluation (distances, re-ranking, AP / CMC /
+    # mINP for one chunk of queries against the gallery; FastReID's metrics, equal to its dense
+    # path). 0: FastReID's dense path (a queries x gallery matrix and its argsort in memory).
+    cfg.TEST.QUERY_CHUNK = 256
+
     # Seed of torch, NumPy and Python's RNGs (process k of a distributed run: SEED + k), set by
     # tools/train_net.py before the model and the data loaders are built. -1: FastReID's own
     # behaviour, a fresh random seed each run (written to the log).

@@ -1,10 +1,9 @@
 """Images of new camera data embedded exactly as the evaluation embeds a test set, and a search.
 
-``embed_and_rank`` runs FastReID's test path (its test transforms, test loader and
-``inference_on_dataset``, flip test when TEST.FLIP.ENABLED) and returns the distances FastReID's
-``ReidEvaluator`` computes (TEST.METRIC, then TEST.AQE and TEST.RERANK when enabled). The rest
-reads image folders and text-aware search queries with one-line errors, and writes features and
-rankings whole or not at all. ``tools/extract_features.py`` and ``promptsg.api`` are built on it.
+``embed_and_rank`` (``promptsg.engine.embedding``) runs FastReID's test path and returns the
+distances FastReID's ``ReidEvaluator`` computes. This module reads image folders and text-aware
+search queries with one-line errors, and writes features and rankings whole or not at all.
+``tools/extract_features.py`` and ``promptsg.api`` are built on it.
 """
 import json
 import os
@@ -12,15 +11,8 @@ from typing import NamedTuple
 
 import numpy as np
 import open_clip
-import torch
 
-from fastreid.data.build import build_reid_test_loader
-from fastreid.data.common import CommDataset
-from fastreid.data.transforms import build_transforms
-from fastreid.evaluation import DatasetEvaluator, ReidEvaluator, inference_on_dataset
-
-from .engine.checkpoint import check_finite_features
-from .engine.evaluation import ranked_distances
+from .engine.embedding import embed_and_rank  # noqa: F401  (part of this module's interface)
 from .modeling.heads import uses_inversion, uses_text_tower
 from .engine.preflight import InputError, verify_image
 from .modeling.prompt import prompt_tokens, with_words
@@ -42,6 +34,24 @@ def list_images(folders, flag):
         paths += found
     for path in paths:
         verify_image(path)
+    return paths
+
+
+def image_paths(source, what):
+    """Image paths from a folder, a path, or a list of folders and paths (a folder's images sorted,
+    recursive); each one decoded in full first, with one-line errors."""
+    sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if not sources:
+        raise InputError(f"{what}: no images given")
+    paths = []
+    for s in map(os.fspath, sources):
+        if os.path.isdir(s):
+            paths += list_images([s], what)
+        elif os.path.isfile(s):
+            verify_image(s)
+            paths.append(s)
+        else:
+            raise InputError(f"{what}: no such file or folder: {s}")
     return paths
 
 
@@ -144,56 +154,6 @@ def text_queries(cfg, query_paths, text=None, text_file=None):
             raise InputError(f"--text: {exc}") from None
     prompts = [composed_prompt_text(cfg, w) if query_paths else words_only_prompt(cfg, w) for w in words]
     return TextQueries(names, words, prompts)
-
-
-class KeptFeatures(DatasetEvaluator):
-    """Keeps what ReidEvaluator is given: the model's features, as float32 on the CPU."""
-
-    def __init__(self, ranker=None):
-        self.ranker = ranker
-
-    def reset(self):
-        self.features = []
-        if self.ranker is not None:
-            self.ranker.reset()
-
-    def process(self, inputs, outputs):
-        self.features.append(outputs.to("cpu", torch.float32))
-        if self.ranker is not None:
-            self.ranker.process(inputs, outputs)
-
-    def evaluate(self):
-        return self.ranker.evaluate() if self.ranker is not None else {}
-
-
-class BF16Autocast(torch.nn.Module):
-    """``model`` run under bf16 autocast; what follows it (the distances) stays float32."""
-
-    def __init__(self, model, device_type):
-        super().__init__()
-        self.model, self.device_type = model, device_type
-
-    def forward(self, inputs):
-        with torch.autocast(self.device_type, dtype=torch.bfloat16):
-            return self.model(inputs)
-
-
-def embed_and_rank(cfg, model, query_paths, gallery_paths, camera, bf16=False):
-    """(query features, gallery features, query-gallery distances or None), by FastReID's test path;
-    ``bf16``: the model runs under bf16 autocast, the features and distances stay float32. Each
-    image's target is its position (queries first), which ``WordsQueries`` reads."""
-    items = [(path, i, camera) for i, path in enumerate(query_paths + gallery_paths)]
-    test_set = CommDataset(items, build_transforms(cfg, is_train=False), relabel=False)
-    loader, num_query = build_reid_test_loader(cfg, test_set=test_set, num_query=len(query_paths))
-    kept = KeptFeatures(ReidEvaluator(cfg, num_query) if query_paths else None)
-    if bf16:
-        model = BF16Autocast(model, torch.device(cfg.MODEL.DEVICE).type)
-    with ranked_distances(rank=False) as ranked:
-        inference_on_dataset(model, loader, kept, flip_test=cfg.TEST.FLIP.ENABLED)
-    features = torch.cat(kept.features)
-    check_finite_features(features)
-    features = features.numpy()
-    return features[:num_query], features[num_query:], ranked.get("dist")
 
 
 def write_atomic(path, write):

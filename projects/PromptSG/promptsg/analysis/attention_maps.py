@@ -19,7 +19,8 @@ Maps live on the patch grid (gh, gw); token n covers the input pixels of its pat
 size p, stride s, overlapping when s < p). ``mask_share`` is the attention mass inside a mask:
 sum_n a_n c_n, with c_n the fraction of patch n the mask covers; a uniform map gets mean(c).
 ``pixel_density`` spreads a map back over its patches' pixels for drawing: the density whose
-integral over a mask is that same share.
+integral over a mask is that same share. ``compute_maps`` gives every map of a list of images by
+one model, through FastReID's test transforms and loader as in evaluation (no flip).
 """
 from contextlib import contextmanager
 from typing import List, NamedTuple, Optional, Tuple
@@ -27,8 +28,13 @@ from typing import List, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from fastreid.data.build import build_reid_test_loader
+from fastreid.data.common import CommDataset
+from fastreid.data.transforms import build_transforms
 from open_clip.transformer import VisionTransformer
 from torch import nn
+from tqdm import tqdm
 
 from ..modeling.clip_backbone import CLIPVisualBackbone
 
@@ -187,3 +193,70 @@ def pixel_density(maps, grid: PatchGrid):
     pad_h, pad_w = grid.image_size[0] - density.shape[-2], grid.image_size[1] - density.shape[-1]
     density = F.pad(density, (0, pad_w, 0, pad_h))            # pixels no patch reaches
     return density.reshape(*lead, *grid.image_size)
+
+
+# ---- every image of a list, by one model ----
+
+class ModelMaps(NamedTuple):
+    """One model's maps of every image: ``maps`` name -> (N, H, gh, gw) per head (cross-attention)
+    or (N, gh, gw) (rollout); ``images`` (N, 3, H, W) its inputs (uint8); ``coverages`` each
+    image's person-mask coverage of the patches (gh, gw), None without a person."""
+    cfg: object
+    grid: PatchGrid
+    maps: dict
+    images: torch.Tensor
+    coverages: list
+
+
+def compute_maps(cfg, model, items, kind):
+    """Every image's maps by one model, on its patch grid: the CLS rollout and last-block CLS
+    attention of its encoder and, for ``kind`` "promptsg", the MIM's cross-attention per head with
+    each prompt; and the model's input images."""
+    test_set = CommDataset([(path, 0, camid) for path, camid in items], build_transforms(cfg, is_train=False),
+                           relabel=False)
+    loader = build_reid_test_loader(cfg, test_set=test_set, num_query=0,
+                                    num_workers=cfg.DATALOADER.NUM_WORKERS)[0]
+    sie = model.backbone.sie_embed is not None
+    maps, images = {}, []
+    for batch in tqdm(loader, desc=f"{kind} maps", unit="batch", disable=len(loader) < 3):
+        camids = batch["camids"].to(model.device) if sie else None
+        cls = cls_attention_maps(model, batch["images"], camids)
+        prefix = "baseline" if kind == "baseline" else "promptsg_rollout"
+        out = {prefix: cls.rollout, f"{kind}_last_block": cls.last_block}
+        if kind == "promptsg":
+            out.update(promptsg_cross_attention(model, batch["images"], camids)._asdict())
+        for name, value in out.items():
+            if value is not None:
+                maps.setdefault(name, []).append(value.float().cpu())
+        images.append(batch["images"].clamp(0, 255).round().to(torch.uint8))
+    return {name: torch.cat(values) for name, values in maps.items()}, torch.cat(images)
+
+
+def mask_at_input(mask, cfg):
+    """A person mask (h, w) bool brought to the model's input as the test transforms bring the
+    image (resize to INPUT.SIZE_TEST, centre crop if INPUT.CROP.ENABLED): (H, W) float, each input
+    pixel's covered fraction (area resampling: exact box averages for integer scale factors)."""
+    m = torch.as_tensor(np.asarray(mask), dtype=torch.float32)[None, None]
+    size = list(cfg.INPUT.SIZE_TEST)
+    if size[0] > 0:
+        if len(size) == 1:       # torchvision's rule: the shorter side to that size
+            h, w = m.shape[-2:]
+            size = [size[0], round(size[0] * w / h)] if h > w else [round(size[0] * h / w), size[0]]
+        m = F.interpolate(m, size=size, mode="area")
+    if cfg.INPUT.CROP.ENABLED:
+        m = TF.center_crop(m, list(cfg.INPUT.CROP.SIZE))
+    return m[0, 0]
+
+
+def head_mean(value):
+    """A map averaged over its heads (a rollout map has none)."""
+    return value.mean(dim=-3) if value.dim() >= 3 else value
+
+
+def save_maps(path, items, results):
+    """Every map of every image (``results``: model kind -> ModelMaps) and the images' paths, as
+    one compressed .npz file."""
+    arrays = {"paths": np.array([p for p, _ in items])}
+    for res in results.values():
+        arrays.update({name: value.numpy() for name, value in res.maps.items()})
+    np.savez_compressed(path, **arrays)

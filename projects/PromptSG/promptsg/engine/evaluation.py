@@ -1,8 +1,21 @@
-"""Reading FastReID's evaluation: its chance level, and the distances its ReidEvaluator ranks."""
+"""Reading FastReID's evaluation (its chance level, the distances its ReidEvaluator ranks) and
+running it in bounded memory: distances, re-ranking and ranking one chunk of queries at a time."""
 import contextlib
+import copy
 import importlib
+import itertools
+import logging
+from collections import OrderedDict
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .ranking import GalleryDistances, evaluate_in_chunks, query_chunks
+from .sparse_rerank import SparseReranker
+
+logger = logging.getLogger(__name__)
+_dense_readers = 0     # open ranked_distances() blocks: their callers read the whole matrix
 
 
 def chance_level(q_pids, q_camids, g_pids, g_camids):
@@ -35,8 +48,22 @@ def ranked_distances(rank=True):
     ``fastreid.evaluation.rank.evaluate_rank``; a stand-in for that function records them in the
     dict this yields (``dist``, ``q_pids``, ``g_pids``, ``q_camids``, ``g_camids``, and ``all_ap``
     when ranked). ``rank=False`` skips the ranking itself, for images without identity labels; the
-    evaluator's metrics are then zeros.
+    evaluator's metrics are then zeros. Inside the block the evaluator takes FastReID's dense path
+    (the caller wants the whole matrix), not the query chunks of ``evaluate_in_query_chunks``.
     """
+    global _dense_readers
+    _dense_readers += 1
+    try:
+        with recorded_ranking(rank) as ranked:
+            yield ranked
+    finally:
+        _dense_readers -= 1
+
+
+@contextlib.contextmanager
+def recorded_ranking(rank=True):
+    """``ranked_distances`` without asking for the dense path: records the matrix when FastReID's
+    ``evaluate_rank`` runs (the query-counting patch reads the number of queries it scored)."""
     module = importlib.import_module("fastreid.evaluation.rank")
     fastreid_evaluate_rank = module.evaluate_rank
     ranked = {}
@@ -55,3 +82,84 @@ def ranked_distances(rank=True):
         yield ranked
     finally:
         module.evaluate_rank = fastreid_evaluate_rank
+
+
+def record_query_counts(results, total, evaluated):
+    """``queries_evaluated`` and ``queries_skipped`` in the evaluator's results, and a log line
+    (a warning when the protocol skipped queries)."""
+    results["queries_evaluated"], results["queries_skipped"] = evaluated, total - evaluated
+    logger.log(logging.WARNING if evaluated < total else logging.INFO,
+               "evaluated %d of %d queries%s", evaluated, total,
+               f"; {total - evaluated} skipped: no gallery image of their identity from another camera"
+               if evaluated < total else "")
+
+
+def uses_query_chunks(cfg):
+    """Whether ``evaluate_in_query_chunks`` ranks, rather than FastReID's dense path: not when
+    TEST.QUERY_CHUNK is 0, TEST.ROC needs every score, or a ``ranked_distances`` block reads the
+    whole matrix."""
+    return cfg.TEST.get("QUERY_CHUNK", 0) > 0 and not cfg.TEST.ROC.ENABLED and _dense_readers == 0
+
+
+@torch.no_grad()
+def evaluate_in_query_chunks(evaluator):
+    """``ReidEvaluator.evaluate`` with its ranking path in bounded memory; the same results.
+
+    The predictions are gathered and TEST.AQE applied as FastReID does. Then, for each chunk of
+    TEST.QUERY_CHUNK queries: the TEST.METRIC distances to the gallery (on the GPU when there is
+    one), TEST.RERANK's Jaccard distances from ``SparseReranker`` mixed in by LAMBDA as FastReID
+    mixes them, and the chunk's AP, CMC and INP (``ranking.RankAccumulator``). Peak memory grows
+    with a chunk times the gallery, not with queries times gallery.
+    """
+    from fastreid.utils import comm
+
+    cfg = evaluator.cfg
+    predictions = evaluator._predictions
+    if comm.get_world_size() > 1:
+        comm.synchronize()
+        predictions = list(itertools.chain(*comm.gather(predictions, dst=0)))
+        if not comm.is_main_process():
+            return {}
+    features = torch.cat([p["feats"] for p in predictions])
+    pids = torch.cat([p["pids"] for p in predictions]).numpy()
+    camids = torch.cat([p["camids"] for p in predictions]).numpy()
+    num_query = evaluator._num_query
+    query, gallery = features[:num_query], features[num_query:]
+
+    if cfg.TEST.AQE.ENABLED:
+        from fastreid.evaluation.query_expansion import aqe
+
+        logger.info("Test with AQE setting")
+        query, gallery = aqe(query, gallery, cfg.TEST.AQE.QE_TIME, cfg.TEST.AQE.QE_K, cfg.TEST.AQE.ALPHA)
+
+    reranker = None
+    if cfg.TEST.RERANK.ENABLED:
+        logger.info("Test with rerank setting (sparse k-reciprocal weights)")
+        normalised = cfg.TEST.METRIC == "cosine"
+        reranker = SparseReranker(F.normalize(query, dim=1) if normalised else query,
+                                  F.normalize(gallery, dim=1) if normalised else gallery,
+                                  cfg.TEST.RERANK.K1, cfg.TEST.RERANK.K2)
+    lam = cfg.TEST.RERANK.LAMBDA
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    to_gallery = GalleryDistances(gallery, cfg.TEST.METRIC, device)
+
+    def distance_chunks():
+        for rows in query_chunks(num_query, cfg.TEST.QUERY_CHUNK):
+            dist = to_gallery(query[rows])
+            if reranker is not None:
+                jaccard = torch.from_numpy(reranker.distances(rows)).to(device)
+                dist = jaccard * (1 - lam) + dist * lam
+            yield rows, dist
+
+    cmc, all_ap, all_inp, _ = evaluate_in_chunks(distance_chunks(), pids[:num_query], camids[:num_query],
+                                                 pids[num_query:], camids[num_query:])
+    results = OrderedDict()
+    mean_ap, mean_inp = np.mean(all_ap), np.mean(all_inp)
+    for r in (1, 5, 10):
+        results[f"Rank-{r}"] = cmc[r - 1] * 100
+    results["mAP"] = mean_ap * 100
+    results["mINP"] = mean_inp * 100
+    results["metric"] = (mean_ap + cmc[0]) / 2 * 100
+    record_query_counts(results, num_query, len(all_ap))
+    evaluator._results = results
+    return copy.deepcopy(results)

@@ -112,6 +112,12 @@ def check_ranges(cfg, processes=1):
     need(solver.CHECKPOINT_PERIOD >= 1, f"SOLVER.CHECKPOINT_PERIOD must be >= 1 (epochs), got {solver.CHECKPOINT_PERIOD}")
     need(cfg.TEST.EVAL_PERIOD >= 1, f"TEST.EVAL_PERIOD must be >= 1 (epochs), got {cfg.TEST.EVAL_PERIOD}")
     need(cfg.TEST.IMS_PER_BATCH >= 1, f"TEST.IMS_PER_BATCH must be >= 1, got {cfg.TEST.IMS_PER_BATCH}")
+    need(cfg.TEST.QUERY_CHUNK >= 0, f"TEST.QUERY_CHUNK must be >= 0 (0: FastReID's dense evaluation), "
+                                    f"got {cfg.TEST.QUERY_CHUNK}")
+    if cfg.TEST.RERANK.ENABLED:
+        rerank = cfg.TEST.RERANK
+        need(1 <= rerank.K2 <= rerank.K1, f"TEST.RERANK needs 1 <= K2 <= K1, got K1 {rerank.K1} and K2 {rerank.K2}")
+        need(0 <= rerank.LAMBDA <= 1, f"TEST.RERANK.LAMBDA must be in [0, 1], got {rerank.LAMBDA}")
     need(loader.NUM_WORKERS >= 0, f"DATALOADER.NUM_WORKERS must be >= 0, got {loader.NUM_WORKERS}")
     need(solver.WARMUP_ITERS >= 0, f"SOLVER.WARMUP_ITERS must be >= 0, got {solver.WARMUP_ITERS}")
     if loader.SAMPLER_TRAIN in IDENTITY_SAMPLERS:

@@ -1,1 +1,1 @@
-"""The retrieval feature as an ONNX graph."""
+"""The retrieval feature as an ONNX graph, checked, evaluated and timed against PyTorch."""

@@ -14,8 +14,9 @@ either. FastReID's own meta-architectures export where their layers do: FastReID
 the BoT, AGW and SBS ResNets and the BoT ViT of configs/ does.
 
 The graph is written by ``torch.onnx.export`` (the torch.export-based exporter) and checked by
-``onnx.checker``; ``OnnxFeatures`` runs it with onnxruntime behind the interface of a FastReID
-model, so FastReID's evaluation can score it unchanged.
+``onnx.checker``; ``export_checked`` writes it only once onnxruntime reproduces PyTorch's
+features. ``OnnxFeatures`` runs it with onnxruntime behind the interface of a FastReID model, so
+FastReID's evaluation can score it unchanged.
 """
 import logging
 import os
@@ -24,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..engine.preflight import InputError, check_datasets, check_output_dir, load_checkpoint_config
+
 # The ONNX operator set written: LayerNormalization needs 17; 18 runs on onnxruntime >= 1.14.
 OPSET = 18
 # The batch the graph is traced with. torch.export treats sizes 0 and 1 as special cases, so a
@@ -31,6 +34,10 @@ OPSET = 18
 EXPORT_BATCH = 2
 # The agreement with PyTorch an exported graph must reach on every image of the check batch.
 MIN_COSINE = 0.9999
+
+
+class ExportError(RuntimeError):
+    """The model does not export to ONNX, or its graph disagrees with PyTorch."""
 
 
 class FeatureGraph(nn.Module):
@@ -156,3 +163,82 @@ def remove_quietly(path):
         os.remove(path)
     except FileNotFoundError:
         pass
+
+
+def export_config(config_file, opts, output, weights=None, camera=None, evaluate=False):
+    """(config, camera index, test set or None) of an export to ``output``, checked before anything
+    is built: ``weights`` (else MODEL.WEIGHTS among ``opts``), the SIE ``camera`` every image gets
+    (models with MODEL.CLIP.SIE_CAMERA), the first of DATASETS.TESTS when ``evaluate``."""
+    opts = list(opts) + (["MODEL.WEIGHTS", weights] if weights else [])
+    cfg = load_checkpoint_config(config_file, opts)
+    cfg.MODEL.DEVICE = "cpu"              # the graph is traced on the CPU; ONNX has no device
+    if "PROMPTSG" in cfg.MODEL:
+        cfg.MODEL.PROMPTSG.COMPILE = ""   # torch.compile changes no result; the exporter traces eager code
+    if "CLIP" in cfg.MODEL and cfg.MODEL.CLIP.SIE_CAMERA:
+        cameras = cfg.MODEL.CLIP.NUM_CAMERAS
+        if camera is None or not 0 <= camera < cameras:
+            raise InputError(f"MODEL.CLIP.SIE_CAMERA is on: give --camera, a training camera index "
+                             f"in 0..{cameras - 1} (got {camera})")
+        if evaluate:
+            raise InputError("--evaluate needs each test image's own camera; with MODEL.CLIP.SIE_CAMERA the "
+                             "graph gives every image the --camera embedding")
+    else:
+        camera = None
+    check_output_dir(os.path.dirname(os.path.abspath(output)), "--output folder")
+    dataset = None
+    if evaluate:
+        if not cfg.DATASETS.TESTS:
+            raise InputError(f"{config_file}: DATASETS.TESTS is empty: --evaluate has no test set")
+        dataset = cfg.DATASETS.TESTS[0]
+        test_only = cfg.clone()
+        test_only.DATASETS.NAMES, test_only.DATASETS.TESTS = (), (dataset,)   # no training data needed
+        check_datasets(test_only, os.getenv("FASTREID_DATASETS", "datasets"))
+    cfg.freeze()
+    return cfg, camera, dataset
+
+
+def export_checked(cfg, graph, output, check_batch):
+    """Export ``graph`` to ``output`` once onnxruntime reproduces PyTorch on ``check_batch``
+    images; returns (max abs difference, min cosine, feature width). Nothing is written when
+    either fails."""
+    tmp = output + ".tmp"
+    try:
+        try:
+            export(graph, example_images(cfg, EXPORT_BATCH), tmp)
+        except Exception as exc:  # the exporter's errors are many and long: keep their first line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ExportError(f"{cfg.MODEL.META_ARCHITECTURE} ({cfg.MODEL.BACKBONE.NAME}) does not export to "
+                              f"ONNX: {type(exc).__name__}: {first}") from None
+        checked = check_agreement(cfg, graph, session(tmp), check_batch)
+        os.replace(tmp, output)
+    finally:
+        remove_quietly(tmp)
+    return checked
+
+
+def check_agreement(cfg, graph, sess, batch):
+    """(max abs difference, min cosine, feature width) of the graph's features against PyTorch's
+    on ``batch`` noise images; ExportError when a cosine is below MIN_COSINE."""
+    images = example_images(cfg, batch, seed=1)
+    with torch.no_grad():
+        reference = graph(images).numpy()
+    features = run(sess, images)
+    if features.shape != reference.shape:
+        raise ExportError(f"onnxruntime gives features of shape {features.shape}, PyTorch {reference.shape}; "
+                          f"nothing written")
+    difference, cosine = agreement(reference, features)
+    if not cosine.min() >= MIN_COSINE:      # also refuses NaN
+        raise ExportError(f"onnxruntime disagrees with PyTorch: min cosine {cosine.min():.6f} < "
+                          f"{MIN_COSINE} over {batch} images (max abs difference {difference:.3g}); "
+                          f"nothing written")
+    return difference, float(cosine.min()), reference.shape[1]
+
+
+def describe(cfg, graph):
+    """One line on what the graph holds of PromptSG's prompt."""
+    model = graph.model
+    if getattr(model, "text", None) is None or getattr(model.heads, "mim", None) is None:
+        return "visual encoder only"
+    if model.inference_prompt == "composed":
+        return "composed prompt: inversion network and text encoder per image"
+    return f"simplified prompt {cfg.MODEL.PROMPTSG.SIMPLE_PROMPT!r} folded in as a constant (no text encoder)"

@@ -10,10 +10,11 @@ finished, and waiting for it costs nothing.
   * ``DeferredScalars``: what the model logs in training, the accuracy (``cls_accuracy``) and the
     alignment diagnostics (``diagnostics.py``).
   * ``DeferredLossLog``: the loss dict that FastReID's trainer logs after each step (patched in
-    through ``compat.py``, section 12). Each value is written under its own iteration.
+    through ``engine/compat/training.py``, section 12). Each value is written under its own iteration.
 
 On the CPU a copy is an ordinary copy. ``DeferredScalars`` then logs at once, and the trainer's
-loss log waits only where its values are on a device named in ``compat.DEFERRED_LOSS_LOG_DEVICES``.
+loss log waits only where its values are on a device named in
+``compat.training.DEFERRED_LOSS_LOG_DEVICES``.
 """
 import contextlib
 

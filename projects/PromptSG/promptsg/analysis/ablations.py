@@ -1,0 +1,228 @@
+"""The paper's ablations (Tables 3-5) on the embedded synthetic benchmark as tables of rows (a
+config of projects/PromptSG/configs/Synthetic/ with overrides), and their summary over seeds
+(tools/run_ablations.py): mean and standard deviation of mAP and Rank-1 per test prompt and of the
+alignment at the end of training (``promptsg.modeling.diagnostics``), as a markdown table.
+
+Each row runs as ``tools/train_net.py`` in a subprocess (``run_one``), once per seed; a run already
+finished in the work folder is reused, an interrupted one resumed.
+"""
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+from ..modeling.diagnostics import alignment_report
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # projects/PromptSG
+TRAIN_NET = os.path.join(os.path.dirname(os.path.dirname(PROJECT)), "tools", "train_net.py")
+SYNTHETIC = os.path.join(PROJECT, "configs", "Synthetic")
+PROMPTSG = os.path.join(SYNTHETIC, "promptsg_small_vit.yml")
+BASELINE = os.path.join(SYNTHETIC, "clip_baseline_small_vit.yml")
+NO_MIM = ["MODEL.PROMPTSG.MIM.CROSS_LAYERS", "0", "MODEL.PROMPTSG.MIM.SELF_LAYERS", "0"]
+ID_AND_TRIPLET = ["MODEL.LOSSES.NAME", '("CrossEntropyLoss", "TripletLoss")']
+REA = ["INPUT.REA.ENABLED", "True"]
+OLD = REA + ["MODEL.LOSSES.SUPCON.POSITIVES", "mean", "MODEL.PROMPTSG.PSEUDO_TOKEN_INIT", "unit",
+             "MODEL.LOSSES.SUPCON.TEMPERATURE", "0.07"]
+
+SHARE = ["MODEL.PROMPTSG.SIMPLIFIED_QUERY_SHARE", "0.5"]
+
+
+def fusion(name):
+    return ["MODEL.PROMPTSG.MIM.FUSION", name]
+
+
+# table -> [(row key, paper label, config, overrides)]
+TABLES = {
+    "ablations": [
+        ("clip_baseline", "CLIP baseline (ID + triplet, no text)", BASELINE, []),
+        ("supcon_no_mim", "Table 3 d: + L_SupCon, no MIM", PROMPTSG, NO_MIM),
+        ("i2t_only", "Table 3 c: L_i2t only (w/o L_t2i)", PROMPTSG, ["MODEL.LOSSES.SUPCON.T2I", "False"]),
+        ("t2i_only", "Table 3 b: L_t2i only (w/o L_i2t)", PROMPTSG, ["MODEL.LOSSES.SUPCON.I2T", "False"]),
+        ("full", "Table 3 a / Table 5: PromptSG, 1 cross + 2 self (default: MIM.FUSION reweight)", PROMPTSG, []),
+        ("paper_recipe", "... Eq. 7 as written (MIM.FUSION attention; ablations/paper_recipe.yml)", PROMPTSG,
+         fusion("attention")),
+        ("query_residual", "... the query added back (MIM.FUSION query_residual, the wiring before)", PROMPTSG,
+         fusion("query_residual")),
+        ("wo_composed", "Table 4: training w/o composed (simplified prompt, no L_SupCon)", PROMPTSG,
+         ID_AND_TRIPLET + ["MODEL.PROMPTSG.COMPOSE_TRAIN", "False"]),
+        ("mim_1cross", "Table 5: 1 cross, 0 self (MIM.FUSION attention: the cross-attention's output)", PROMPTSG,
+         ["MODEL.PROMPTSG.MIM.SELF_LAYERS", "0"] + fusion("attention")),
+        ("mim_1cross_1self", "Table 5: 1 cross, 1 self", PROMPTSG, ["MODEL.PROMPTSG.MIM.SELF_LAYERS", "1"]),
+        ("simplified_share", "Beyond the paper: half the MIM queries simplified in training", PROMPTSG, SHARE),
+    ],
+    # The MIM's wiring where the paper is silent (MODEL.PROMPTSG.MIM.FUSION), alone and with half the
+    # training queries simplified (SIMPLIFIED_QUERY_SHARE 0.5).
+    "wiring": [
+        ("clip_baseline", "CLIP baseline (ID + triplet, no text)", BASELINE, []),
+        ("query_residual", "query_residual: x = q + A(q, P)", PROMPTSG, fusion("query_residual")),
+        ("attention", "attention: x = A(q, P) (Eq. 7)", PROMPTSG, fusion("attention")),
+        ("visual_residual", "visual_residual: x = v + A(q, P)", PROMPTSG, fusion("visual_residual")),
+        ("reweight", "reweight: [v; a * P] through the blocks, read at v", PROMPTSG, fusion("reweight")),
+        ("query_residual_share", "query_residual + SIMPLIFIED_QUERY_SHARE 0.5", PROMPTSG,
+         fusion("query_residual") + SHARE),
+        ("attention_share", "attention + SIMPLIFIED_QUERY_SHARE 0.5", PROMPTSG, fusion("attention") + SHARE),
+        ("visual_residual_share", "visual_residual + SIMPLIFIED_QUERY_SHARE 0.5", PROMPTSG,
+         fusion("visual_residual") + SHARE),
+        ("reweight_share", "reweight + SIMPLIFIED_QUERY_SHARE 0.5", PROMPTSG, fusion("reweight") + SHARE),
+        ("attention_concat", "attention, test feature MIM output ++ v (FEATURE concat)", PROMPTSG,
+         fusion("attention") + ["MODEL.PROMPTSG.FEATURE", "concat"]),
+    ],
+    # The experiments behind the defaults (docs/EXPERIMENTS.md, "What was wrong"); OLD is the main job as
+    # it was: SupCon averaged over the positives, s* at BatchNorm's unit scale, random erasing.
+    "diagnosis": [
+        ("base", "CLIP baseline, ID + triplet (defaults)", BASELINE, []),
+        ("base_rea", "CLIP baseline with random erasing", BASELINE, REA),
+        ("base_rea_id_only", "... and the ID loss only", BASELINE, REA + ["MODEL.LOSSES.NAME", '("CrossEntropyLoss",)']),
+        ("base_rea_triplet_on_v", "... and the triplet on v only (no visual states)", BASELINE,
+         REA + ["MODEL.PROMPTSG.TRIPLET_ON_VISUAL_STATES", "False"]),
+        ("base_rea_soft_margin", "... and a soft-margin triplet", BASELINE, REA + ["MODEL.LOSSES.TRI.MARGIN", "0.0"]),
+        ("base_rea_lr_5e-5", "... and encoder lr 5e-5 (10x lower)", BASELINE, REA + ["SOLVER.BASE_LR", "0.00005"]),
+        ("old", "PromptSG as it was (SupCon mean over positives, unit s*, erasing)", PROMPTSG, OLD),
+        ("old_sum", "... with SupCon summed over the positives (Eq. 5-6)", PROMPTSG,
+         REA + ["MODEL.PROMPTSG.PSEUDO_TOKEN_INIT", "unit"]),
+        ("old_sum_token", "... and s* starting at the word-embedding scale", PROMPTSG, REA),
+        ("old_sum_token_tau_0.03", "... with tau 0.03 instead of CLIP's 0.071", PROMPTSG,
+         REA + ["MODEL.LOSSES.SUPCON.TEMPERATURE", "0.03"]),
+        ("old_sum_token_tau_0.01", "... with tau 0.01", PROMPTSG, REA + ["MODEL.LOSSES.SUPCON.TEMPERATURE", "0.01"]),
+        ("old_supcon_only", "... L_SupCon alone", PROMPTSG, REA + ["MODEL.LOSSES.NAME", '("SupConLoss",)']),
+        ("old_supcon_only_frozen_v", "... L_SupCon alone, encoder frozen (lr 5e-8), heads lr 5e-3", PROMPTSG,
+         REA + ["MODEL.LOSSES.NAME", '("SupConLoss",)', "SOLVER.BASE_LR", "0.00000005",
+                "SOLVER.HEADS_LR_FACTOR", "100000.0"]),
+        ("defaults", "PromptSG now: summed SupCon, s* at word scale, no erasing", PROMPTSG, []),
+    ],
+}
+METRICS = ("mAP", "Rank-1")
+ALIGNMENT = ("supcon_over_chance", "align_i2t_top1", "align_t2i_top1", "collapse_v_cos", "collapse_text_cos",
+             "pseudo_token_norm_ratio")
+
+
+def row_prompts(config, overrides):
+    """The test-time prompts of a row: ("visual",) without a MIM (the feature is v), else the
+    simplified prompt and, where f_theta is trained, the composed one."""
+    pairs = dict(zip(overrides[::2], overrides[1::2]))
+    if config == BASELINE or pairs.get("MODEL.PROMPTSG.MIM.CROSS_LAYERS") == "0":
+        return ("visual",)
+    if pairs.get("MODEL.PROMPTSG.COMPOSE_TRAIN") == "False":
+        return ("simplified",)
+    return ("simplified", "composed")
+
+
+def train_net(args, log_path):
+    """tools/train_net.py with ``args``, its output to ``log_path``; raises with the log's tail on failure."""
+    cmd = [sys.executable, TRAIN_NET, *args]
+    with open(log_path, "w") as log:
+        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        with open(log_path) as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"{' '.join(cmd)} failed (log: {log_path}):\n{tail}")
+
+
+def read_json(path):
+    """The JSON file ``path``."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_one(row, seed, common, work_dir):
+    """Train (or reuse) one row with one seed and evaluate it with its prompts; returns its record."""
+    key, label, config, overrides = row
+    out_dir = os.path.join(work_dir, key, f"seed{seed}")
+    os.makedirs(out_dir, exist_ok=True)
+    record = {"row": key, "seed": seed, "output_dir": out_dir}
+    results_path = os.path.join(out_dir, "results.json")
+    if not os.path.isfile(results_path):
+        start = time.perf_counter()
+        # --resume: a run interrupted before its results continues from its last checkpoint.
+        train_net(["--config-file", config, "--resume", *common, *overrides, "SEED", str(seed),
+                   "OUTPUT_DIR", out_dir],
+                  os.path.join(out_dir, "train.out"))
+        record["train_seconds"] = time.perf_counter() - start
+    else:   # reused: from the run's first file (its config) to its last (the results)
+        record["train_seconds"] = os.path.getmtime(results_path) - os.path.getmtime(os.path.join(out_dir, "config.yaml"))
+    prompts = row_prompts(config, overrides)
+    record["results"] = {prompts[0]: {m: read_json(results_path)[m] for m in METRICS}}   # train_net's own
+    if "composed" in prompts:
+        composed_dir = os.path.join(out_dir, "composed")
+        composed_path = os.path.join(composed_dir, "eval_results.json")
+        if os.path.isfile(composed_path):
+            record["eval_seconds"] = (os.path.getmtime(composed_path)
+                                      - os.path.getmtime(os.path.join(composed_dir, "config.yaml")))
+        else:
+            os.makedirs(composed_dir, exist_ok=True)
+            start = time.perf_counter()
+            train_net(["--config-file", config, "--eval-only", *common, *overrides,
+                       "MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth"),
+                       "MODEL.PROMPTSG.INFERENCE_PROMPT", "composed", "OUTPUT_DIR", composed_dir],
+                      os.path.join(composed_dir, "eval.out"))
+            record["eval_seconds"] = time.perf_counter() - start
+        record["results"]["composed"] = {m: read_json(composed_path)[m] for m in METRICS}
+    report, _ = alignment_report(out_dir)
+    record["alignment"] = {k: report[k] for k in ALIGNMENT if k in report}
+    return record
+
+
+def summarise(records):
+    """mean and std over the seeds of every metric of one row."""
+    values = {}
+    for r in records:
+        for prompt, metrics in r["results"].items():
+            for m, v in metrics.items():
+                values.setdefault(f"{prompt}/{m}", []).append(v)
+        for k, v in r["alignment"].items():
+            values.setdefault(f"alignment/{k}", []).append(v)
+    return {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "runs": v}
+            for k, v in values.items()}
+
+
+def markdown(table, summaries, seeds):
+    """The summary as a markdown table (mean +- std over the seeds)."""
+    def cell(summary, key, scale=1.0, digits=1):
+        if key not in summary:
+            return "-"
+        s = summary[key]
+        if len(s["runs"]) == 1:
+            return f"{scale * s['mean']:.{digits}f}"
+        return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
+
+    lines = [f"| Row ({'seed' if len(seeds) == 1 else f'{len(seeds)} seeds:'} {', '.join(map(str, seeds))}) | mAP, simplified / visual-only | "
+             f"mAP, composed | Rank-1, simplified / visual-only | Rank-1, composed | "
+             f"loss_supcon / chance at the end | image->prompt top-1 | pairwise cos of v |",
+             "|:--|--:|--:|--:|--:|--:|--:|--:|"]
+    for key, label, _, _ in TABLES[table]:
+        if key not in summaries:
+            continue
+        s = summaries[key]
+        first = "simplified" if "simplified/mAP" in s else "visual"
+        lines.append(f"| {label} | {cell(s, first + '/mAP')} | {cell(s, 'composed/mAP')} | "
+                     f"{cell(s, first + '/Rank-1')} | {cell(s, 'composed/Rank-1')} | "
+                     f"{cell(s, 'alignment/supcon_over_chance', digits=2)} | "
+                     f"{cell(s, 'alignment/align_i2t_top1', digits=2)} | {cell(s, 'alignment/collapse_v_cos', digits=2)} |")
+    return "\n".join(lines)
+
+
+def markers(table):
+    """The comments a README's copy of ``table`` lies between."""
+    return f"<!-- ablations:{table}:start -->", f"<!-- ablations:{table}:end -->"
+
+
+def replace_between_markers(path, table, text):
+    """``text`` in place of what lies between ``table``'s markers in the file ``path``."""
+    start, end = markers(table)
+    with open(path) as f:
+        content = f.read()
+    before, rest = content.split(start, 1)
+    _, after = rest.split(end, 1)
+    with open(path, "w") as f:
+        f.write(before + start + "\n" + text + "\n" + end + after)
+
+
+def machine():
+    """The platform, processor, CPUs, torch threads and torch version of this measurement."""
+    import torch
+
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}

@@ -1,0 +1,153 @@
+"""FastReID's Checkpointer: loads whole or refuses, saves atomically, and never writes NaN."""
+import os
+
+import torch
+
+from .patch import _patch
+
+
+# --------------------------------------------------------------------------------------------
+# 9. torch.load defaults to weights_only=True (torch >= 2.6)
+# --------------------------------------------------------------------------------------------
+@_patch
+def _checkpoint_load():
+    """Load FastReID checkpoints with ``weights_only=True`` first; checkpoints that also pickle
+    other objects (NumPy scalars, configs) are trusted local files and are loaded in full. An
+    empty, truncated or foreign file is one line naming it (``checkpoint.CheckpointError``)."""
+    from fastreid.utils.checkpoint import Checkpointer
+
+    from ..checkpoint import CheckpointError
+
+    if getattr(Checkpointer._load_file, "_promptsg_patched", False):
+        return
+
+    def _load_file(self, f):
+        if os.path.getsize(f) == 0:
+            raise CheckpointError(f"{f}: empty file, not a checkpoint")
+        try:
+            try:
+                data = torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as exc:  # torch raises UnpicklingError or RuntimeError here
+                if "weights_only" not in str(exc) and "Weights only" not in str(exc):
+                    raise
+                self.logger.info("%s holds non-tensor objects; loading it with weights_only=False", f)
+                data = torch.load(f, map_location="cpu", weights_only=False)
+        except Exception as exc:  # truncated zip, not a torch file at all
+            raise CheckpointError(f"{f}: not a readable checkpoint ({type(exc).__name__}: "
+                                  f"{' '.join(str(exc).split())[:200]})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            raise CheckpointError(f"{f}: not a FastReID checkpoint (no 'model' state dict; a CLIP file "
+                                  f"belongs in MODEL.CLIP.PRETRAINED)")
+        return data
+
+    _load_file._promptsg_patched = True
+    Checkpointer._load_file = _load_file
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints of another model load partially, and NaN weights load, without an error
+# --------------------------------------------------------------------------------------------
+@_patch
+def _checkpoint_load_whole():
+    """``Checkpointer.load`` loads a checkpoint whole or refuses it (``checkpoint.check_compatible``):
+    FastReID's loads the matching tensors, logs the rest and evaluates a half-loaded model. A
+    ``Checkpointer`` whose ``skip_classifier`` is True (evaluation, the tools, fine-tuning with
+    ``MODEL.WEIGHTS_NEW_CLASSIFIER``) leaves out the ID classifier alone, logged. Loaded weights
+    must be finite."""
+    from fastreid.utils.checkpoint import Checkpointer, _IncompatibleKeys, _strip_prefix_if_present
+
+    from ..checkpoint import CheckpointError, check_compatible, check_mim_fusion, first_non_finite
+
+    if getattr(Checkpointer._load_model, "_promptsg_patched", False):
+        return
+    fastreid_load = Checkpointer.load
+    Checkpointer.skip_classifier = False
+
+    def load(self, path, checkpointables=None):
+        self._promptsg_loading = path
+        try:
+            return fastreid_load(self, path, checkpointables)
+        finally:
+            self._promptsg_loading = None
+
+    def _load_model(self, checkpoint):
+        path = getattr(self, "_promptsg_loading", None) or "checkpoint"
+        state = checkpoint.pop("model")
+        self._convert_ndarray_to_tensor(state)
+        _strip_prefix_if_present(state, "module.")
+        bad = first_non_finite(state.items())
+        if bad is not None:
+            raise CheckpointError(f"{path}: {bad} holds NaN or infinity; a model with non-finite weights "
+                                  f"gives no meaningful result")
+        check_mim_fusion(path, self.model.state_dict(), state)
+        skipped = check_compatible(path, self.model.state_dict(), state, self.skip_classifier)
+        for key in skipped:
+            state.pop(key, None)
+        if skipped:
+            self.logger.info("%s: the ID classifier (%s) is left out: it is not used at test time, and "
+                             "fine-tuning trains a new one", path, ", ".join(skipped))
+        self.model.load_state_dict(state, strict=not skipped)
+        return _IncompatibleKeys(missing_keys=[], unexpected_keys=[], incorrect_shapes=[])
+
+    load._promptsg_patched = _load_model._promptsg_patched = True
+    Checkpointer.load = load
+    Checkpointer._load_model = _load_model
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints are written in place: a crash while saving model_best.pth loses the previous one
+# --------------------------------------------------------------------------------------------
+@_patch
+def _checkpoint_atomic_save():
+    """``Checkpointer.save`` writes to a temporary file and renames it over the target, so an
+    interrupted save never destroys a checkpoint already on disk; and it refuses weights or
+    optimizer state holding NaN or infinity (``checkpoint.check_finite_checkpoint``), so the last
+    checkpoint written is the last good one. ``last_checkpoint`` is written atomically too, and
+    ``--resume`` finds the newest complete checkpoint even without it."""
+    from fastreid.utils.checkpoint import Checkpointer
+
+    from ..checkpoint import check_finite_checkpoint, newest_checkpoint, rng_state
+
+    if getattr(Checkpointer.save, "_promptsg_patched", False):
+        return
+
+    def save(self, name, **kwargs):
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        if self.checkpointables:           # a trainer's checkpoint: --resume continues its random streams
+            data["rng"] = rng_state()
+        data.update(kwargs)
+        basename = "{}.pth".format(name)
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to {}".format(save_file))
+        check_finite_checkpoint(save_file, data)
+        tmp_file = save_file + ".tmp"
+        torch.save(data, tmp_file)
+        os.replace(tmp_file, save_file)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        """``last_checkpoint`` written to a temporary file and renamed: a kill mid-write never
+        leaves it empty (FastReID writes it in place)."""
+        save_file = os.path.join(self.save_dir, "last_checkpoint")
+        with open(save_file + ".tmp", "w") as f:
+            f.write(last_filename_basename)
+        os.replace(save_file + ".tmp", save_file)
+
+    def get_checkpoint_file(self):
+        """The checkpoint ``last_checkpoint`` names if it is complete, else the newest complete
+        ``model_NNNN.pth`` / ``model_final.pth`` in the folder (``checkpoint.newest_checkpoint``):
+        a kill between a checkpoint's rename and the tag's write no longer restarts from scratch."""
+        return newest_checkpoint(self.save_dir)
+
+    def has_checkpoint(self):
+        return bool(self.save_dir) and bool(newest_checkpoint(self.save_dir))
+
+    save._promptsg_patched = True
+    Checkpointer.save = save
+    Checkpointer.tag_last_checkpoint = tag_last_checkpoint
+    Checkpointer.get_checkpoint_file = get_checkpoint_file
+    Checkpointer.has_checkpoint = has_checkpoint

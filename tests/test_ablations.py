@@ -1,0 +1,71 @@
+"""The ablation tables of tools/run_ablations.py (promptsg.analysis.ablations): which test prompts a
+row is scored with, a finished row reused without training, the summary over seeds against
+statistics written out here, and the README's copy of a table replaced between its markers."""
+import json
+import os
+
+import pytest
+
+from promptsg.analysis import ablations
+
+
+def rows(table):
+    return {key: (key, label, config, overrides) for key, label, config, overrides in ablations.TABLES[table]}
+
+
+def test_a_row_is_scored_with_the_prompts_its_model_has():
+    table = rows("ablations")
+    assert ablations.row_prompts(*table["clip_baseline"][2:]) == ("visual",)
+    assert ablations.row_prompts(*table["supcon_no_mim"][2:]) == ("visual",)          # no MIM: the feature is v
+    assert ablations.row_prompts(*table["wo_composed"][2:]) == ("simplified",)        # f_theta never trained
+    assert ablations.row_prompts(*table["full"][2:]) == ("simplified", "composed")
+    assert all(os.path.isfile(config) for _, _, config, _ in ablations.TABLES["ablations"])
+
+
+def write_json(path, value, mtime):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+    os.utime(path, (mtime, mtime))
+
+
+def test_a_finished_row_is_reused_without_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(ablations, "train_net", lambda args, log: pytest.fail(f"trained again: {args}"))
+    monkeypatch.setattr(ablations, "alignment_report", lambda out_dir: ({"supcon_over_chance": 0.4, "iteration": 9},
+                                                                        "a line"))
+    run = tmp_path / "full" / "seed1"
+    write_json(run / "config.yaml", {}, 1000)
+    write_json(run / "results.json", {"mAP": 61.5, "Rank-1": 70.0, "mINP": 30.0}, 1600)
+    write_json(run / "composed" / "config.yaml", {}, 2000)
+    write_json(run / "composed" / "eval_results.json", {"mAP": 72.5, "Rank-1": 80.0}, 2030)
+    record = ablations.run_one(rows("ablations")["full"], 1, [], str(tmp_path))
+    assert record == {"row": "full", "seed": 1, "output_dir": str(run), "train_seconds": 600, "eval_seconds": 30,
+                      "results": {"simplified": {"mAP": 61.5, "Rank-1": 70.0},
+                                  "composed": {"mAP": 72.5, "Rank-1": 80.0}},
+                      "alignment": {"supcon_over_chance": 0.4}}
+
+
+def test_summary_is_the_mean_and_sample_deviation_over_seeds():
+    records = [{"results": {"simplified": {"mAP": m}}, "alignment": {"collapse_v_cos": c}}
+               for m, c in ((40.0, 0.2), (44.0, 0.4), (48.0, 0.9))]
+    summary = ablations.summarise(records)
+    assert summary["simplified/mAP"] == {"mean": 44.0, "std": pytest.approx(4.0), "runs": [40.0, 44.0, 48.0]}
+    assert summary["alignment/collapse_v_cos"]["mean"] == pytest.approx(0.5)
+    assert summary["alignment/collapse_v_cos"]["std"] == pytest.approx(((0.09 + 0.01 + 0.16) / 2) ** 0.5)
+    assert ablations.summarise(records[:1])["simplified/mAP"]["std"] == 0.0
+
+
+def test_table_gives_mean_and_spread_and_a_dash_where_a_row_has_no_figure():
+    one = {"visual/mAP": {"mean": 59.94, "std": 1.26, "runs": [1, 2]},
+           "visual/Rank-1": {"mean": 63.5, "std": 0.5, "runs": [1, 2]}}
+    text = ablations.markdown("ablations", {"clip_baseline": one}, [0, 1])
+    lines = text.splitlines()
+    assert lines[0].startswith("| Row (2 seeds: 0, 1) |") and len(lines) == 3
+    assert lines[2] == "| CLIP baseline (ID + triplet, no text) | 59.9 ± 1.3 | - | 63.5 ± 0.5 | - | - | - | - |"
+
+
+def test_readme_table_is_replaced_between_its_markers(tmp_path):
+    start, end = ablations.markers("wiring")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{start}\nold table\n{end}\nafter\n")
+    ablations.replace_between_markers(str(readme), "wiring", "| new |")
+    assert readme.read_text() == f"before\n{start}\n| new |\n{end}\nafter\n"
