@@ -164,11 +164,13 @@ class RankAccumulator:
         return all_ap[0], all_inp[0]
 
     def result(self):
-        """(cmc, all_AP, all_INP) as FastReID's ``evaluate_rank`` returns them."""
+        """(cmc, all_AP, all_INP) as FastReID's ``evaluate_rank`` returns them: float32 arrays, so
+        that their means round as FastReID's do."""
         if not self.all_ap:
             raise ValueError(f"evaluation: none of the {self.num_queries} queries has a gallery image of "
                              "its identity from another camera")
-        return self.cmc_sum / np.float32(len(self.all_ap)), self.all_ap, self.all_inp
+        return (self.cmc_sum / np.float32(len(self.all_ap)), np.asarray(self.all_ap, dtype=np.float32),
+                np.asarray(self.all_inp, dtype=np.float32))
 
 
 def evaluate_in_chunks(distance_chunks, q_pids, q_camids, g_pids, g_camids, max_rank=MAX_RANK):
