@@ -99,6 +99,7 @@ def main():
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     line = {"queries": args.queries, "gallery": args.gallery, "dim": args.dim, "rerank": args.rerank,
+            "ids": args.ids, "cameras": args.cameras, "noise": args.noise, "seed": args.seed,
             "threads": args.threads, "chunk": args.chunk, "bounded": worker(args.chunk)}
     if args.fastreid:
         need, have = dense_estimate_gb(args), available_gb()
