@@ -55,7 +55,7 @@ SLIPS = [
     ("a synthetic folder of another generator version reused", "data/synthetic/folders.py",
      'if stale or existing.get("params") != params:', 'if existing.get("params") != params:',
      ["tests/test_synthetic_dataset.py::test_a_folder_of_another_generator_version_is_refused_until_regenerated"]),
-    ("skipped queries counted as evaluated", "engine/compat/evaluation.py", "evaluated, total - evaluated", "total, 0",
+    ("skipped queries counted as evaluated", "engine/evaluation.py", "= evaluated, total - evaluated", "= total, 0",
      [GUARDS + "test_skipped_queries_are_counted_in_the_results_and_the_log"]),
     ("a same-camera gallery image counted as a valid match", "engine/preflight.py",
      "cameras.get(pid, set()) - {camid}", "cameras.get(pid, set())",
