@@ -1,4 +1,4 @@
-"""Evaluation in bounded memory (promptsg/engine/ranking.py, sparse_rerank.py, evaluation.py)
+"""Evaluation in bounded memory (promptsg/engine/ranking.py, sparse_rerank.py, query_expansion.py, evaluation.py)
 against FastReID's own dense path: ``evaluate_rank``, ``build_dist(metric="jaccard")`` and
 ``ReidEvaluator.evaluate`` with TEST.QUERY_CHUNK 0, on random splits with ties and skipped queries."""
 import numpy as np
@@ -13,6 +13,7 @@ from fastreid.evaluation.reid_evaluation import ReidEvaluator
 from fastreid.utils.compute_dist import build_dist
 from promptsg import add_promptsg_config
 from promptsg.engine.evaluation import ranked_distances
+from promptsg.engine.query_expansion import expand_queries
 from promptsg.engine.ranking import MIN_ROWS, RankAccumulator, evaluate_in_chunks, metric_distances, query_chunks
 from promptsg.engine.sparse_rerank import SparseReranker, expanded_sets
 
@@ -99,6 +100,32 @@ def test_expanded_sets_by_hand():
     ranks = np.array([[0, 1], [1, 0], [2, 3], [3, 2]])
     sets = [sorted(int(j) for j in row if j >= 0) for row in expanded_sets(ranks, 2)]
     assert sets == [[0, 1], [0, 1], [2, 3], [2, 3]]
+
+
+@pytest.mark.parametrize("qe_times,qe_k,alpha", [(1, 10, 3.0), (2, 5, 1.0)])
+def test_query_expansion_in_chunks_equals_fastreid(qe_times, qe_k, alpha):
+    from fastreid.evaluation.query_expansion import aqe
+
+    query, gallery, _ = random_split(8, q=150, g=500, d=32)
+    want = aqe(query, gallery, qe_times, qe_k, alpha)
+    got = expand_queries(query, gallery, qe_times, qe_k, alpha, chunk=64)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b.float(), rtol=0, atol=1e-6)
+    # by hand: one feature's expansion is the alpha-weighted mean of its k most similar (itself first)
+    unit = F.normalize(torch.cat([query, gallery]), dim=1)
+    sims = unit[0] @ unit.t()
+    top = torch.argsort(sims, descending=True)[:qe_k]
+    assert top[0] == 0
+    if qe_times == 1:
+        expected = (torch.cat([query, gallery])[top] * sims[top, None] ** alpha).mean(0)
+        torch.testing.assert_close(got[0][0], expected, rtol=0, atol=1e-6)
+
+
+def test_query_expansion_refuses_more_neighbours_than_images():
+    query, gallery, _ = random_split(9, q=10, g=20)
+    with pytest.raises(ValueError, match="TEST.AQE.QE_K 31: expected 1 to 30"):
+        expand_queries(query, gallery, 1, 31)
 
 
 def evaluator_results(query, gallery, labels, **test):

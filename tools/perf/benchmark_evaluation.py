@@ -1,6 +1,6 @@
 """Time and peak memory of the ReID evaluation at a given split size: one JSON line.
 
-    python tools/perf/benchmark_evaluation.py --queries 11659 --gallery 82161 --dim 512 [--rerank] [--fastreid]
+    python tools/perf/benchmark_evaluation.py --queries 11659 --gallery 82161 --dim 512 [--rerank] [--aqe] [--fastreid]
 
 Features are drawn per identity (a centre plus noise, seeded), the labels spread over --ids
 identities and --cameras cameras, and FastReID's ``ReidEvaluator`` evaluates them: with the
@@ -33,9 +33,10 @@ def available_gb():
 
 def dense_estimate_gb(args):
     """FastReID's dense path: the distances (float32) and their argsort (int64), plus three
-    N x N float32 matrices of re-ranking (N = queries + gallery)."""
+    N x N float32 matrices of re-ranking and one of AQE (N = queries + gallery)."""
     n = args.queries + args.gallery
-    return (args.queries * args.gallery * 12 + (3 * n * n * 4 if args.rerank else 0)) / 2 ** 30
+    return (args.queries * args.gallery * 12 + (3 * n * n * 4 if args.rerank else 0)
+            + (n * n * 4 if args.aqe else 0)) / 2 ** 30
 
 
 def run_path(args, chunk):
@@ -59,6 +60,7 @@ def run_path(args, chunk):
     cfg.defrost()
     cfg.TEST.QUERY_CHUNK = chunk
     cfg.TEST.RERANK.ENABLED = args.rerank
+    cfg.TEST.AQE.ENABLED = args.aqe
     evaluator = ReidEvaluator(cfg, num_query=args.queries)
     evaluator.process({"targets": torch.from_numpy(pids), "camids": torch.from_numpy(rng.integers(0, args.cameras, n))},
                       torch.from_numpy(features))
@@ -78,6 +80,7 @@ def main():
     parser.add_argument("--gallery", type=int, required=True)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--rerank", action="store_true", help="TEST.RERANK.ENABLED (k1 20, k2 6, lambda 0.3)")
+    parser.add_argument("--aqe", action="store_true", help="TEST.AQE.ENABLED (QE_TIME 1, QE_K 5, ALPHA 3)")
     parser.add_argument("--fastreid", action="store_true", help="also FastReID's dense path on the same features")
     parser.add_argument("--chunk", type=int, default=256, help="TEST.QUERY_CHUNK of the bounded path")
     parser.add_argument("--ids", type=int, default=3060, help="identities (MSMT17's test set: 3,060)")
@@ -99,7 +102,7 @@ def main():
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     line = {"queries": args.queries, "gallery": args.gallery, "dim": args.dim, "rerank": args.rerank,
-            "ids": args.ids, "cameras": args.cameras, "noise": args.noise, "seed": args.seed,
+            "aqe": args.aqe, "ids": args.ids, "cameras": args.cameras, "noise": args.noise, "seed": args.seed,
             "threads": args.threads, "chunk": args.chunk, "bounded": worker(args.chunk)}
     if args.fastreid:
         need, have = dense_estimate_gb(args), available_gb()

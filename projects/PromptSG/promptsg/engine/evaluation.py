@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .query_expansion import expand_queries
 from .ranking import GalleryDistances, evaluate_in_chunks, query_chunks
 from .sparse_rerank import SparseReranker
 
@@ -105,7 +106,8 @@ def uses_query_chunks(cfg):
 def evaluate_in_query_chunks(evaluator):
     """``ReidEvaluator.evaluate`` with its ranking path in bounded memory; the same results.
 
-    The predictions are gathered and TEST.AQE applied as FastReID does. Then, for each chunk of
+    The predictions are gathered as FastReID gathers them and TEST.AQE expands them in row chunks
+    (``query_expansion.expand_queries``). Then, for each chunk of
     TEST.QUERY_CHUNK queries: the TEST.METRIC distances to the gallery (on the GPU when there is
     one), TEST.RERANK's Jaccard distances from ``SparseReranker`` mixed in by LAMBDA as FastReID
     mixes them, and the chunk's AP, CMC and INP (``ranking.RankAccumulator``). Peak memory grows
@@ -127,10 +129,9 @@ def evaluate_in_query_chunks(evaluator):
     query, gallery = features[:num_query], features[num_query:]
 
     if cfg.TEST.AQE.ENABLED:
-        from fastreid.evaluation.query_expansion import aqe
-
-        logger.info("Test with AQE setting")
-        query, gallery = aqe(query, gallery, cfg.TEST.AQE.QE_TIME, cfg.TEST.AQE.QE_K, cfg.TEST.AQE.ALPHA)
+        logger.info("Test with AQE setting (in row chunks)")
+        query, gallery = expand_queries(query, gallery, cfg.TEST.AQE.QE_TIME, cfg.TEST.AQE.QE_K,
+                                        cfg.TEST.AQE.ALPHA, cfg.TEST.QUERY_CHUNK)
 
     reranker = None
     if cfg.TEST.RERANK.ENABLED:
