@@ -153,9 +153,10 @@ def _evaluation_counts_queries():
 @_patch
 def _evaluation_in_query_chunks():
     """``ReidEvaluator.evaluate`` keeps the whole query x gallery distance matrix and its argsort
-    (12.75 GB at MSMT17's 11,659 x 82,161), and TEST.RERANK three dense N x N matrices (about
-    74 GB there). It now ranks TEST.QUERY_CHUNK queries at a time, with sparse k-reciprocal
-    weights (``evaluation.evaluate_in_query_chunks``): FastReID's metrics, the same result keys,
+    (12 GB at MSMT17's 11,659 x 82,161), TEST.RERANK three dense N x N matrices (about 105 GB
+    there, N = queries + gallery) and TEST.AQE one (35 GB). It now ranks TEST.QUERY_CHUNK queries
+    at a time, with sparse k-reciprocal weights and AQE in row chunks
+    (``evaluation.evaluate_in_query_chunks``): FastReID's metrics, the same result keys,
     ``queries_evaluated`` and ``queries_skipped`` included. FastReID's dense path (with the two
     patches above) still runs with TEST.QUERY_CHUNK 0, TEST.ROC, and inside
     ``evaluation.ranked_distances``, whose callers read the whole matrix."""
