@@ -1,7 +1,7 @@
 """Config keys added by the PromptSG project (paper symbols in brackets)."""
 from fastreid.config import CfgNode as CN
 
-from .modeling.interaction import FUSIONS
+from .modeling.interaction import FUSIONS, MAP_FUSIONS
 from .modeling.supcon import POSITIVE_REDUCTIONS
 
 
@@ -140,8 +140,8 @@ def validate_promptsg_config(cfg):
         fail(f"MODEL.PROMPTSG.MIM.QUERY must be 'pooled' or 'tokens', got {p.MIM.QUERY!r}")
     if p.MIM.FUSION not in FUSIONS:
         fail(f"MODEL.PROMPTSG.MIM.FUSION must be one of {list(FUSIONS)}, got {p.MIM.FUSION!r}")
-    if p.MIM.FUSION == "reweight" and p.MIM.CROSS_LAYERS > 0 and (p.MIM.CROSS_LAYERS != 1 or p.MIM.SELF_LAYERS < 1):
-        fail(f"MODEL.PROMPTSG.MIM.FUSION reweight needs MIM.CROSS_LAYERS 1 and MIM.SELF_LAYERS >= 1 (v is read "
+    if p.MIM.FUSION in MAP_FUSIONS and p.MIM.CROSS_LAYERS > 0 and (p.MIM.CROSS_LAYERS != 1 or p.MIM.SELF_LAYERS < 1):
+        fail(f"MODEL.PROMPTSG.MIM.FUSION {p.MIM.FUSION} needs MIM.CROSS_LAYERS 1 and MIM.SELF_LAYERS >= 1 (v is read "
              f"after the self-attention blocks), got {p.MIM.CROSS_LAYERS} and {p.MIM.SELF_LAYERS}")
     if p.FEATURE not in ("mim", "concat"):
         fail(f"MODEL.PROMPTSG.FEATURE must be 'mim' or 'concat', got {p.FEATURE!r}")

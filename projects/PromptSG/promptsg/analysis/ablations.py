@@ -69,6 +69,11 @@ TABLES = {
         ("reweight_share", "reweight + SIMPLIFIED_QUERY_SHARE 0.5", PROMPTSG, fusion("reweight") + SHARE),
         ("attention_concat", "attention, test feature MIM output ++ v (FEATURE concat)", PROMPTSG,
          fusion("attention") + ["MODEL.PROMPTSG.FEATURE", "concat"]),
+        ("bias", "bias: log(M a) on the blocks' attention logits over the patches, read at v", PROMPTSG,
+         fusion("bias")),
+        ("gate", "gate: the blocks' normalised patch tokens scaled by M a before the values, read at v", PROMPTSG,
+         fusion("gate")),
+        ("pool", "pool: plain blocks read at v + a projection of sum_m a_m LN(p_m)", PROMPTSG, fusion("pool")),
     ],
     # The experiments behind the defaults (docs/EXPERIMENTS.md, "What was wrong"); OLD is the main job as
     # it was: SupCon averaged over the positives, s* at BatchNorm's unit scale, random erasing.

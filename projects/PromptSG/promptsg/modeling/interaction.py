@@ -24,13 +24,18 @@ projects the keys and values (``few_query_attention``, ``PatchWeighting``). ``cr
 gives the cross-attention weights over the patches that the forward uses (the attention maps of
 Fig. 1 and 5, tools/attention_maps.py) without touching that path.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 
-FUSIONS = ("query_residual", "attention", "visual_residual", "reweight")
+FUSIONS = ("query_residual", "attention", "visual_residual", "reweight", "bias", "gate", "pool")
+# The fusions whose cross-attention is only the prompt's map over the patches (``PatchWeighting``),
+# which then decides what [v; patches] contributes to the feature read at v.
+MAP_FUSIONS = ("reweight", "bias", "gate", "pool")
 
 
 class MultimodalInteraction(nn.Module):
@@ -61,23 +66,27 @@ class MultimodalInteraction(nn.Module):
             raise ValueError(f"MultimodalInteraction fusion must be one of {list(FUSIONS)}, got {fusion!r}")
         if cross_layers < 1:
             raise ValueError("MultimodalInteraction needs at least one cross-attention layer")
-        if fusion == "reweight" and (cross_layers != 1 or self_layers < 1):
-            raise ValueError("fusion 'reweight' needs exactly one cross-attention layer and self-attention "
+        if fusion in MAP_FUSIONS and (cross_layers != 1 or self_layers < 1):
+            raise ValueError(f"fusion {fusion!r} needs exactly one cross-attention layer and self-attention "
                              "blocks to read v from")
         self.fusion = fusion
         # Saved with the weights, so that a checkpoint is never evaluated under another wiring
         # (checkpoint.check_mim_fusion); the same parameters serve three of the fusions.
         self.register_buffer("fusion_index", torch.tensor(FUSIONS.index(fusion)))
-        if fusion == "reweight":
+        if fusion in MAP_FUSIONS:
             self.cross = nn.ModuleList([PatchWeighting(width, heads)])
         else:
             self.cross = nn.ModuleList(
                 [ResidualAttentionBlock(width, heads, is_cross_attention=True) for _ in range(cross_layers)])
         self.blocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(self_layers)])
+        # "pool": the prompt-weighted pool of the normalised patch tokens, projected, beside v's output.
+        self.pool_proj = nn.Linear(width, width) if fusion == "pool" else None
 
     def forward(self, query, patches, out_index=0, visual=None):
         """query (B, Q, E), patches (B, M, E), visual v (B, E) (``visual_residual``, ``reweight``)
         -> the output at query position ``out_index`` (B, E); ``reweight`` reads v's position."""
+        if self.fusion in MAP_FUSIONS and self.fusion != "reweight":
+            return self._map_forward(query[:, out_index:out_index + 1], patches, visual)
         if self.fusion == "reweight":
             weights = self.cross[0](query[:, out_index:out_index + 1], patches)[:, 0].mean(dim=1)   # (B, M)
             patches = patches * (weights * patches.shape[1])[..., None]                            # mean weight 1
@@ -95,10 +104,38 @@ class MultimodalInteraction(nn.Module):
         # Only one output row of the last block is used: compute just that row.
         return query_row_forward(self.blocks[-1], x, out_index)
 
+    def _map_forward(self, query, patches, visual):
+        """The "bias", "gate" and "pool" fusions: the prompt's map a (B, M), the head mean of
+        softmax(QK^T / sqrt(d)) of the query (B, 1, E) over the patches (B, M, E), decides what
+        [v; patches] gives the feature read at v (B, E), after every LayerNorm:
+          "bias": log(M a_m) is added to every attention logit over patch m in the blocks
+              (attention proportional to a_m exp(q.k_m); v's key gets 0, a uniform map changes nothing);
+          "gate": the blocks' normalised patch tokens are scaled by M a_m on their way to the values;
+          "pool": plain blocks, plus a projection of the map's pool sum_m a_m LN(p_m) of the
+              normalised patch tokens."""
+        weighting = self.cross[0]
+        # log a = log mean_h softmax_h, from the log-softmax: finite where a weight underflows.
+        log_map = torch.logsumexp(weighting(query, patches, log=True)[:, 0], dim=1) - math.log(weighting.num_heads)
+        weights = log_map.exp()                                                  # (B, M), sums to 1
+        x = torch.cat([visual[:, None].to(patches.dtype), patches], dim=1)     # (B, 1 + M, E)
+        key_bias = value_gate = None
+        zeros = log_map.new_zeros(len(log_map), 1)
+        if self.fusion == "bias":
+            key_bias = torch.cat([zeros, log_map + math.log(log_map.shape[1])], dim=1)   # (B, 1 + M)
+        elif self.fusion == "gate":
+            value_gate = torch.cat([zeros + 1, weights * weights.shape[1]], dim=1)      # (B, 1 + M)
+        for blk in self.blocks[:-1]:
+            x = block_forward(blk, x, key_bias, value_gate)
+        out = query_row_forward(self.blocks[-1], x, 0, key_bias, value_gate)
+        if self.fusion == "pool":
+            pooled = torch.einsum("bm,bme->be", weights, weighting.ln_1_kv(patches))
+            out = out + self.pool_proj(pooled)
+        return out
+
     def cross_attention_weights(self, query, patches, visual=None):
         """The weights of each cross-attention block, as ``forward`` computes them: a list of
         (B, Q, H, M) tensors, the attention of every query token and head over the M patches."""
-        if self.fusion == "reweight":
+        if self.fusion in MAP_FUSIONS:
             return [self.cross[0](query, patches)]
         weights = []
         stream = self._stream_start(query, visual)
@@ -134,26 +171,42 @@ class PatchWeighting(nn.Module):
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width, bias=False)   # a key bias adds a constant per row
 
-    def forward(self, query, patches):
-        """(B, Q, E), (B, M, E) -> (B, Q, H, M), with the key projection folded into the query side
-        as in ``few_query_attention_weights``."""
+    def forward(self, query, patches, log=False):
+        """(B, Q, E), (B, M, E) -> (B, Q, H, M) (their logarithms with ``log``), with the key
+        projection folded into the query side as in ``few_query_attention_weights``."""
         batch, queries, width = query.shape
         q = self.q_proj(self.ln_1(query)).view(batch, queries, self.num_heads, self.head_dim) * self.head_dim ** -0.5
         q = torch.einsum("bqhd,hde->bqhe", q, self.k_proj.weight.view(self.num_heads, self.head_dim, width))
-        return torch.einsum("bqhe,bme->bqhm", q, self.ln_1_kv(patches)).softmax(dim=-1)
+        logits = torch.einsum("bqhe,bme->bqhm", q, self.ln_1_kv(patches))
+        return logits.log_softmax(dim=-1) if log else logits.softmax(dim=-1)
 
 
-def query_row_forward(block, x, index):
+def query_row_forward(block, x, index, key_bias=None, value_gate=None):
     """Output row ``index`` of a self-attention ``ResidualAttentionBlock`` on ``x`` (B, N, E).
 
-    Equal to ``block(x)[:, index]`` at a fraction of the cost: one query row attends over
-    all N keys, and the MLP runs on one token.
+    Equal to ``block(x)[:, index]`` (``block_forward`` with a key bias or value gate) at a
+    fraction of the cost: one query row attends over all N keys, and the MLP runs on one token.
     """
     normed = block.ln_1(x)
     q = x[:, index:index + 1]
-    q = q + block.ls_1(few_query_attention(block.attn, normed[:, index:index + 1], normed))
+    q = q + block.ls_1(few_query_attention(block.attn, normed[:, index:index + 1], normed, key_bias, value_gate))
     q = q + block.ls_2(block.mlp(block.ln_2(q)))
     return q[:, 0]
+
+
+def block_forward(block, x, key_bias=None, value_gate=None):
+    """A self-attention ``ResidualAttentionBlock`` on ``x`` (B, N, E) whose attention logits over key
+    n get ``key_bias`` (B, N) added and whose normalised tokens are scaled by ``value_gate`` (B, N)
+    before the value projection; both None: ``block(x)``."""
+    attn = block.attn
+    normed = block.ln_1(x)
+    values = normed if value_gate is None else normed * value_gate[..., None]
+    q, k, v = (F.linear(t, w, b).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)      # (B, H, N, d)
+               for t, w, b in zip((normed, normed, values), attn.in_proj_weight.chunk(3), attn.in_proj_bias.chunk(3)))
+    mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)           # (B, 1, 1, N)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
+    x = x + block.ls_1(attn.out_proj(out))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 def cross_block_forward(block, query, patches, stream):
@@ -166,8 +219,10 @@ def cross_block_forward(block, query, patches, stream):
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-def few_query_attention(attn, q, kv):
-    """``attn(q, kv, kv)[0]`` of a batch-first ``nn.MultiheadAttention``, for few queries.
+def few_query_attention(attn, q, kv, key_bias=None, value_gate=None):
+    """``attn(q, kv, kv)[0]`` of a batch-first ``nn.MultiheadAttention``, for few queries; with
+    ``key_bias`` (B, N) added to the logits and ``value_gate`` (B, N) scaling the tokens before the
+    value projection (``block_forward``'s attention).
 
     q (B, Q, E), kv (B, N, E) -> (B, Q, E). The key and value projections are folded into the
     query side instead of being applied to the N tokens (cost H*Q*N*E rather than N*E^2, for H
@@ -178,7 +233,9 @@ def few_query_attention(attn, q, kv):
     """
     batch, queries, width = q.shape
     per_head = (attn.num_heads, attn.head_dim, width)
-    weights = few_query_attention_weights(attn, q, kv)              # (B, Q, H, N)
+    weights = few_query_attention_weights(attn, q, kv, key_bias)    # (B, Q, H, N)
+    if value_gate is not None:
+        weights = weights * value_gate[:, None, None, :]           # W_v (g_n x_n): the gate folds into a_n
     context = torch.einsum("bqhn,bne->bqhe", weights, kv)          # sum_n a_n x_n: (B, Q, H, E)
     w_v = attn.in_proj_weight.chunk(3)[2]
     b_v = attn.in_proj_bias.chunk(3)[2]
@@ -186,13 +243,16 @@ def few_query_attention(attn, q, kv):
     return attn.out_proj(out)
 
 
-def few_query_attention_weights(attn, q, kv):
+def few_query_attention_weights(attn, q, kv, key_bias=None):
     """The attention weights a (B, Q, H, N) ``few_query_attention`` uses: per head h,
-    softmax_n(q_h . k_h,n / sqrt(d)), computed with the key projection folded into the query."""
+    softmax_n(q_h . k_h,n / sqrt(d) + key_bias_n), computed with the key projection folded into the query."""
     batch, queries, width = q.shape
     per_head = (attn.num_heads, attn.head_dim, width)
     w_q, w_k, _ = attn.in_proj_weight.chunk(3)                     # (E, E) each
     b_q = attn.in_proj_bias.chunk(3)[0]
     q = F.linear(q, w_q, b_q).view(batch, queries, *per_head[:2]) * attn.head_dim ** -0.5
     q = torch.einsum("bqhd,hde->bqhe", q, w_k.view(per_head))      # W_k,h^T q_h: (B, Q, H, E)
-    return torch.einsum("bqhe,bne->bqhn", q, kv).softmax(dim=-1)
+    logits = torch.einsum("bqhe,bne->bqhn", q, kv)
+    if key_bias is not None:
+        logits = logits + key_bias[:, None, None, :].to(logits.dtype)
+    return logits.softmax(dim=-1)
