@@ -6,6 +6,7 @@
     python tools/run_ablations.py --table diagnosis --seeds 0      # the experiments behind the defaults
     python tools/run_ablations.py --table wiring --seeds 0 1 2                  # the MIM wiring table
     python tools/run_ablations.py --readme docs/EXPERIMENTS.md --out benchmarks/ablations.json
+    python tools/run_ablations.py --table wiring --seeds 0 1 2 3 4 --jobs 2     # two runs at once
 
 Every row is ``tools/train_net.py`` on a config of ``projects/PromptSG/configs/Synthetic/`` with
 the row's overrides and ``SEED s``, from the small CLIP that ``tools/pretrain_synthetic_clip.py``
@@ -26,6 +27,7 @@ import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -46,6 +48,8 @@ def parse_args(argv=None):
                                                     "(default: WORK_DIR/TABLE.json)")
     parser.add_argument("--readme", default=None, help="a README whose table between the markers is replaced")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each with CPUs / JOBS torch threads (default 1: torch's own)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = parser.parse_args(argv)
     rows = {key for key, *_ in TABLES[args.table]}
@@ -76,12 +80,13 @@ def main(argv=None):
     rows = [r for r in TABLES[args.table] if not args.rows or r[0] in args.rows]
     work_dir = os.path.join(args.work_dir, args.table)
     start = time.perf_counter()
-    records = []
-    for row in rows:
-        for seed in args.seeds:
-            record = run_one(row, seed, common, work_dir)
-            records.append(record)
-            print(json.dumps(record), flush=True)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(run_one, row, seed, common, work_dir, threads) for row in rows for seed in args.seeds]
+        records = []
+        for future in futures:
+            records.append(future.result())
+            print(json.dumps(records[-1]), flush=True)
     summaries = {row[0]: summarise([r for r in records if r["row"] == row[0]]) for row in rows}
     text = markdown(args.table, summaries, args.seeds)
     elapsed = time.perf_counter() - start
@@ -89,7 +94,8 @@ def main(argv=None):
                         *(["--rows", *args.rows] if args.rows else []), *args.opts])
     run_seconds = sum(r["train_seconds"] + r.get("eval_seconds", 0.0) for r in records)
     footer = (f"\n\n`{command}`; {datetime.date.today()}, commit {commit(ROOT)}, "
-              f"{machine()['cpus']}-CPU {platform.machine()} machine, device {device}; "
+              f"{machine()['cpus']}-CPU {platform.machine()} machine, device {device}, "
+              f"{threads or torch.get_num_threads()} torch thread(s) per run, {args.jobs} at a time; "
               f"{run_seconds / 60:.0f} min of training and evaluation in all (this invocation: {elapsed / 60:.0f} min, "
               f"runs already in {work_dir} reused).")
     print("\n" + text + footer)
@@ -98,7 +104,7 @@ def main(argv=None):
     with open(out, "w") as f:
         json.dump({"table": args.table, "seeds": args.seeds, "device": device, "date": str(datetime.date.today()),
                    "commit": commit(ROOT), "machine": machine(), "wall_seconds": elapsed, "run_seconds": run_seconds,
-                   "overrides": args.opts,
+                   "overrides": args.opts, "jobs": args.jobs, "torch_threads_per_run": threads or torch.get_num_threads(),
                    "rows": {key: {"label": label, "config": os.path.relpath(config, ROOT), "overrides": overrides}
                             for key, label, config, overrides in rows},
                    "summary": summaries, "runs": records}, f, indent=1)

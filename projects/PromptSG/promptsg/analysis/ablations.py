@@ -115,11 +115,13 @@ def row_prompts(config, overrides):
     return ("simplified", "composed")
 
 
-def train_net(args, log_path):
-    """tools/train_net.py with ``args``, its output to ``log_path``; raises with the log's tail on failure."""
+def train_net(args, log_path, threads=None):
+    """tools/train_net.py with ``args`` (``threads`` torch threads, default torch's), its output to
+    ``log_path``; raises with the log's tail on failure."""
     cmd = [sys.executable, TRAIN_NET, *args]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     with open(log_path, "w") as log:
-        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if result.returncode != 0:
         with open(log_path) as f:
             tail = f.read()[-3000:]
@@ -132,8 +134,9 @@ def read_json(path):
         return json.load(f)
 
 
-def run_one(row, seed, common, work_dir):
-    """Train (or reuse) one row with one seed and evaluate it with its prompts; returns its record."""
+def run_one(row, seed, common, work_dir, threads=None):
+    """Train (or reuse) one row with one seed and evaluate it with its prompts (``threads`` torch
+    threads); returns its record."""
     key, label, config, overrides = row
     out_dir = os.path.join(work_dir, key, f"seed{seed}")
     os.makedirs(out_dir, exist_ok=True)
@@ -144,7 +147,7 @@ def run_one(row, seed, common, work_dir):
         # --resume: a run interrupted before its results continues from its last checkpoint.
         train_net(["--config-file", config, "--resume", *common, *overrides, "SEED", str(seed),
                    "OUTPUT_DIR", out_dir],
-                  os.path.join(out_dir, "train.out"))
+                  os.path.join(out_dir, "train.out"), threads)
         record["train_seconds"] = time.perf_counter() - start
     else:   # reused: from the run's first file (its config) to its last (the results)
         record["train_seconds"] = os.path.getmtime(results_path) - os.path.getmtime(os.path.join(out_dir, "config.yaml"))
@@ -162,7 +165,7 @@ def run_one(row, seed, common, work_dir):
             train_net(["--config-file", config, "--eval-only", *common, *overrides,
                        "MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth"),
                        "MODEL.PROMPTSG.INFERENCE_PROMPT", "composed", "OUTPUT_DIR", composed_dir],
-                      os.path.join(composed_dir, "eval.out"))
+                      os.path.join(composed_dir, "eval.out"), threads)
             record["eval_seconds"] = time.perf_counter() - start
         record["results"]["composed"] = {m: read_json(composed_path)[m] for m in METRICS}
     report, _ = alignment_report(out_dir)
