@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import promptsg.modeling.interaction
-from promptsg.modeling.interaction import FUSIONS
+from promptsg.modeling.interaction import FUSIONS, MAP_FUSIONS
 from fastreid.engine import DefaultTrainer
 from fastreid.engine.train_loop import SimpleTrainer
 from fastreid.evaluation import DatasetEvaluator, inference_on_dataset
@@ -129,9 +129,12 @@ def test_composed_training_encodes_nine_tokens_with_the_full_context_gradient(mo
 
 # ---- the MIM computes only the last block's query row, and never projects keys and values ----
 
-def full_block_row(block, x, index):
-    """The reference for query_row_forward: the whole block, then the row."""
-    return block(x)[:, index]
+def full_block_row(block, x, index, key_bias=None, value_gate=None):
+    """The reference for query_row_forward: the whole block (open_clip's, or ``block_forward`` with a
+    key bias or value gate, itself checked against the formula in tests/test_promptsg_model.py), then the row."""
+    if key_bias is None and value_gate is None:
+        return block(x)[:, index]
+    return promptsg.modeling.interaction.block_forward(block, x, key_bias, value_gate)[:, index]
 
 
 def full_cross_block(block, query, patches, stream):
@@ -146,9 +149,9 @@ def full_cross_block(block, query, patches, stream):
 
 
 MIM_FAST_PATHS = {"query_row_forward": full_block_row, "cross_block_forward": full_cross_block}
-# Every fusion with each fast path it runs ("reweight" has no value path: no cross block).
+# Every fusion with each fast path it runs (the map fusions have no value path: no cross block).
 FUSION_FAST_PATHS = [(fusion, path) for fusion in FUSIONS for path in MIM_FAST_PATHS
-                     if not (fusion == "reweight" and path == "cross_block_forward")]
+                     if not (fusion in MAP_FUSIONS and path == "cross_block_forward")]
 
 
 @pytest.mark.parametrize("fusion, fast_path", FUSION_FAST_PATHS)

@@ -12,7 +12,7 @@ from fastreid.engine import DefaultTrainer
 from fastreid.modeling import build_model
 from fastreid.utils.events import EventStorage
 from promptsg.modeling.clip_weights import create_clip_model
-from promptsg.modeling.interaction import (FUSIONS, MultimodalInteraction, PatchWeighting, few_query_attention,
+from promptsg.modeling.interaction import (FUSIONS, MAP_FUSIONS, MultimodalInteraction, PatchWeighting, few_query_attention,
                                   query_row_forward)
 from promptsg.modeling.inversion import InversionNet
 from promptsg.modeling.prompt import build_prompt_composer
@@ -496,13 +496,15 @@ def reference_mim(mim, query, patches, out_index, visual):
     block's MLP residual, then self-attention over [x; patches] read at ``out_index``; or
     ("reweight") the head-averaged softmax(QK^T / sqrt(d)) scaling the patches, [v; patches] through
     the blocks, read at v."""
-    if mim.fusion == "reweight":
+    if mim.fusion in MAP_FUSIONS:
         blk, heads = mim.cross[0], mim.cross[0].num_heads
         q = blk.q_proj(blk.ln_1(query[:, out_index:out_index + 1]))                 # (B, 1, E)
         k = F.linear(blk.ln_1_kv(patches), blk.k_proj.weight)                       # (B, M, E)
         split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731  (B, H, N, d)
         logits = split(q) @ split(k).transpose(-1, -2) / math.sqrt(q.shape[-1] // heads)
         weights = logits.softmax(dim=-1).mean(dim=1)[:, 0]                           # (B, M)
+        if mim.fusion != "reweight":
+            return reference_map_fusion(mim, weights, patches, visual)
         x = torch.cat([visual[:, None], patches * patches.shape[1] * weights[..., None]], dim=1)
         out_index = 0
     else:
@@ -515,6 +517,34 @@ def reference_mim(mim, query, patches, out_index, visual):
     for block in mim.blocks:
         x = block(x)
     return x[:, out_index]
+
+
+def reference_map_fusion(mim, weights, patches, visual):
+    """The "bias", "gate" and "pool" fusions written out with loops over the heads: the prompt's map
+    a (B, M); [v; patches] through the blocks, whose attention per head is
+    softmax(q k^T / sqrt(d) + b) (W_v (g * LN(x)) + b_v), b = [0, log(M a)] for "bias", g = [1, M a]
+    for "gate" (0 and 1 otherwise); read at v; "pool" adds W (sum_m a_m LN_kv(p_m)) + b_W."""
+    batch, m = weights.shape
+    bias = torch.cat([torch.zeros(batch, 1), torch.log(m * weights)], 1) if mim.fusion == "bias" else torch.zeros(batch, m + 1)
+    gate = torch.cat([torch.ones(batch, 1), m * weights], 1) if mim.fusion == "gate" else torch.ones(batch, m + 1)
+    x = torch.cat([visual[:, None], patches], dim=1)
+    for block in mim.blocks:
+        attn, normed = block.attn, block.ln_1(x)
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+        q, k, v = normed @ w_q.T + b_q, normed @ w_k.T + b_k, (normed * gate[..., None]) @ w_v.T + b_v
+        d = q.shape[-1] // attn.num_heads
+        heads = []
+        for h in range(attn.num_heads):
+            part = slice(h * d, (h + 1) * d)
+            logits = q[..., part] @ k[..., part].transpose(1, 2) / math.sqrt(d) + bias[:, None, :]
+            heads.append(logits.softmax(dim=-1) @ v[..., part])
+        x = x + attn.out_proj(torch.cat(heads, dim=-1))
+        x = x + block.mlp(block.ln_2(x))
+    out = x[:, 0]
+    if mim.fusion == "pool":
+        out = out + mim.pool_proj((weights[..., None] * mim.cross[0].ln_1_kv(patches)).sum(dim=1))
+    return out
 
 
 def run_capturing_visual(model, inputs):

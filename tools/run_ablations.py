@@ -31,7 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from promptsg.analysis.ablations import TABLES, machine, markdown, markers, replace_between_markers, run_one, summarise
+from promptsg.analysis.ablations import (TABLES, guidance_markdown, machine, markdown, markers,
+                                         replace_between_markers, run_one, summarise)
+from promptsg.analysis.guidance import PromptGuidance
 from promptsg.utils.records import commit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,6 +50,10 @@ def parse_args(argv=None):
                                                     "(default: WORK_DIR/TABLE.json)")
     parser.add_argument("--readme", default=None, help="a README whose table between the markers is replaced")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--guidance", action="store_true",
+                        help="also measure what the prompt does at test in every run with a MIM and composed "
+                             "prompts (promptsg.analysis.guidance; the same seed's clip_baseline run for the "
+                             "baseline's attention), and write that table too")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once, each with CPUs / JOBS torch threads (default 1: torch's own)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
@@ -87,11 +93,23 @@ def main(argv=None):
         for future in futures:
             records.append(future.result())
             print(json.dumps(records[-1]), flush=True)
+    if args.guidance:
+        guidance = PromptGuidance(root)
+        for record in records:
+            if "composed" in record["results"]:
+                baseline = os.path.join(work_dir, "clip_baseline", f"seed{record['seed']}")
+                record["guidance"] = guidance.measure(
+                    record["output_dir"], baseline if os.path.isfile(os.path.join(baseline, "model_final.pth")) else None)
+                print(json.dumps({"row": record["row"], "seed": record["seed"], "guidance": record["guidance"]}),
+                      flush=True)
     summaries = {row[0]: summarise([r for r in records if r["row"] == row[0]]) for row in rows}
     text = markdown(args.table, summaries, args.seeds)
+    if args.guidance:
+        text += "\n\n" + guidance_markdown(args.table, summaries, args.seeds)
     elapsed = time.perf_counter() - start
     command = " ".join(["python tools/run_ablations.py --table", args.table, "--seeds", *map(str, args.seeds),
-                        *(["--rows", *args.rows] if args.rows else []), *args.opts])
+                        *(["--rows", *args.rows] if args.rows else []), *(["--guidance"] if args.guidance else []),
+                        *(["--jobs", str(args.jobs)] if args.jobs > 1 else []), *args.opts])
     run_seconds = sum(r["train_seconds"] + r.get("eval_seconds", 0.0) for r in records)
     footer = (f"\n\n`{command}`; {datetime.date.today()}, commit {commit(ROOT)}, "
               f"{machine()['cpus']}-CPU {platform.machine()} machine, device {device}, "

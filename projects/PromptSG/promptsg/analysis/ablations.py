@@ -15,6 +15,7 @@ import sys
 import time
 
 from ..modeling.diagnostics import alignment_report
+from .guidance import guidance_figures
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # projects/PromptSG
 TRAIN_NET = os.path.join(os.path.dirname(os.path.dirname(PROJECT)), "tools", "train_net.py")
@@ -74,7 +75,11 @@ TABLES = {
         ("gate", "gate: the blocks' normalised patch tokens scaled by M a before the values, read at v", PROMPTSG,
          fusion("gate")),
         ("pool", "pool: plain blocks read at v + a projection of sum_m a_m LN(p_m)", PROMPTSG, fusion("pool")),
+        ("clip_bias", "clip_bias: bias with CLIP's own cosine map (tau 0.07)", PROMPTSG, fusion("clip_bias")),
+        ("clip_pool", "clip_pool: pool with CLIP's own cosine map (tau 0.07)", PROMPTSG, fusion("clip_pool")),
     ],
+    # The schedule search (``schedule_rows``) is filled in below.
+    "schedule": [],
     # The experiments behind the defaults (docs/EXPERIMENTS.md, "What was wrong"); OLD is the main job as
     # it was: SupCon averaged over the positives, s* at BatchNorm's unit scale, random erasing.
     "diagnosis": [
@@ -99,6 +104,24 @@ TABLES = {
         ("defaults", "PromptSG now: summed SupCon, s* at word scale, no erasing", PROMPTSG, []),
     ],
 }
+# A small schedule search, the same for every model it compares: the demo's batch of 64 (16 identities x
+# 4) and a batch of 32 (8 x 4), at the demo's 12 epochs (steps at 8 and 11) and at twice them.
+LONG = ["SOLVER.MAX_EPOCH", "24", "SOLVER.STEPS", "[16, 22]", "SOLVER.CHECKPOINT_PERIOD", "24",
+        "TEST.EVAL_PERIOD", "24"]
+SCHEDULES = [("b64_e12", "batch 64, 12 epochs (the demo's)", []),
+             ("b32_e12", "batch 32, 12 epochs", ["SOLVER.IMS_PER_BATCH", "32"]),
+             ("b64_e24", "batch 64, 24 epochs", LONG),
+             ("b32_e24", "batch 32, 24 epochs", ["SOLVER.IMS_PER_BATCH", "32"] + LONG)]
+
+
+def schedule_rows(models):
+    """Each of the wiring table's rows ``models`` under each of the SCHEDULES."""
+    wiring = {key: (label, config, overrides) for key, label, config, overrides in TABLES["wiring"]}
+    return [(f"{key}_{name}", f"{wiring[key][0].split(':')[0]}, {label}", wiring[key][1], wiring[key][2] + extra)
+            for key in models for name, label, extra in SCHEDULES]
+
+
+TABLES["schedule"] = schedule_rows(["clip_baseline", "reweight", "bias", "gate", "pool"])
 METRICS = ("mAP", "Rank-1")
 ALIGNMENT = ("supcon_over_chance", "align_i2t_top1", "align_t2i_top1", "collapse_v_cos", "collapse_text_cos",
              "pseudo_token_norm_ratio")
@@ -182,6 +205,8 @@ def summarise(records):
                 values.setdefault(f"{prompt}/{m}", []).append(v)
         for k, v in r["alignment"].items():
             values.setdefault(f"alignment/{k}", []).append(v)
+        for k, v in guidance_figures(r["guidance"]).items() if "guidance" in r else ():
+            values.setdefault(f"guidance/{k}", []).append(v)
     return {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "runs": v}
             for k, v in values.items()}
 
@@ -209,6 +234,38 @@ def markdown(table, summaries, seeds):
                      f"{cell(s, first + '/Rank-1')} | {cell(s, 'composed/Rank-1')} | "
                      f"{cell(s, 'alignment/supcon_over_chance', digits=2)} | "
                      f"{cell(s, 'alignment/align_i2t_top1', digits=2)} | {cell(s, 'alignment/collapse_v_cos', digits=2)} |")
+    return "\n".join(lines)
+
+
+GUIDANCE_COLUMNS = [
+    ("simplified_mAP", "mAP, simplified", 1),
+    ("composed_minus_simplified", "composed - simplified", 1),
+    ("other_identity_drop", "mAP lost to another identity's prompt", 1),
+    ("no_person_change", 'mAP change with "A photo of a car."', 1),
+    ("attention_share", "simplified prompt's share in the person", 3),
+    ("attention_margin", "... minus the baseline's last block", 3),
+    ("own_words_change", "mAP change, image + its words", 1),
+    ("other_words_change", "mAP change, image + another's words", 1),
+]
+
+
+def guidance_markdown(table, summaries, seeds):
+    """What the prompt does at test (``promptsg.analysis.guidance``), per row with a MIM: mean +- std
+    over the seeds of each figure the targets read."""
+    lines = [f"| Row ({len(seeds)} seeds: {', '.join(map(str, seeds))}) | "
+             + " | ".join(label for _, label, _ in GUIDANCE_COLUMNS) + " |",
+             "|:--|" + "--:|" * len(GUIDANCE_COLUMNS)]
+    for key, label, _, _ in TABLES[table]:
+        s = summaries.get(key, {})
+        if "guidance/simplified_mAP" not in s:
+            continue
+        cells = []
+        for name, _, digits in GUIDANCE_COLUMNS:
+            v = s.get(f"guidance/{name}")
+            cells.append("-" if v is None else f"{v['mean']:+.{digits}f} ± {v['std']:.{digits}f}"
+                         if name not in ("simplified_mAP", "attention_share")
+                         else f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

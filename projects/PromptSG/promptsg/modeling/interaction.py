@@ -32,10 +32,11 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 
-FUSIONS = ("query_residual", "attention", "visual_residual", "reweight", "bias", "gate", "pool")
+FUSIONS = ("query_residual", "attention", "visual_residual", "reweight", "bias", "gate", "pool",
+           "clip_bias", "clip_pool")
 # The fusions whose cross-attention is only the prompt's map over the patches (``PatchWeighting``),
 # which then decides what [v; patches] contributes to the feature read at v.
-MAP_FUSIONS = ("reweight", "bias", "gate", "pool")
+MAP_FUSIONS = ("reweight", "bias", "gate", "pool", "clip_bias", "clip_pool")
 
 
 class MultimodalInteraction(nn.Module):
@@ -80,7 +81,7 @@ class MultimodalInteraction(nn.Module):
                 [ResidualAttentionBlock(width, heads, is_cross_attention=True) for _ in range(cross_layers)])
         self.blocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(self_layers)])
         # "pool": the prompt-weighted pool of the normalised patch tokens, projected, beside v's output.
-        self.pool_proj = nn.Linear(width, width) if fusion == "pool" else None
+        self.pool_proj = nn.Linear(width, width) if fusion in ("pool", "clip_pool") else None
 
     def forward(self, query, patches, out_index=0, visual=None):
         """query (B, Q, E), patches (B, M, E), visual v (B, E) (``visual_residual``, ``reweight``)
@@ -114,20 +115,25 @@ class MultimodalInteraction(nn.Module):
           "pool": plain blocks, plus a projection of the map's pool sum_m a_m LN(p_m) of the
               normalised patch tokens."""
         weighting = self.cross[0]
-        # log a = log mean_h softmax_h, from the log-softmax: finite where a weight underflows.
-        log_map = torch.logsumexp(weighting(query, patches, log=True)[:, 0], dim=1) - math.log(weighting.num_heads)
+        if self.fusion.startswith("clip_"):
+            # CLIP's own image-text similarity in the joint space, at CLIP's temperature: no parameters.
+            sims = torch.einsum("be,bme->bm", F.normalize(query[:, 0], dim=-1), F.normalize(patches, dim=-1))
+            log_map = (sims / 0.07).log_softmax(dim=-1)
+        else:
+            # log a = log mean_h softmax_h, from the log-softmax: finite where a weight underflows.
+            log_map = torch.logsumexp(weighting(query, patches, log=True)[:, 0], dim=1) - math.log(weighting.num_heads)
         weights = log_map.exp()                                                  # (B, M), sums to 1
         x = torch.cat([visual[:, None].to(patches.dtype), patches], dim=1)     # (B, 1 + M, E)
         key_bias = value_gate = None
         zeros = log_map.new_zeros(len(log_map), 1)
-        if self.fusion == "bias":
+        if self.fusion in ("bias", "clip_bias"):
             key_bias = torch.cat([zeros, log_map + math.log(log_map.shape[1])], dim=1)   # (B, 1 + M)
         elif self.fusion == "gate":
             value_gate = torch.cat([zeros + 1, weights * weights.shape[1]], dim=1)      # (B, 1 + M)
         for blk in self.blocks[:-1]:
             x = block_forward(blk, x, key_bias, value_gate)
         out = query_row_forward(self.blocks[-1], x, 0, key_bias, value_gate)
-        if self.fusion == "pool":
+        if self.pool_proj is not None:
             pooled = torch.einsum("bm,bme->be", weights, weighting.ln_1_kv(patches))
             out = out + self.pool_proj(pooled)
         return out
