@@ -77,6 +77,8 @@ TABLES = {
         ("pool", "pool: plain blocks read at v + a projection of sum_m a_m LN(p_m)", PROMPTSG, fusion("pool")),
         ("clip_bias", "clip_bias: bias with CLIP's own cosine map (tau 0.07)", PROMPTSG, fusion("clip_bias")),
         ("clip_pool", "clip_pool: pool with CLIP's own cosine map (tau 0.07)", PROMPTSG, fusion("clip_pool")),
+        ("zbias2", "zbias2: bias with standardised logits x 2", PROMPTSG, fusion("zbias2")),
+        ("zbias4", "zbias4: bias with standardised logits x 4", PROMPTSG, fusion("zbias4")),
     ],
     # The schedule search (``schedule_rows``) is filled in below.
     "schedule": [],

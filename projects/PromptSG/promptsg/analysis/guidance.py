@@ -67,36 +67,8 @@ class PromptGuidance:
         cfg = run_config(run_dir)
         split = self.split(cfg.DATASETS.TESTS[0])
         model = build_model(cfg)
-        queries, gallery = split.query_paths, split.gallery_paths
-        nq = len(queries)
-
-        def features(wrapper, paths):
-            return torch.from_numpy(embed_and_rank(cfg, wrapper, [], paths, 0)[1])
-
-        def ranked(q, g):
-            row = split.image_queries(build_dist(q, g, cfg.TEST.METRIC))
-            return {"mAP": row["mAP"], "Rank-1": row["Rank-1"]}
-
-        out = {}
-        model.inference_prompt = "simplified"
-        both = features(model, queries + gallery)
-        out["simplified"] = ranked(both[:nq], both[nq:])
-        model.inference_prompt = "composed"
-        composed = features(model, queries + gallery)
-        out["composed"] = ranked(composed[:nq], composed[nq:])
-        no_flip = cfg.clone()
-        no_flip.TEST.FLIP.ENABLED = False           # one prompt per image, as the probe composes it
-        prompts = torch.from_numpy(embed_and_rank(no_flip, ComposedPrompts(model), [], queries + gallery, 0)[1])
-        perm = other_identity(split.q_pids + split.g_pids)
-        shuffled = features(GivenQueries(model, prompts[perm]), queries + gallery)
-        out["other_identity"] = ranked(shuffled[:nq], shuffled[nq:])
-        car = model.text.embed_texts([NO_PERSON_PROMPT])[0].cpu()
-        fixed = features(FixedQuery(model, car), queries + gallery)
-        out["no_person"] = ranked(fixed[:nq], fixed[nq:])
-        for name, words in (("own_words", split.words), ("other_words", split.other_words)):
-            with_words = features(WordsQueries(model, [words[pid] for pid in split.q_pids]), queries)
-            out[name] = ranked(with_words, composed[nq:])
-        out.update(self.attention_shares(cfg, model, baseline_dir, queries + gallery, split))
+        out = test_prompt_rankings(cfg, model, split)
+        out.update(self.attention_shares(cfg, model, baseline_dir, split.query_paths + split.gallery_paths, split))
         out["no_person_prompt"] = NO_PERSON_PROMPT
         with open(path, "w") as f:
             json.dump(out, f, indent=1)
@@ -121,6 +93,45 @@ class PromptGuidance:
             out[key] = sum(values) / len(values)
         out["images_with_person"] = sum(mask is not None for mask in masks)
         return out
+
+
+def test_prompt_rankings(cfg, model, split):
+    """mAP / Rank-1 of ``model`` (a PromptSG with f_theta and a MIM, in eval mode) on ``split``
+    (an ``EvaluationSplit``) with each MIM query of the module docstring: "simplified", "composed",
+    "other_identity", "no_person", "own_words", "other_words"."""
+    queries, gallery = split.query_paths, split.gallery_paths
+    nq = len(queries)
+
+    def features(wrapper, paths):
+        return torch.from_numpy(embed_and_rank(cfg, wrapper, [], paths, 0)[1])
+
+    def ranked(q, g):
+        row = split.image_queries(build_dist(q, g, cfg.TEST.METRIC))
+        return {"mAP": row["mAP"], "Rank-1": row["Rank-1"]}
+
+    out, prompt = {}, model.inference_prompt
+    try:
+        model.inference_prompt = "simplified"
+        both = features(model, queries + gallery)
+        out["simplified"] = ranked(both[:nq], both[nq:])
+        model.inference_prompt = "composed"
+        composed = features(model, queries + gallery)
+        out["composed"] = ranked(composed[:nq], composed[nq:])
+    finally:
+        model.inference_prompt = prompt
+    no_flip = cfg.clone()
+    no_flip.TEST.FLIP.ENABLED = False           # one prompt per image, as the probe composes it
+    prompts = torch.from_numpy(embed_and_rank(no_flip, ComposedPrompts(model), [], queries + gallery, 0)[1])
+    perm = other_identity(split.q_pids + split.g_pids)
+    shuffled = features(GivenQueries(model, prompts[perm]), queries + gallery)
+    out["other_identity"] = ranked(shuffled[:nq], shuffled[nq:])
+    car = model.text.embed_texts([NO_PERSON_PROMPT])[0].cpu()
+    fixed = features(FixedQuery(model, car), queries + gallery)
+    out["no_person"] = ranked(fixed[:nq], fixed[nq:])
+    for name, words in (("own_words", split.words), ("other_words", split.other_words)):
+        with_words = features(WordsQueries(model, [words[pid] for pid in split.q_pids]), queries)
+        out[name] = ranked(with_words, composed[nq:])
+    return out
 
 
 def run_config_baseline(run_dir):

@@ -33,10 +33,10 @@ from torch import nn
 
 
 FUSIONS = ("query_residual", "attention", "visual_residual", "reweight", "bias", "gate", "pool",
-           "clip_bias", "clip_pool")
+           "clip_bias", "clip_pool", "zbias2", "zbias4")
 # The fusions whose cross-attention is only the prompt's map over the patches (``PatchWeighting``),
 # which then decides what [v; patches] contributes to the feature read at v.
-MAP_FUSIONS = ("reweight", "bias", "gate", "pool", "clip_bias", "clip_pool")
+MAP_FUSIONS = ("reweight", "bias", "gate", "pool", "clip_bias", "clip_pool", "zbias2", "zbias4")
 
 
 class MultimodalInteraction(nn.Module):
@@ -114,19 +114,12 @@ class MultimodalInteraction(nn.Module):
           "gate": the blocks' normalised patch tokens are scaled by M a_m on their way to the values;
           "pool": plain blocks, plus a projection of the map's pool sum_m a_m LN(p_m) of the
               normalised patch tokens."""
-        weighting = self.cross[0]
-        if self.fusion.startswith("clip_"):
-            # CLIP's own image-text similarity in the joint space, at CLIP's temperature: no parameters.
-            sims = torch.einsum("be,bme->bm", F.normalize(query[:, 0], dim=-1), F.normalize(patches, dim=-1))
-            log_map = (sims / 0.07).log_softmax(dim=-1)
-        else:
-            # log a = log mean_h softmax_h, from the log-softmax: finite where a weight underflows.
-            log_map = torch.logsumexp(weighting(query, patches, log=True)[:, 0], dim=1) - math.log(weighting.num_heads)
+        log_map = self.log_prompt_map(query, patches)
         weights = log_map.exp()                                                  # (B, M), sums to 1
         x = torch.cat([visual[:, None].to(patches.dtype), patches], dim=1)     # (B, 1 + M, E)
         key_bias = value_gate = None
         zeros = log_map.new_zeros(len(log_map), 1)
-        if self.fusion in ("bias", "clip_bias"):
+        if self.fusion in ("bias", "clip_bias", "zbias2", "zbias4"):
             key_bias = torch.cat([zeros, log_map + math.log(log_map.shape[1])], dim=1)   # (B, 1 + M)
         elif self.fusion == "gate":
             value_gate = torch.cat([zeros + 1, weights * weights.shape[1]], dim=1)      # (B, 1 + M)
@@ -134,15 +127,36 @@ class MultimodalInteraction(nn.Module):
             x = block_forward(blk, x, key_bias, value_gate)
         out = query_row_forward(self.blocks[-1], x, 0, key_bias, value_gate)
         if self.pool_proj is not None:
-            pooled = torch.einsum("bm,bme->be", weights, weighting.ln_1_kv(patches))
+            pooled = torch.einsum("bm,bme->be", weights, self.cross[0].ln_1_kv(patches))
             out = out + self.pool_proj(pooled)
         return out
+
+    def log_prompt_map(self, query, patches):
+        """log a (B, M): the prompt's map over the patches that the map fusions use."""
+        weighting = self.cross[0]
+        if self.fusion.startswith("clip_"):
+            # CLIP's own image-text similarity in the joint space, at CLIP's temperature: no parameters.
+            sims = torch.einsum("be,bme->bm", F.normalize(query[:, 0], dim=-1), F.normalize(patches, dim=-1))
+            log_map = (sims / 0.07).log_softmax(dim=-1)
+        elif self.fusion.startswith("zbias"):
+            # The head-mean logits standardised over the patches, times a fixed contrast: a map that
+            # cannot be flattened, only moved.
+            logits = weighting(query, patches, logits=True)[:, 0].mean(dim=1)      # (B, M)
+            z = (logits - logits.mean(dim=-1, keepdim=True)) / (logits.std(dim=-1, keepdim=True) + 1e-6)
+            log_map = (float(self.fusion[5:]) * z).log_softmax(dim=-1)
+        else:
+            # log a = log mean_h softmax_h, from the log-softmax: finite where a weight underflows.
+            log_map = torch.logsumexp(weighting(query, patches, log=True)[:, 0], dim=1) - math.log(weighting.num_heads)
+        return log_map
 
     def cross_attention_weights(self, query, patches, visual=None):
         """The weights of each cross-attention block, as ``forward`` computes them: a list of
         (B, Q, H, M) tensors, the attention of every query token and head over the M patches."""
-        if self.fusion in MAP_FUSIONS:
+        if self.fusion in ("reweight", "bias", "gate", "pool"):
             return [self.cross[0](query, patches)]
+        if self.fusion in MAP_FUSIONS:
+            return [torch.stack([self.log_prompt_map(query[:, i:i + 1], patches).exp()
+                                 for i in range(query.shape[1])], dim=1)[:, :, None]]
         weights = []
         stream = self._stream_start(query, visual)
         for blk in self.cross:
@@ -177,14 +191,16 @@ class PatchWeighting(nn.Module):
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width, bias=False)   # a key bias adds a constant per row
 
-    def forward(self, query, patches, log=False):
+    def forward(self, query, patches, log=False, logits=False):
         """(B, Q, E), (B, M, E) -> (B, Q, H, M) (their logarithms with ``log``), with the key
         projection folded into the query side as in ``few_query_attention_weights``."""
         batch, queries, width = query.shape
         q = self.q_proj(self.ln_1(query)).view(batch, queries, self.num_heads, self.head_dim) * self.head_dim ** -0.5
         q = torch.einsum("bqhd,hde->bqhe", q, self.k_proj.weight.view(self.num_heads, self.head_dim, width))
-        logits = torch.einsum("bqhe,bme->bqhm", q, self.ln_1_kv(patches))
-        return logits.log_softmax(dim=-1) if log else logits.softmax(dim=-1)
+        scores = torch.einsum("bqhe,bme->bqhm", q, self.ln_1_kv(patches))
+        if logits:
+            return scores
+        return scores.log_softmax(dim=-1) if log else scores.softmax(dim=-1)
 
 
 def query_row_forward(block, x, index, key_bias=None, value_gate=None):
