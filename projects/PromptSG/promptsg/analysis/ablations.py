@@ -79,6 +79,8 @@ TABLES = {
         ("clip_pool", "clip_pool: pool with CLIP's own cosine map (tau 0.07)", PROMPTSG, fusion("clip_pool")),
         ("zbias2", "zbias2: bias with standardised logits x 2", PROMPTSG, fusion("zbias2")),
         ("zbias4", "zbias4: bias with standardised logits x 4", PROMPTSG, fusion("zbias4")),
+        ("zclip2", "zclip2: bias with standardised CLIP cosines x 2", PROMPTSG, fusion("zclip2")),
+        ("zclip4", "zclip4: bias with standardised CLIP cosines x 4", PROMPTSG, fusion("zclip4")),
     ],
     # The schedule search (``schedule_rows``) is filled in below.
     "schedule": [],

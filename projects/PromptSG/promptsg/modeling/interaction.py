@@ -33,10 +33,10 @@ from torch import nn
 
 
 FUSIONS = ("query_residual", "attention", "visual_residual", "reweight", "bias", "gate", "pool",
-           "clip_bias", "clip_pool", "zbias2", "zbias4")
+           "clip_bias", "clip_pool", "zbias2", "zbias4", "zclip2", "zclip4")
 # The fusions whose cross-attention is only the prompt's map over the patches (``PatchWeighting``),
 # which then decides what [v; patches] contributes to the feature read at v.
-MAP_FUSIONS = ("reweight", "bias", "gate", "pool", "clip_bias", "clip_pool", "zbias2", "zbias4")
+MAP_FUSIONS = ("reweight", "bias", "gate", "pool", "clip_bias", "clip_pool", "zbias2", "zbias4", "zclip2", "zclip4")
 
 
 class MultimodalInteraction(nn.Module):
@@ -119,7 +119,7 @@ class MultimodalInteraction(nn.Module):
         x = torch.cat([visual[:, None].to(patches.dtype), patches], dim=1)     # (B, 1 + M, E)
         key_bias = value_gate = None
         zeros = log_map.new_zeros(len(log_map), 1)
-        if self.fusion in ("bias", "clip_bias", "zbias2", "zbias4"):
+        if self.fusion in ("bias", "clip_bias", "zbias2", "zbias4", "zclip2", "zclip4"):
             key_bias = torch.cat([zeros, log_map + math.log(log_map.shape[1])], dim=1)   # (B, 1 + M)
         elif self.fusion == "gate":
             value_gate = torch.cat([zeros + 1, weights * weights.shape[1]], dim=1)      # (B, 1 + M)
@@ -138,10 +138,13 @@ class MultimodalInteraction(nn.Module):
             # CLIP's own image-text similarity in the joint space, at CLIP's temperature: no parameters.
             sims = torch.einsum("be,bme->bm", F.normalize(query[:, 0], dim=-1), F.normalize(patches, dim=-1))
             log_map = (sims / 0.07).log_softmax(dim=-1)
-        elif self.fusion.startswith("zbias"):
+        elif self.fusion.startswith("zbias") or self.fusion.startswith("zclip"):
             # The head-mean logits standardised over the patches, times a fixed contrast: a map that
             # cannot be flattened, only moved.
-            logits = weighting(query, patches, logits=True)[:, 0].mean(dim=1)      # (B, M)
+            if self.fusion.startswith("zclip"):
+                logits = torch.einsum("be,bme->bm", F.normalize(query[:, 0], dim=-1), F.normalize(patches, dim=-1))
+            else:
+                logits = weighting(query, patches, logits=True)[:, 0].mean(dim=1)      # (B, M)
             z = (logits - logits.mean(dim=-1, keepdim=True)) / (logits.std(dim=-1, keepdim=True) + 1e-6)
             log_map = (float(self.fusion[5:]) * z).log_softmax(dim=-1)
         else:
