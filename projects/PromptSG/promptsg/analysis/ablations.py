@@ -81,6 +81,8 @@ TABLES = {
         ("zbias4", "zbias4: bias with standardised logits x 4", PROMPTSG, fusion("zbias4")),
         ("zclip2", "zclip2: bias with standardised CLIP cosines x 2", PROMPTSG, fusion("zclip2")),
         ("zclip4", "zclip4: bias with standardised CLIP cosines x 4", PROMPTSG, fusion("zclip4")),
+        ("zrow2", "zrow2: zbias2 on the read row only", PROMPTSG, fusion("zrow2")),
+        ("zrow4", "zrow4: zbias4 on the read row only", PROMPTSG, fusion("zrow4")),
     ],
     # The schedule search (``schedule_rows``) is filled in below.
     "schedule": [],

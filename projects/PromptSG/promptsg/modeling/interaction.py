@@ -33,10 +33,10 @@ from torch import nn
 
 
 FUSIONS = ("query_residual", "attention", "visual_residual", "reweight", "bias", "gate", "pool",
-           "clip_bias", "clip_pool", "zbias2", "zbias4", "zclip2", "zclip4")
+           "clip_bias", "clip_pool", "zbias2", "zbias4", "zclip2", "zclip4", "zrow2", "zrow4")
 # The fusions whose cross-attention is only the prompt's map over the patches (``PatchWeighting``),
 # which then decides what [v; patches] contributes to the feature read at v.
-MAP_FUSIONS = ("reweight", "bias", "gate", "pool", "clip_bias", "clip_pool", "zbias2", "zbias4", "zclip2", "zclip4")
+MAP_FUSIONS = ("reweight", "bias", "gate", "pool", "clip_bias", "clip_pool", "zbias2", "zbias4", "zclip2", "zclip4", "zrow2", "zrow4")
 
 
 class MultimodalInteraction(nn.Module):
@@ -119,12 +119,12 @@ class MultimodalInteraction(nn.Module):
         x = torch.cat([visual[:, None].to(patches.dtype), patches], dim=1)     # (B, 1 + M, E)
         key_bias = value_gate = None
         zeros = log_map.new_zeros(len(log_map), 1)
-        if self.fusion in ("bias", "clip_bias", "zbias2", "zbias4", "zclip2", "zclip4"):
+        if self.fusion in ("bias", "clip_bias", "zbias2", "zbias4", "zclip2", "zclip4", "zrow2", "zrow4"):
             key_bias = torch.cat([zeros, log_map + math.log(log_map.shape[1])], dim=1)   # (B, 1 + M)
         elif self.fusion == "gate":
             value_gate = torch.cat([zeros + 1, weights * weights.shape[1]], dim=1)      # (B, 1 + M)
         for blk in self.blocks[:-1]:
-            x = block_forward(blk, x, key_bias, value_gate)
+            x = block_forward(blk, x, key_bias, value_gate, read_row_only=self.fusion.startswith("zrow"))
         out = query_row_forward(self.blocks[-1], x, 0, key_bias, value_gate)
         if self.pool_proj is not None:
             pooled = torch.einsum("bm,bme->be", weights, self.cross[0].ln_1_kv(patches))
@@ -138,7 +138,7 @@ class MultimodalInteraction(nn.Module):
             # CLIP's own image-text similarity in the joint space, at CLIP's temperature: no parameters.
             sims = torch.einsum("be,bme->bm", F.normalize(query[:, 0], dim=-1), F.normalize(patches, dim=-1))
             log_map = (sims / 0.07).log_softmax(dim=-1)
-        elif self.fusion.startswith("zbias") or self.fusion.startswith("zclip"):
+        elif self.fusion[:5] in ("zbias", "zclip", "zrow2", "zrow4"):
             # The head-mean logits standardised over the patches, times a fixed contrast: a map that
             # cannot be flattened, only moved.
             if self.fusion.startswith("zclip"):
@@ -146,7 +146,7 @@ class MultimodalInteraction(nn.Module):
             else:
                 logits = weighting(query, patches, logits=True)[:, 0].mean(dim=1)      # (B, M)
             z = (logits - logits.mean(dim=-1, keepdim=True)) / (logits.std(dim=-1, keepdim=True) + 1e-6)
-            log_map = (float(self.fusion[5:]) * z).log_softmax(dim=-1)
+            log_map = (float(self.fusion[-1]) * z).log_softmax(dim=-1)
         else:
             # log a = log mean_h softmax_h, from the log-softmax: finite where a weight underflows.
             log_map = torch.logsumexp(weighting(query, patches, log=True)[:, 0], dim=1) - math.log(weighting.num_heads)
@@ -219,7 +219,7 @@ def query_row_forward(block, x, index, key_bias=None, value_gate=None):
     return q[:, 0]
 
 
-def block_forward(block, x, key_bias=None, value_gate=None):
+def block_forward(block, x, key_bias=None, value_gate=None, read_row_only=False):
     """A self-attention ``ResidualAttentionBlock`` on ``x`` (B, N, E) whose attention logits over key
     n get ``key_bias`` (B, N) added and whose normalised tokens are scaled by ``value_gate`` (B, N)
     before the value projection; both None: ``block(x)``."""
@@ -229,6 +229,8 @@ def block_forward(block, x, key_bias=None, value_gate=None):
     q, k, v = (F.linear(t, w, b).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)      # (B, H, N, d)
                for t, w, b in zip((normed, normed, values), attn.in_proj_weight.chunk(3), attn.in_proj_bias.chunk(3)))
     mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)           # (B, 1, 1, N)
+    if mask is not None and read_row_only:
+        mask = torch.cat([mask, mask.new_zeros(mask.shape[0], 1, x.shape[1] - 1, x.shape[1])], dim=2)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
     x = x + block.ls_1(attn.out_proj(out))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
