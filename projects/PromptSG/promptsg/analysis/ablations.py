@@ -83,6 +83,8 @@ TABLES = {
         ("zclip4", "zclip4: bias with standardised CLIP cosines x 4", PROMPTSG, fusion("zclip4")),
         ("zrow2", "zrow2: zbias2 on the read row only", PROMPTSG, fusion("zrow2")),
         ("zrow4", "zrow4: zbias4 on the read row only", PROMPTSG, fusion("zrow4")),
+        ("zmix2", "zmix2: bias with standardised (learned + CLIP cosine) x 2", PROMPTSG, fusion("zmix2")),
+        ("zmix4", "zmix4: bias with standardised (learned + CLIP cosine) x 4", PROMPTSG, fusion("zmix4")),
     ],
     # The schedule search (``schedule_rows``) is filled in below.
     "schedule": [],
