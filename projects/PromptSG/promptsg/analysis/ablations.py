@@ -85,6 +85,7 @@ TABLES = {
         ("zrow4", "zrow4: zbias4 on the read row only", PROMPTSG, fusion("zrow4")),
         ("zmix2", "zmix2: bias with standardised (learned + CLIP cosine) x 2", PROMPTSG, fusion("zmix2")),
         ("zmix4", "zmix4: bias with standardised (learned + CLIP cosine) x 4", PROMPTSG, fusion("zmix4")),
+        ("zcliprow4", "zcliprow4: zclip4 on the read row only", PROMPTSG, fusion("zcliprow4")),
     ],
     # The schedule search (``schedule_rows``) is filled in below.
     "schedule": [],
