@@ -86,6 +86,8 @@ TABLES = {
         ("zmix2", "zmix2: bias with standardised (learned + CLIP cosine) x 2", PROMPTSG, fusion("zmix2")),
         ("zmix4", "zmix4: bias with standardised (learned + CLIP cosine) x 4", PROMPTSG, fusion("zmix4")),
         ("zcliprow4", "zcliprow4: zclip4 on the read row only", PROMPTSG, fusion("zcliprow4")),
+        ("zclipsc4", "zclipsc4: zclip4 + L_SupCon between the map's pool of the patches and l_p", PROMPTSG, fusion("zclipsc4")),
+        ("zcliprowsc4", "zcliprowsc4: zcliprow4 + L_SupCon between the map's pool of the patches and l_p", PROMPTSG, fusion("zcliprowsc4")),
     ],
     # The schedule search (``schedule_rows``) is filled in below.
     "schedule": [],

@@ -33,10 +33,10 @@ from torch import nn
 
 
 FUSIONS = ("query_residual", "attention", "visual_residual", "reweight", "bias", "gate", "pool",
-           "clip_bias", "clip_pool", "zbias2", "zbias4", "zclip2", "zclip4", "zrow2", "zrow4", "zmix2", "zmix4", "zcliprow4")
+           "clip_bias", "clip_pool", "zbias2", "zbias4", "zclip2", "zclip4", "zrow2", "zrow4", "zmix2", "zmix4", "zcliprow4", "zclipsc4", "zcliprowsc4")
 # The fusions whose cross-attention is only the prompt's map over the patches (``PatchWeighting``),
 # which then decides what [v; patches] contributes to the feature read at v.
-MAP_FUSIONS = ("reweight", "bias", "gate", "pool", "clip_bias", "clip_pool", "zbias2", "zbias4", "zclip2", "zclip4", "zrow2", "zrow4", "zmix2", "zmix4", "zcliprow4")
+MAP_FUSIONS = ("reweight", "bias", "gate", "pool", "clip_bias", "clip_pool", "zbias2", "zbias4", "zclip2", "zclip4", "zrow2", "zrow4", "zmix2", "zmix4", "zcliprow4", "zclipsc4", "zcliprowsc4")
 
 
 class MultimodalInteraction(nn.Module):
@@ -116,10 +116,12 @@ class MultimodalInteraction(nn.Module):
               normalised patch tokens."""
         log_map = self.log_prompt_map(query, patches)
         weights = log_map.exp()                                                  # (B, M), sums to 1
+        if self.fusion.endswith("sc4"):
+            self.last_pooled = torch.einsum("bm,bme->be", weights, patches)    # exploration: SupCon on it
         x = torch.cat([visual[:, None].to(patches.dtype), patches], dim=1)     # (B, 1 + M, E)
         key_bias = value_gate = None
         zeros = log_map.new_zeros(len(log_map), 1)
-        if self.fusion in ("bias", "clip_bias", "zbias2", "zbias4", "zclip2", "zclip4", "zrow2", "zrow4", "zmix2", "zmix4", "zcliprow4"):
+        if self.fusion in ("bias", "clip_bias", "zbias2", "zbias4", "zclip2", "zclip4", "zrow2", "zrow4", "zmix2", "zmix4", "zcliprow4", "zclipsc4", "zcliprowsc4"):
             key_bias = torch.cat([zeros, log_map + math.log(log_map.shape[1])], dim=1)   # (B, 1 + M)
         elif self.fusion == "gate":
             value_gate = torch.cat([zeros + 1, weights * weights.shape[1]], dim=1)      # (B, 1 + M)
