@@ -88,6 +88,9 @@ TABLES = {
         ("zcliprow4", "zcliprow4: zclip4 on the read row only", PROMPTSG, fusion("zcliprow4")),
         ("zclipsc4", "zclipsc4: zclip4 + L_SupCon between the map's pool of the patches and l_p", PROMPTSG, fusion("zclipsc4")),
         ("zcliprowsc4", "zcliprowsc4: zcliprow4 + L_SupCon between the map's pool of the patches and l_p", PROMPTSG, fusion("zcliprowsc4")),
+        ("zcliprowsc2", "zcliprowsc2: zcliprowsc4 with contrast 2", PROMPTSG, fusion("zcliprowsc2")),
+        ("zmixrowsc2", "zmixrowsc2: standardised (learned + CLIP cosine) x 2 on the read row + L_SupCon on the pool", PROMPTSG, fusion("zmixrowsc2")),
+        ("zmixrowsc4", "zmixrowsc4: the same with contrast 4", PROMPTSG, fusion("zmixrowsc4")),
     ],
     # The schedule search (``schedule_rows``) is filled in below.
     "schedule": [],

@@ -33,10 +33,11 @@ from torch import nn
 
 
 FUSIONS = ("query_residual", "attention", "visual_residual", "reweight", "bias", "gate", "pool",
-           "clip_bias", "clip_pool", "zbias2", "zbias4", "zclip2", "zclip4", "zrow2", "zrow4", "zmix2", "zmix4", "zcliprow4", "zclipsc4", "zcliprowsc4")
+           "clip_bias", "clip_pool", "zbias2", "zbias4", "zclip2", "zclip4", "zrow2", "zrow4", "zmix2", "zmix4", "zcliprow4", "zclipsc4", "zcliprowsc4",
+           "zcliprowsc2", "zmixrowsc2", "zmixrowsc4")
 # The fusions whose cross-attention is only the prompt's map over the patches (``PatchWeighting``),
 # which then decides what [v; patches] contributes to the feature read at v.
-MAP_FUSIONS = ("reweight", "bias", "gate", "pool", "clip_bias", "clip_pool", "zbias2", "zbias4", "zclip2", "zclip4", "zrow2", "zrow4", "zmix2", "zmix4", "zcliprow4", "zclipsc4", "zcliprowsc4")
+MAP_FUSIONS = ("reweight", "bias", "gate", "pool", "clip_bias", "clip_pool", "zbias2", "zbias4", "zclip2", "zclip4", "zrow2", "zrow4", "zmix2", "zmix4", "zcliprow4", "zclipsc4", "zcliprowsc4", "zcliprowsc2", "zmixrowsc2", "zmixrowsc4")
 
 
 class MultimodalInteraction(nn.Module):
@@ -116,17 +117,17 @@ class MultimodalInteraction(nn.Module):
               normalised patch tokens."""
         log_map = self.log_prompt_map(query, patches)
         weights = log_map.exp()                                                  # (B, M), sums to 1
-        if self.fusion.endswith("sc4"):
+        if self.fusion[-3:-1] == "sc":
             self.last_pooled = torch.einsum("bm,bme->be", weights, patches)    # exploration: SupCon on it
         x = torch.cat([visual[:, None].to(patches.dtype), patches], dim=1)     # (B, 1 + M, E)
         key_bias = value_gate = None
         zeros = log_map.new_zeros(len(log_map), 1)
-        if self.fusion in ("bias", "clip_bias", "zbias2", "zbias4", "zclip2", "zclip4", "zrow2", "zrow4", "zmix2", "zmix4", "zcliprow4", "zclipsc4", "zcliprowsc4"):
+        if self.fusion in ("bias", "clip_bias") or self.fusion.startswith("z"):
             key_bias = torch.cat([zeros, log_map + math.log(log_map.shape[1])], dim=1)   # (B, 1 + M)
         elif self.fusion == "gate":
             value_gate = torch.cat([zeros + 1, weights * weights.shape[1]], dim=1)      # (B, 1 + M)
         for blk in self.blocks[:-1]:
-            x = block_forward(blk, x, key_bias, value_gate, read_row_only=self.fusion.startswith("zrow") or self.fusion.startswith("zcliprow"))
+            x = block_forward(blk, x, key_bias, value_gate, read_row_only=self.fusion.startswith("zrow") or "row" in self.fusion)
         out = query_row_forward(self.blocks[-1], x, 0, key_bias, value_gate)
         if self.pool_proj is not None:
             pooled = torch.einsum("bm,bme->be", weights, self.cross[0].ln_1_kv(patches))
@@ -140,7 +141,7 @@ class MultimodalInteraction(nn.Module):
             # CLIP's own image-text similarity in the joint space, at CLIP's temperature: no parameters.
             sims = torch.einsum("be,bme->bm", F.normalize(query[:, 0], dim=-1), F.normalize(patches, dim=-1))
             log_map = (sims / 0.07).log_softmax(dim=-1)
-        elif self.fusion[:5] in ("zbias", "zclip", "zrow2", "zrow4", "zmix2", "zmix4", "zcliprow4"):
+        elif self.fusion.startswith("z"):
             # The head-mean logits standardised over the patches, times a fixed contrast: a map that
             # cannot be flattened, only moved.
             def standardised(t):
