@@ -12,8 +12,8 @@ from fastreid.engine import DefaultTrainer
 from fastreid.modeling import build_model
 from fastreid.utils.events import EventStorage
 from promptsg.modeling.clip_weights import create_clip_model
-from promptsg.modeling.interaction import (FUSIONS, MAP_FUSIONS, MultimodalInteraction, PatchWeighting, few_query_attention,
-                                  query_row_forward)
+from promptsg.modeling.interaction import (FUSIONS, MAP_FUSIONS, MultimodalInteraction, PatchWeighting,
+                                           few_query_attention, query_row_forward)
 from promptsg.modeling.inversion import InversionNet
 from promptsg.modeling.prompt import build_prompt_composer
 from promptsg.modeling.supcon import supcon_loss, symmetric_supcon_loss
@@ -154,11 +154,10 @@ def test_few_query_attention_equals_multihead_attention_values_and_gradients(que
     assert ref_grads["in_proj_bias"][24:48].abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("fusion", ["attention", "query_residual"])
-def test_cross_attention_is_softmax_qk_v_with_text_as_query(fusion):
+def test_cross_attention_is_softmax_qk_v_with_text_as_query():
     torch.manual_seed(0)
     width, heads = 16, 2
-    mim = MultimodalInteraction(width, heads=heads, cross_layers=1, self_layers=0, fusion=fusion).eval()
+    mim = MultimodalInteraction(width, heads=heads, cross_layers=1, self_layers=0, fusion="attention").eval()
     blk = mim.cross[0]
     query, patches = torch.randn(3, 1, width), torch.randn(3, 10, width)
     # Eq. 7 by hand, with the block's projections and pre-norms.
@@ -171,17 +170,16 @@ def test_cross_attention_is_softmax_qk_v_with_text_as_query(fusion):
     split = lambda t: t.view(t.shape[0], t.shape[1], heads, d).transpose(1, 2)  # noqa: E731
     attn = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(d), dim=-1) @ split(v)
     attn = attn.transpose(1, 2).reshape(3, 1, width) @ blk.attn.out_proj.weight.t() + blk.attn.out_proj.bias
-    x = attn if fusion == "attention" else query + attn     # Eq. 7 alone, or the query added back
-    expected = (x + blk.mlp(blk.ln_2(x)))[:, 0]
+    expected = (attn + blk.mlp(blk.ln_2(attn)))[:, 0]      # Eq. 7 alone: no residual from the query
     with torch.no_grad():
         torch.testing.assert_close(mim(query, patches), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("fusion, contrast", [(f, 2.0) for f in FUSIONS] + [("clip_map", 4.0), ("learned_map", 0.5)])
 @pytest.mark.parametrize("queries, out_index", [(1, 0), (4, 3)])
-def test_each_mim_fusion_equals_its_formula_on_full_length_blocks(fusion, queries, out_index):
+def test_each_mim_fusion_equals_its_formula_on_full_length_blocks(fusion, contrast, queries, out_index):
     torch.manual_seed(0)
-    mim = MultimodalInteraction(32, heads=4, cross_layers=1, self_layers=2, fusion=fusion).eval()
+    mim = MultimodalInteraction(32, heads=4, cross_layers=1, self_layers=2, fusion=fusion, map_contrast=contrast).eval()
     randomise_biases(mim)
     query, patches, v = torch.randn(3, queries, 32), torch.randn(3, 10, 32), torch.randn(3, 32)
     with torch.no_grad():
@@ -189,25 +187,62 @@ def test_each_mim_fusion_equals_its_formula_on_full_length_blocks(fusion, querie
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_query_residual_fusion_is_open_clips_cross_attention_block():
+@pytest.mark.parametrize("fusion", MAP_FUSIONS)
+def test_a_uniform_map_leaves_the_blocks_plain_and_a_peaked_map_reads_that_patch(fusion):
+    """The map's bias log(M a) is zero where a is uniform, so the feature is then open_clip's blocks
+    over [v; patches] read at v; as the contrast grows, v's attention in each block goes to the
+    patch the map peaks on."""
     torch.manual_seed(0)
-    mim = MultimodalInteraction(32, heads=4, cross_layers=2, self_layers=1, fusion="query_residual").eval()
+    mim = MultimodalInteraction(32, heads=4, cross_layers=1, self_layers=2, fusion=fusion).eval()
     randomise_biases(mim)
-    query, patches = torch.randn(3, 1, 32), torch.randn(3, 10, 32)
+    query, patches, v = torch.randn(2, 1, 32), torch.randn(2, 6, 32), torch.randn(2, 32)
+    plain = torch.cat([v[:, None], patches], dim=1)
+    for block in mim.blocks:
+        plain = block(plain)
     with torch.no_grad():
-        x = query
-        for block in mim.cross:
-            x = block(x, k_x=patches, v_x=patches)
-        expected = mim.blocks[0](torch.cat([x, patches], dim=1))[:, 0]
-        torch.testing.assert_close(mim(query, patches), expected, rtol=1e-5, atol=1e-5)
+        uniform = patches[:, :1].expand(-1, 6, -1)        # every patch alike: every logit equal, a = 1/M
+        same = torch.cat([v[:, None], uniform], dim=1)
+        for block in mim.blocks:
+            same = block(same)
+        torch.testing.assert_close(mim(query, uniform, 0, v), same[:, 0], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(mim(query, patches, 0, v), plain[:, 0], atol=1e-3)   # a real map acts
+        mim.map_contrast = 1e4
+        peak = mim.log_prompt_map(query, patches).argmax(dim=-1)
+        assert (mim.cross_attention_weights(query, patches)[0][:, 0, 0].max(dim=-1).values > 0.999).all()
+        first = mim.blocks[0]
+        normed = first.ln_1(torch.cat([v[:, None], patches], dim=1))
+        bias = torch.cat([torch.zeros(2, 1), mim.log_prompt_map(query, patches) + math.log(6)], dim=1)
+        read = promptsg.modeling.interaction.few_query_attention_weights(first.attn, normed[:, :1], normed, bias)
+        # v's own key keeps bias 0, each non-peak patch gets about -1e4 * gap: the weight left to the
+        # patches is all on the peak.
+        on_patches = read[:, 0, :, 1:]
+        torch.testing.assert_close(on_patches.argmax(dim=-1), peak[:, None].expand(-1, 4))
 
 
-def test_default_mim_reads_the_query_only_through_its_attention_weights():
-    """Eq. 7 writes no residual to the query: two queries with the same attention weights give the
-    same feature. LayerNorm makes q and 3q + 0.5 the same normalised query (same weights); a
-    feature that also adds q itself (the query residual) tells them apart."""
+def test_the_learned_map_cannot_be_flattened_by_scaling_its_logits():
+    """The learned map's logits are standardised over the patches: scaling the query projection (a
+    flatter softmax in the raw logits) leaves the map and the feature unchanged."""
+    torch.manual_seed(0)
+    mim = MultimodalInteraction(32, heads=4, cross_layers=1, self_layers=2, fusion="learned_map").eval()
+    randomise_biases(mim)
+    query, patches, v = torch.randn(3, 1, 32), torch.randn(3, 10, 32), torch.randn(3, 32)
+    with torch.no_grad():
+        before_map, before = mim.cross_attention_weights(query, patches)[0], mim(query, patches, 0, v)
+        mim.cross[0].q_proj.weight.mul_(0.1)
+        mim.cross[0].q_proj.bias.mul_(0.1)
+        torch.testing.assert_close(mim.cross_attention_weights(query, patches)[0], before_map, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(mim(query, patches, 0, v), before, rtol=1e-3, atol=1e-4)
+        # ... while the raw softmax the map is taken from has flattened.
+        raw = mim.cross[0](query, patches).mean(dim=2)[:, 0]
+        assert float(raw.max()) < float(before_map.max())
+
+
+def test_default_mim_reads_the_query_only_through_its_map():
+    """The default fusion has no value path from the prompt: two queries with the same map give the
+    same feature. LayerNorm makes q and 3q + 0.5 the same normalised query (same map)."""
     model = build_model(tiny_cfg()).eval()
     mim = model.heads.mim
+    assert mim.fusion == "learned_map"
     randomise_biases(mim)
     torch.manual_seed(1)
     width = model.backbone.out_dim
@@ -217,11 +252,8 @@ def test_default_mim_reads_the_query_only_through_its_attention_weights():
         for a, b in zip(mim.cross_attention_weights(query, patches, v), mim.cross_attention_weights(other, patches, v)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(mim(query, patches, 0, v), mim(other, patches, 0, v), rtol=1e-4, atol=1e-5)
-        # ... while a query with other weights changes the feature.
+        # ... while a query with another map changes the feature.
         assert not torch.allclose(mim(query, patches, 0, v), mim(torch.randn(4, 1, width), patches, 0, v), atol=1e-3)
-        residual = build_model(tiny_cfg(**{"MODEL.PROMPTSG.MIM.FUSION": "query_residual"})).heads.mim.eval()
-        randomise_biases(residual)
-        assert not torch.allclose(residual(query, patches), residual(other, patches), atol=1e-3)
 
 
 def test_patch_weighting_is_softmax_qk_per_head():
@@ -491,60 +523,65 @@ TAU = 0.05
 
 def reference_mim(mim, query, patches, out_index, visual):
     """The MIM by open_clip's blocks and PyTorch's attention at full length (keys and values
-    projected), each fusion written out: the cross-attention A(q, P) of the query over the patches
-    added to q ("query_residual"), to nothing ("attention") or to v ("visual_residual"), then the
-    block's MLP residual, then self-attention over [x; patches] read at ``out_index``; or
-    ("reweight") the head-averaged softmax(QK^T / sqrt(d)) scaling the patches, [v; patches] through
-    the blocks, read at v."""
+    projected), each fusion written out: "attention", the cross-attention A(q, P) of the query over
+    the patches (no residual from q), the block's MLP residual, then open_clip's self-attention
+    blocks over [x; patches] read at ``out_index``; the map fusions, ``reference_map_fusion``."""
     if mim.fusion in MAP_FUSIONS:
-        blk, heads = mim.cross[0], mim.cross[0].num_heads
-        q = blk.q_proj(blk.ln_1(query[:, out_index:out_index + 1]))                 # (B, 1, E)
-        k = F.linear(blk.ln_1_kv(patches), blk.k_proj.weight)                       # (B, M, E)
-        split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731  (B, H, N, d)
-        logits = split(q) @ split(k).transpose(-1, -2) / math.sqrt(q.shape[-1] // heads)
-        weights = logits.softmax(dim=-1).mean(dim=1)[:, 0]                           # (B, M)
-        if mim.fusion != "reweight":
-            return reference_map_fusion(mim, weights, patches, visual)
-        x = torch.cat([visual[:, None], patches * patches.shape[1] * weights[..., None]], dim=1)
-        out_index = 0
-    else:
-        stream = {"query_residual": query, "attention": 0.0, "visual_residual": visual[:, None]}[mim.fusion]
-        for block in mim.cross:
-            kv = block.ln_1_kv(patches)
-            x = stream + block.attn(block.ln_1(query), kv, kv, need_weights=False)[0]
-            query = stream = x + block.mlp(block.ln_2(x))
-        x = torch.cat([query, patches], dim=1)
+        return reference_map_fusion(mim, reference_map(mim, query[:, out_index:out_index + 1], patches), patches, visual)
+    for block in mim.cross:
+        kv = block.ln_1_kv(patches)
+        x = block.attn(block.ln_1(query), kv, kv, need_weights=False)[0]
+        query = x + block.mlp(block.ln_2(x))
+    x = torch.cat([query, patches], dim=1)
     for block in mim.blocks:
         x = block(x)
     return x[:, out_index]
 
 
+def reference_map(mim, query, patches):
+    """The prompt's map a (B, M) by hand: logits z_m, the mean over heads of q_h . k_h,m / sqrt(d)
+    ("learned_map") or cos(q, p_m) ("clip_map"), standardised over the M patches (unbiased std),
+    then softmax(contrast * z)."""
+    batch, m = patches.shape[:2]
+    if mim.fusion == "learned_map":
+        blk = mim.cross[0]
+        heads, d = blk.num_heads, patches.shape[-1] // blk.num_heads
+        q = blk.q_proj(blk.ln_1(query))[:, 0]                                        # (B, E)
+        k = blk.ln_1_kv(patches) @ blk.k_proj.weight.t()                             # (B, M, E)
+        logits = torch.zeros(batch, m)
+        for h in range(heads):
+            part = slice(h * d, (h + 1) * d)
+            logits += (k[..., part] @ q[:, part, None])[..., 0] / math.sqrt(d) / heads
+    else:
+        logits = torch.stack([torch.stack([F.cosine_similarity(query[b, 0], patches[b, j], dim=0) for j in range(m)])
+                              for b in range(batch)])
+    mean = logits.mean(dim=1, keepdim=True)
+    std = ((logits - mean) ** 2).sum(dim=1, keepdim=True).div(m - 1).sqrt()
+    return torch.softmax(mim.map_contrast * (logits - mean) / (std + 1e-6), dim=1)
+
+
 def reference_map_fusion(mim, weights, patches, visual):
-    """The "bias", "gate" and "pool" fusions written out with loops over the heads: the prompt's map
-    a (B, M); [v; patches] through the blocks, whose attention per head is
-    softmax(q k^T / sqrt(d) + b) (W_v (g * LN(x)) + b_v), b = [0, log(M a)] for "bias", g = [1, M a]
-    for "gate" (0 and 1 otherwise); read at v; "pool" adds W (sum_m a_m LN_kv(p_m)) + b_W."""
+    """The map fusions written out with loops over the heads: [v; patches] through the blocks, whose
+    attention per head is softmax(q k^T / sqrt(d) + b) (W_v LN(x) + b_v), the bias b = [0, log(M a)]
+    on v's row (row 0) only and 0 on every other row; the feature is v's row of the last block."""
     batch, m = weights.shape
-    bias = torch.cat([torch.zeros(batch, 1), torch.log(m * weights)], 1) if mim.fusion == "bias" else torch.zeros(batch, m + 1)
-    gate = torch.cat([torch.ones(batch, 1), m * weights], 1) if mim.fusion == "gate" else torch.ones(batch, m + 1)
+    bias = torch.zeros(batch, m + 1, m + 1)
+    bias[:, 0, 1:] = torch.log(m * weights)
     x = torch.cat([visual[:, None], patches], dim=1)
     for block in mim.blocks:
         attn, normed = block.attn, block.ln_1(x)
         w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
         b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
-        q, k, v = normed @ w_q.T + b_q, normed @ w_k.T + b_k, (normed * gate[..., None]) @ w_v.T + b_v
+        q, k, v = normed @ w_q.T + b_q, normed @ w_k.T + b_k, normed @ w_v.T + b_v
         d = q.shape[-1] // attn.num_heads
         heads = []
         for h in range(attn.num_heads):
             part = slice(h * d, (h + 1) * d)
-            logits = q[..., part] @ k[..., part].transpose(1, 2) / math.sqrt(d) + bias[:, None, :]
+            logits = q[..., part] @ k[..., part].transpose(1, 2) / math.sqrt(d) + bias
             heads.append(logits.softmax(dim=-1) @ v[..., part])
         x = x + attn.out_proj(torch.cat(heads, dim=-1))
         x = x + block.mlp(block.ln_2(x))
-    out = x[:, 0]
-    if mim.fusion == "pool":
-        out = out + mim.pool_proj((weights[..., None] * mim.cross[0].ln_1_kv(patches)).sum(dim=1))
-    return out
+    return x[:, 0]
 
 
 def run_capturing_visual(model, inputs):

@@ -1,7 +1,7 @@
 """Config keys added by the PromptSG project (paper symbols in brackets)."""
 from fastreid.config import CfgNode as CN
 
-from .modeling.interaction import FUSIONS, MAP_FUSIONS
+from .modeling.interaction import FUSIONS, MAP_FUSIONS, REMOVED_FUSIONS
 from .modeling.supcon import POSITIVE_REDUCTIONS
 
 
@@ -68,12 +68,16 @@ def add_promptsg_config(cfg):
     # Query of the cross-attention: "pooled" (the EOT text embedding l_p) or
     # "tokens" (every prompt token, projected to the joint space).
     cfg.MODEL.PROMPTSG.MIM.QUERY = "pooled"
-    # How the cross-attention's result enters the self-attention blocks (promptsg/modeling/interaction.py):
-    # "query_residual" (x = q + A(q, P), open_clip's cross block: s* reaches the feature directly),
-    # "attention" (x = A(q, P), Eq. 7 as written: the text acts through the attention weights only),
-    # "visual_residual" (x = v + A(q, P)), "reweight" (the weights re-weight the patches; [v; patches]
-    # through the blocks, read at v).
-    cfg.MODEL.PROMPTSG.MIM.FUSION = "reweight"
+    # How the cross-attention's result reaches the feature (promptsg/modeling/interaction.py):
+    # "learned_map" (the prompt's learned map over the patches biases v's attention logits in the
+    # self-attention blocks; the feature is read at v), "clip_map" (the same with CLIP's own
+    # prompt-patch cosine as the map: the prompt keeps acting at test) or "attention" (x = A(q, P),
+    # Eq. 7 as written). Removed wirings ("query_residual", "visual_residual", "reweight") are
+    # refused; their results are in docs/EXPERIMENTS.md.
+    cfg.MODEL.PROMPTSG.MIM.FUSION = "learned_map"
+    # The map fusions' contrast: the map is softmax(MAP_CONTRAST * z) of its logits z standardised
+    # over the patches (2.0 for learned_map; ablations/clip_map.yml uses 4.0).
+    cfg.MODEL.PROMPTSG.MIM.MAP_CONTRAST = 2.0
     # Test feature: "mim" (MIM output) or "concat" (MIM output ++ global visual embedding).
     cfg.MODEL.PROMPTSG.FEATURE = "mim"
     # Apply the triplet loss also to the visual encoder's last states (x_{L-1}, x_L, proj).
@@ -138,11 +142,16 @@ def validate_promptsg_config(cfg):
         fail(f"MODEL.PROMPTSG.PSEUDO_TOKEN_INIT must be 'token' or 'unit', got {p.PSEUDO_TOKEN_INIT!r}")
     if p.MIM.QUERY not in ("pooled", "tokens"):
         fail(f"MODEL.PROMPTSG.MIM.QUERY must be 'pooled' or 'tokens', got {p.MIM.QUERY!r}")
+    if p.MIM.FUSION in REMOVED_FUSIONS:
+        fail(f"MODEL.PROMPTSG.MIM.FUSION {p.MIM.FUSION} was removed (docs/EXPERIMENTS.md, \"Language guidance at "
+             f"test\", has its results); choose one of {list(FUSIONS)}")
     if p.MIM.FUSION not in FUSIONS:
         fail(f"MODEL.PROMPTSG.MIM.FUSION must be one of {list(FUSIONS)}, got {p.MIM.FUSION!r}")
     if p.MIM.FUSION in MAP_FUSIONS and p.MIM.CROSS_LAYERS > 0 and (p.MIM.CROSS_LAYERS != 1 or p.MIM.SELF_LAYERS < 1):
         fail(f"MODEL.PROMPTSG.MIM.FUSION {p.MIM.FUSION} needs MIM.CROSS_LAYERS 1 and MIM.SELF_LAYERS >= 1 (v is read "
              f"after the self-attention blocks), got {p.MIM.CROSS_LAYERS} and {p.MIM.SELF_LAYERS}")
+    if not (isinstance(p.MIM.MAP_CONTRAST, (int, float)) and 0 < p.MIM.MAP_CONTRAST < float("inf")):
+        fail(f"MODEL.PROMPTSG.MIM.MAP_CONTRAST must be a positive number, got {p.MIM.MAP_CONTRAST!r}")
     if p.FEATURE not in ("mim", "concat"):
         fail(f"MODEL.PROMPTSG.FEATURE must be 'mim' or 'concat', got {p.FEATURE!r}")
     if cfg.MODEL.HEADS.NECK_FEAT not in ("before", "after"):

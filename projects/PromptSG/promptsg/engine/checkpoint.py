@@ -17,7 +17,7 @@ import re
 
 import torch
 
-from ..modeling.interaction import FUSIONS
+from ..modeling.interaction import FUSION_HISTORY, FUSIONS, REMOVED_FUSIONS
 from .preflight import InputError, zip_directory_intact
 
 logger = logging.getLogger(__name__)
@@ -74,17 +74,21 @@ FUSION_KEY = "heads.mim.fusion_index"
 
 def check_mim_fusion(path, model_state, checkpoint_state):
     """Refuse a checkpoint whose MIM was trained with another MODEL.PROMPTSG.MIM.FUSION than the
-    model's: three fusions share their parameters, so it would load and silently compute another
-    feature. A checkpoint with a MIM but no ``fusion_index`` predates the key; its MIM added the
-    query back ("query_residual"), which is recorded in ``checkpoint_state``."""
+    model's, or with a wiring since removed: fusions can share parameter names, so it would load and
+    silently compute another feature. ``fusion_index`` indexes FUSION_HISTORY. A checkpoint with a
+    MIM but no ``fusion_index`` predates the key; its MIM added the query back ("query_residual")."""
     if FUSION_KEY not in model_state:
         return
     if FUSION_KEY not in checkpoint_state:
         if not any(k.startswith("heads.mim.") for k in checkpoint_state):
             return                                   # no MIM at all: check_compatible says so
-        checkpoint_state[FUSION_KEY] = torch.tensor(FUSIONS.index("query_residual"))
-    index, configured = int(checkpoint_state[FUSION_KEY]), FUSIONS[int(model_state[FUSION_KEY])]
-    trained = FUSIONS[index] if 0 <= index < len(FUSIONS) else f"unknown ({index})"
+        checkpoint_state[FUSION_KEY] = torch.tensor(FUSION_HISTORY.index("query_residual"))
+    index, configured = int(checkpoint_state[FUSION_KEY]), FUSION_HISTORY[int(model_state[FUSION_KEY])]
+    trained = FUSION_HISTORY[index] if 0 <= index < len(FUSION_HISTORY) else f"unknown ({index})"
+    if trained in REMOVED_FUSIONS:
+        raise CheckpointError(f"{path} was trained with MODEL.PROMPTSG.MIM.FUSION {trained}, a wiring since removed "
+                              f"(docs/EXPERIMENTS.md, \"Language guidance at test\"): evaluate it with the release "
+                              f"that trained it, or train again with one of {list(FUSIONS)}")
     if trained != configured:
         raise CheckpointError(f"{path} was trained with MODEL.PROMPTSG.MIM.FUSION {trained}, the config has "
                               f"{configured}: set MODEL.PROMPTSG.MIM.FUSION {trained} to evaluate or fine-tune it")

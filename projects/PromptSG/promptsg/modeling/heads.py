@@ -25,10 +25,11 @@ class PromptSGHead(nn.Module):
     @configurable
     def __init__(self, *, embed_dim, token_dim, num_classes, use_inversion, inversion_hidden,
                  mim_cross_layers, mim_self_layers, mim_heads, feature, neck_feat,
-                 mim_fusion="reweight"):
+                 mim_fusion="learned_map", mim_map_contrast=2.0):
         super().__init__()
         self.inversion = InversionNet(embed_dim, token_dim, inversion_hidden) if use_inversion else None
-        self.mim = (MultimodalInteraction(embed_dim, mim_heads, mim_cross_layers, mim_self_layers, mim_fusion)
+        self.mim = (MultimodalInteraction(embed_dim, mim_heads, mim_cross_layers, mim_self_layers, mim_fusion,
+                                          mim_map_contrast)
                     if mim_cross_layers > 0 else None)
         self.feature = feature
         self.neck_feat = neck_feat
@@ -52,6 +53,7 @@ class PromptSGHead(nn.Module):
             "mim_self_layers": p.MIM.SELF_LAYERS,
             "mim_heads": p.MIM.HEADS,
             "mim_fusion": p.MIM.FUSION,
+            "mim_map_contrast": p.MIM.MAP_CONTRAST,
             "feature": p.FEATURE,
             "neck_feat": cfg.MODEL.HEADS.NECK_FEAT,
         }

@@ -5,12 +5,14 @@ over [x; patches], read at x's position. The blocks are open_clip's ``ResidualAt
 (pre-norm attention + MLP).
 
 Design choices the paper leaves open (the project README, "Design choices"):
-  * how the cross-attention's result enters the blocks (``fusion``, MODEL.PROMPTSG.MIM.FUSION):
-    by default ("reweight") its weights softmax(QK^T / sqrt(d)) re-weight the patch tokens and x is
-    the global visual embedding v, so the prompt chooses which patches count and its own content
-    never reaches the feature; "attention" is Eq. 7 as written (x = A(q, P)); "visual_residual"
-    x = v + A(q, P); "query_residual" x = q + A(q, P) (open_clip's cross block, the wiring before
-    2026-12-04, with which the composed prompt's s* carried the identity into the feature);
+  * how the cross-attention's result reaches the feature (``fusion``, MODEL.PROMPTSG.MIM.FUSION).
+    By default ("learned_map") the prompt's attention over the patches is a map a; x is the global
+    visual embedding v, and log(M a) is added to v's attention logits over the patch keys in every
+    block, so the prompt chooses which patch tokens v's feature is made of. A bias on the logits
+    survives the blocks' LayerNorm, which removes any scale put on the tokens themselves (the
+    earlier "reweight" wiring, docs/EXPERIMENTS.md "Language guidance at test"). "clip_map" takes
+    the map from CLIP's own cosine between the prompt and each patch in the joint space, with no
+    parameter to learn it away. "attention" is Eq. 7 as written (x = A(q, P));
   * width = CLIP's joint embedding width E (512 for ViT-B/16), the space both the text
     embedding l_p and the projected patch tokens live in;
   * query = the pooled EOT text embedding (one token), or every prompt token (``query="tokens"``,
@@ -21,8 +23,8 @@ Design choices the paper leaves open (the project README, "Design choices"):
 Two exact fast paths (tests/test_promptsg_model.py, tests/test_fast_paths.py): only the read row
 of the last block is computed (``query_row_forward``), and attention with a few queries never
 projects the keys and values (``few_query_attention``, ``PatchWeighting``). ``cross_attention_weights``
-gives the cross-attention weights over the patches that the forward uses (the attention maps of
-Fig. 1 and 5, tools/attention_maps.py) without touching that path.
+gives the prompt's weights over the patches that the forward uses (the attention maps of Fig. 1
+and 5, tools/attention_maps.py) without touching that path.
 """
 import math
 
@@ -32,12 +34,15 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 
-FUSIONS = ("query_residual", "attention", "visual_residual", "reweight", "bias", "gate", "pool",
-           "clip_bias", "clip_pool", "zbias2", "zbias4", "zclip2", "zclip4", "zrow2", "zrow4", "zmix2", "zmix4", "zcliprow4", "zclipsc4", "zcliprowsc4",
-           "zcliprowsc2", "zmixrowsc2", "zmixrowsc4")
-# The fusions whose cross-attention is only the prompt's map over the patches (``PatchWeighting``),
-# which then decides what [v; patches] contributes to the feature read at v.
-MAP_FUSIONS = ("reweight", "bias", "gate", "pool", "clip_bias", "clip_pool", "zbias2", "zbias4", "zclip2", "zclip4", "zrow2", "zrow4", "zmix2", "zmix4", "zcliprow4", "zclipsc4", "zcliprowsc4", "zcliprowsc2", "zmixrowsc2", "zmixrowsc4")
+FUSIONS = ("learned_map", "clip_map", "attention")
+# The fusions in which the prompt acts only through its map over the patches, a bias on v's
+# attention logits in the self-attention blocks (no value path from the prompt to the feature).
+MAP_FUSIONS = ("learned_map", "clip_map")
+# Every fusion a released checkpoint may hold, at the index saved in its ``fusion_index`` buffer
+# (append only). Those not in FUSIONS were removed; their checkpoints are refused by name
+# (engine/checkpoint.check_mim_fusion) and their results stay in docs/EXPERIMENTS.md.
+FUSION_HISTORY = ("query_residual", "attention", "visual_residual", "reweight", "learned_map", "clip_map")
+REMOVED_FUSIONS = tuple(f for f in FUSION_HISTORY if f not in FUSIONS)
 
 
 class MultimodalInteraction(nn.Module):
@@ -46,23 +51,22 @@ class MultimodalInteraction(nn.Module):
     Args:
         width: token width E.
         heads: attention heads.
-        cross_layers: number of cross-attention blocks (>= 1; exactly 1 for ``reweight``).
-        self_layers: number of self-attention blocks after them.
-        fusion: how the cross-attention's result enters the blocks (MODEL.PROMPTSG.MIM.FUSION).
-            Each cross-attention block is pre-norm attention and MLP with a residual stream; the
-            fusions differ in where that stream starts, or skip it:
-              "query_residual": at the text query, x = q + A(q, P) (open_clip's cross block);
-                  the query's own content (s* with the composed prompt) reaches the feature.
-              "attention": at nothing, x = A(q, P) (Eq. 7 as written): the feature depends on the
-                  query only through the attention weights softmax(QK^T / sqrt(d)).
-              "visual_residual": at the global visual embedding, x = v + A(q, P): v carried, the
-                  text choosing which patches are added to it.
-              "reweight": no value path; the weights, averaged over heads and scaled to mean one,
-                  re-weight the patch tokens, and [v; weighted patches] runs through the blocks,
-                  read at v's position.
+        cross_layers: number of cross-attention blocks (>= 1; exactly 1 for the map fusions).
+        self_layers: number of self-attention blocks after them (>= 1 for the map fusions).
+        fusion: how the cross-attention's result reaches the feature (MODEL.PROMPTSG.MIM.FUSION):
+              "learned_map": the prompt's map a over the M patches is the head mean of
+                  softmax(QK^T / sqrt(d)) logits, standardised over the patches and scaled by
+                  ``map_contrast`` before the softmax (a map that training can move but not
+                  flatten); [v; patches] runs through the blocks with log(M a_m) added to v's
+                  attention logit over patch m in every block, and the feature is read at v.
+              "clip_map": the same, the logits being CLIP's cosine between the prompt and each
+                  patch in the joint space (no parameters).
+              "attention": x = A(q, P) (Eq. 7 as written): the feature depends on the query only
+                  through the attention weights; [x; patches] through the blocks, read at x.
+        map_contrast: the scale of the standardised logits (MODEL.PROMPTSG.MIM.MAP_CONTRAST).
     """
 
-    def __init__(self, width, heads=8, cross_layers=1, self_layers=2, fusion="reweight"):
+    def __init__(self, width, heads=8, cross_layers=1, self_layers=2, fusion="learned_map", map_contrast=2.0):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"MultimodalInteraction fusion must be one of {list(FUSIONS)}, got {fusion!r}")
@@ -72,32 +76,29 @@ class MultimodalInteraction(nn.Module):
             raise ValueError(f"fusion {fusion!r} needs exactly one cross-attention layer and self-attention "
                              "blocks to read v from")
         self.fusion = fusion
+        self.map_contrast = float(map_contrast)
         # Saved with the weights, so that a checkpoint is never evaluated under another wiring
-        # (checkpoint.check_mim_fusion); the same parameters serve three of the fusions.
-        self.register_buffer("fusion_index", torch.tensor(FUSIONS.index(fusion)))
-        if fusion in MAP_FUSIONS:
+        # (checkpoint.check_mim_fusion).
+        self.register_buffer("fusion_index", torch.tensor(FUSION_HISTORY.index(fusion)))
+        if fusion == "learned_map":
             self.cross = nn.ModuleList([PatchWeighting(width, heads)])
+        elif fusion == "clip_map":
+            self.cross = nn.ModuleList()                    # the map is CLIP's own: nothing to learn
         else:
             self.cross = nn.ModuleList(
                 [ResidualAttentionBlock(width, heads, is_cross_attention=True) for _ in range(cross_layers)])
         self.blocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(self_layers)])
-        # "pool": the prompt-weighted pool of the normalised patch tokens, projected, beside v's output.
-        self.pool_proj = nn.Linear(width, width) if fusion in ("pool", "clip_pool") else None
 
     def forward(self, query, patches, out_index=0, visual=None):
-        """query (B, Q, E), patches (B, M, E), visual v (B, E) (``visual_residual``, ``reweight``)
-        -> the output at query position ``out_index`` (B, E); ``reweight`` reads v's position."""
-        if self.fusion in MAP_FUSIONS and self.fusion != "reweight":
+        """query (B, Q, E), patches (B, M, E), visual v (B, E) (the map fusions) -> the output at
+        query position ``out_index`` (B, E); the map fusions read v's position."""
+        if self.fusion in MAP_FUSIONS:
+            if visual is None:
+                raise ValueError(f"fusion {self.fusion!r} needs the global visual embedding v")
             return self._map_forward(query[:, out_index:out_index + 1], patches, visual)
-        if self.fusion == "reweight":
-            weights = self.cross[0](query[:, out_index:out_index + 1], patches)[:, 0].mean(dim=1)   # (B, M)
-            patches = patches * (weights * patches.shape[1])[..., None]                            # mean weight 1
-            query, out_index = visual[:, None].to(patches.dtype), 0
-        else:
-            stream = self._stream_start(query, visual)
-            for blk in self.cross:
-                # Eq. 7: softmax(QK^T / sqrt(d)) V, added to the stream the fusion starts from.
-                stream = query = cross_block_forward(blk, query, patches, stream)
+        for blk in self.cross:
+            # Eq. 7: softmax(QK^T / sqrt(d)) V, with no residual from the query.
+            query = cross_block_forward(blk, query, patches)
         if not self.blocks:
             return query[:, out_index]
         x = torch.cat([query, patches], dim=1)                  # (B, Q + M, E)
@@ -107,91 +108,47 @@ class MultimodalInteraction(nn.Module):
         return query_row_forward(self.blocks[-1], x, out_index)
 
     def _map_forward(self, query, patches, visual):
-        """The "bias", "gate" and "pool" fusions: the prompt's map a (B, M), the head mean of
-        softmax(QK^T / sqrt(d)) of the query (B, 1, E) over the patches (B, M, E), decides what
-        [v; patches] gives the feature read at v (B, E), after every LayerNorm:
-          "bias": log(M a_m) is added to every attention logit over patch m in the blocks
-              (attention proportional to a_m exp(q.k_m); v's key gets 0, a uniform map changes nothing);
-          "gate": the blocks' normalised patch tokens are scaled by M a_m on their way to the values;
-          "pool": plain blocks, plus a projection of the map's pool sum_m a_m LN(p_m) of the
-              normalised patch tokens."""
-        log_map = self.log_prompt_map(query, patches)
-        weights = log_map.exp()                                                  # (B, M), sums to 1
-        if self.fusion[-3:-1] == "sc":
-            self.last_pooled = torch.einsum("bm,bme->be", weights, patches)    # exploration: SupCon on it
-        x = torch.cat([visual[:, None].to(patches.dtype), patches], dim=1)     # (B, 1 + M, E)
-        key_bias = value_gate = None
-        zeros = log_map.new_zeros(len(log_map), 1)
-        if self.fusion in ("bias", "clip_bias") or self.fusion.startswith("z"):
-            key_bias = torch.cat([zeros, log_map + math.log(log_map.shape[1])], dim=1)   # (B, 1 + M)
-        elif self.fusion == "gate":
-            value_gate = torch.cat([zeros + 1, weights * weights.shape[1]], dim=1)      # (B, 1 + M)
+        """query (B, 1, E), patches (B, M, E), v (B, E) -> the feature read at v (B, E): [v; patches]
+        through the blocks, v's attention logit over patch m biased by log(M a_m), the other rows
+        plain (a uniform map changes nothing)."""
+        log_map = self.log_prompt_map(query, patches)                            # (B, M)
+        zero = log_map.new_zeros(len(log_map), 1)
+        read_bias = torch.cat([zero, log_map + math.log(log_map.shape[1])], dim=1)   # (B, 1 + M): v's own key 0
+        x = torch.cat([visual[:, None].to(patches.dtype), patches], dim=1)          # (B, 1 + M, E)
         for blk in self.blocks[:-1]:
-            x = block_forward(blk, x, key_bias, value_gate, read_row_only=self.fusion.startswith("zrow") or "row" in self.fusion)
-        out = query_row_forward(self.blocks[-1], x, 0, key_bias, value_gate)
-        if self.pool_proj is not None:
-            pooled = torch.einsum("bm,bme->be", weights, self.cross[0].ln_1_kv(patches))
-            out = out + self.pool_proj(pooled)
-        return out
+            x = block_forward(blk, x, read_bias)
+        return query_row_forward(self.blocks[-1], x, 0, read_bias)
 
     def log_prompt_map(self, query, patches):
-        """log a (B, M): the prompt's map over the patches that the map fusions use."""
-        weighting = self.cross[0]
-        if self.fusion.startswith("clip_"):
-            # CLIP's own image-text similarity in the joint space, at CLIP's temperature: no parameters.
-            sims = torch.einsum("be,bme->bm", F.normalize(query[:, 0], dim=-1), F.normalize(patches, dim=-1))
-            log_map = (sims / 0.07).log_softmax(dim=-1)
-        elif self.fusion.startswith("z"):
-            # The head-mean logits standardised over the patches, times a fixed contrast: a map that
-            # cannot be flattened, only moved.
-            def standardised(t):
-                return (t - t.mean(dim=-1, keepdim=True)) / (t.std(dim=-1, keepdim=True) + 1e-6)
-
-            cosines = torch.einsum("be,bme->bm", F.normalize(query[:, 0], dim=-1), F.normalize(patches, dim=-1))
-            if self.fusion.startswith("zclip"):
-                logits = cosines
-            elif self.fusion.startswith("zmix"):
-                logits = standardised(weighting(query, patches, logits=True)[:, 0].mean(dim=1)) + standardised(cosines)
-            else:
-                logits = weighting(query, patches, logits=True)[:, 0].mean(dim=1)      # (B, M)
-            z = (logits - logits.mean(dim=-1, keepdim=True)) / (logits.std(dim=-1, keepdim=True) + 1e-6)
-            log_map = (float(self.fusion[-1]) * z).log_softmax(dim=-1)
+        """log a (B, M): the prompt's (B, 1, E) map over the patches (B, M, E) in the map fusions,
+        log_softmax(contrast * z) of logits z standardised over the patches, in float32."""
+        if self.fusion == "learned_map":
+            logits = self.cross[0](query, patches, logits=True)[:, 0].mean(dim=1)           # head mean (B, M)
         else:
-            # log a = log mean_h softmax_h, from the log-softmax: finite where a weight underflows.
-            log_map = torch.logsumexp(weighting(query, patches, log=True)[:, 0], dim=1) - math.log(weighting.num_heads)
-        return log_map
+            logits = torch.einsum("be,bme->bm", F.normalize(query[:, 0], dim=-1), F.normalize(patches, dim=-1))
+        logits = logits.float()
+        z = (logits - logits.mean(dim=-1, keepdim=True)) / (logits.std(dim=-1, keepdim=True) + 1e-6)
+        return (self.map_contrast * z).log_softmax(dim=-1).to(patches.dtype)
 
     def cross_attention_weights(self, query, patches, visual=None):
-        """The weights of each cross-attention block, as ``forward`` computes them: a list of
-        (B, Q, H, M) tensors, the attention of every query token and head over the M patches."""
-        if self.fusion in ("reweight", "bias", "gate", "pool"):
-            return [self.cross[0](query, patches)]
+        """The prompt's weights over the M patches, as ``forward`` computes them: for the map
+        fusions one (B, Q, 1, M) tensor, the map a of each query token; for "attention" a
+        (B, Q, H, M) tensor per cross-attention block, every query token's and head's weights."""
         if self.fusion in MAP_FUSIONS:
             return [torch.stack([self.log_prompt_map(query[:, i:i + 1], patches).exp()
                                  for i in range(query.shape[1])], dim=1)[:, :, None]]
         weights = []
-        stream = self._stream_start(query, visual)
         for blk in self.cross:
             weights.append(few_query_attention_weights(blk.attn, blk.ln_1(query), blk.ln_1_kv(patches)))
-            stream = query = cross_block_forward(blk, query, patches, stream)
+            query = cross_block_forward(blk, query, patches)
         return weights
-
-    def _stream_start(self, query, visual):
-        """Where the cross-attention's residual stream starts: the query, nothing, or v (B, 1, E)."""
-        if self.fusion == "query_residual":
-            return query
-        if self.fusion == "attention":
-            return None
-        if visual is None:
-            raise ValueError("fusion 'visual_residual' needs the global visual embedding v")
-        return visual[:, None].to(query.dtype)
 
 
 class PatchWeighting(nn.Module):
-    """The query and key side of a cross-attention block, for ``fusion="reweight"``: per head h,
-    softmax_m(q_h . k_h,m / sqrt(d)) over the M patches, q from the text query and k from the
-    patches, each pre-normalised (B, Q, E), (B, M, E) -> (B, Q, H, M). No value or output projection:
-    the weights are the whole result."""
+    """The query and key side of a cross-attention block, for ``fusion="learned_map"``: per head h,
+    q_h . k_h,m / sqrt(d) over the M patches, q from the text query and k from the patches, each
+    pre-normalised (B, Q, E), (B, M, E) -> (B, Q, H, M), or its softmax over the patches. No value or
+    output projection: the weights are the whole result."""
 
     def __init__(self, width, heads):
         super().__init__()
@@ -203,62 +160,51 @@ class PatchWeighting(nn.Module):
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width, bias=False)   # a key bias adds a constant per row
 
-    def forward(self, query, patches, log=False, logits=False):
-        """(B, Q, E), (B, M, E) -> (B, Q, H, M) (their logarithms with ``log``), with the key
-        projection folded into the query side as in ``few_query_attention_weights``."""
+    def forward(self, query, patches, logits=False):
+        """(B, Q, E), (B, M, E) -> softmax weights (B, Q, H, M), or the logits with ``logits``, with the
+        key projection folded into the query side as in ``few_query_attention_weights``."""
         batch, queries, width = query.shape
         q = self.q_proj(self.ln_1(query)).view(batch, queries, self.num_heads, self.head_dim) * self.head_dim ** -0.5
         q = torch.einsum("bqhd,hde->bqhe", q, self.k_proj.weight.view(self.num_heads, self.head_dim, width))
         scores = torch.einsum("bqhe,bme->bqhm", q, self.ln_1_kv(patches))
-        if logits:
-            return scores
-        return scores.log_softmax(dim=-1) if log else scores.softmax(dim=-1)
+        return scores if logits else scores.softmax(dim=-1)
 
 
-def query_row_forward(block, x, index, key_bias=None, value_gate=None):
-    """Output row ``index`` of a self-attention ``ResidualAttentionBlock`` on ``x`` (B, N, E).
+def query_row_forward(block, x, index, key_bias=None):
+    """Output row ``index`` of a self-attention ``ResidualAttentionBlock`` on ``x`` (B, N, E), its
+    attention logits over key n raised by ``key_bias`` (B, N) if given.
 
-    Equal to ``block(x)[:, index]`` (``block_forward`` with a key bias or value gate) at a
-    fraction of the cost: one query row attends over all N keys, and the MLP runs on one token.
+    Equal to ``block(x)[:, index]`` (``block_forward``'s row 0 with a bias) at a fraction of the
+    cost: one query row attends over all N keys, and the MLP runs on one token.
     """
     normed = block.ln_1(x)
     q = x[:, index:index + 1]
-    q = q + block.ls_1(few_query_attention(block.attn, normed[:, index:index + 1], normed, key_bias, value_gate))
+    q = q + block.ls_1(few_query_attention(block.attn, normed[:, index:index + 1], normed, key_bias))
     q = q + block.ls_2(block.mlp(block.ln_2(q)))
     return q[:, 0]
 
 
-def block_forward(block, x, key_bias=None, value_gate=None, read_row_only=False):
-    """A self-attention ``ResidualAttentionBlock`` on ``x`` (B, N, E) whose attention logits over key
-    n get ``key_bias`` (B, N) added and whose normalised tokens are scaled by ``value_gate`` (B, N)
-    before the value projection; both None: ``block(x)``."""
-    attn = block.attn
+def block_forward(block, x, read_bias):
+    """A self-attention ``ResidualAttentionBlock`` on ``x`` (B, N, E) whose row 0 (v, the row the
+    feature is read from) has ``read_bias`` (B, N) added to its attention logits; the other rows
+    attend as in ``block(x)``."""
     normed = block.ln_1(x)
-    values = normed if value_gate is None else normed * value_gate[..., None]
-    q, k, v = (F.linear(t, w, b).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)      # (B, H, N, d)
-               for t, w, b in zip((normed, normed, values), attn.in_proj_weight.chunk(3), attn.in_proj_bias.chunk(3)))
-    mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)           # (B, 1, 1, N)
-    if mask is not None and read_row_only:
-        mask = torch.cat([mask, mask.new_zeros(mask.shape[0], 1, x.shape[1] - 1, x.shape[1])], dim=2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
-    x = x + block.ls_1(attn.out_proj(out))
+    attended = block.attention(normed)                                             # open_clip's own, all rows
+    read = few_query_attention(block.attn, normed[:, :1], normed, read_bias)       # row 0, biased
+    x = x + block.ls_1(torch.cat([read, attended[:, 1:]], dim=1))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-def cross_block_forward(block, query, patches, stream):
-    """A cross-attention ``ResidualAttentionBlock`` whose residual stream starts at ``stream``
-    (B, Q, E), or at nothing (None): ``stream + ls_1(attn(ln_1(query), ln_1_kv(patches)))``, then the
-    block's MLP residual. With ``stream=query`` it is ``block(query, k_x=patches, v_x=patches)``."""
+def cross_block_forward(block, query, patches):
+    """A cross-attention ``ResidualAttentionBlock`` with no residual from the query (Eq. 7):
+    ``ls_1(attn(ln_1(query), ln_1_kv(patches)))``, then the block's MLP residual."""
     x = block.ls_1(few_query_attention(block.attn, block.ln_1(query), block.ln_1_kv(patches)))
-    if stream is not None:
-        x = stream + x
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-def few_query_attention(attn, q, kv, key_bias=None, value_gate=None):
-    """``attn(q, kv, kv)[0]`` of a batch-first ``nn.MultiheadAttention``, for few queries; with
-    ``key_bias`` (B, N) added to the logits and ``value_gate`` (B, N) scaling the tokens before the
-    value projection (``block_forward``'s attention).
+def few_query_attention(attn, q, kv, key_bias=None):
+    """``attn(q, kv, kv)[0]`` of a batch-first ``nn.MultiheadAttention``, for few queries, with
+    ``key_bias`` (B, N) added to the logits if given.
 
     q (B, Q, E), kv (B, N, E) -> (B, Q, E). The key and value projections are folded into the
     query side instead of being applied to the N tokens (cost H*Q*N*E rather than N*E^2, for H
@@ -270,8 +216,6 @@ def few_query_attention(attn, q, kv, key_bias=None, value_gate=None):
     batch, queries, width = q.shape
     per_head = (attn.num_heads, attn.head_dim, width)
     weights = few_query_attention_weights(attn, q, kv, key_bias)    # (B, Q, H, N)
-    if value_gate is not None:
-        weights = weights * value_gate[:, None, None, :]           # W_v (g_n x_n): the gate folds into a_n
     context = torch.einsum("bqhn,bne->bqhe", weights, kv)          # sum_n a_n x_n: (B, Q, H, E)
     w_v = attn.in_proj_weight.chunk(3)[2]
     b_v = attn.in_proj_bias.chunk(3)[2]

@@ -220,15 +220,8 @@ class PromptSG(nn.Module):
         text, batch_targets = prompt.text, targets
         if world_size() > 1:
             outputs, visual, text, batch_targets = self.global_batch(outputs, visual, text, targets)
-        losses = self._loss_terms(self.loss_kwargs, outputs, visual, text, targets, batch_targets,
-                                  self.heads.mim is not None)
-        pooled = getattr(self.heads.mim, "last_pooled", None)
-        if pooled is not None and "SupConLoss" in self.loss_kwargs["loss_names"]:
-            sc = self.loss_kwargs["supcon"]
-            losses["loss_supcon_patches"] = sc["scale"] * symmetric_supcon_loss(
-                pooled, text, batch_targets, sc["temperature"], sc["i2t"], sc["t2i"], sc["positives"])
-            self.heads.mim.last_pooled = None
-        return losses
+        return self._loss_terms(self.loss_kwargs, outputs, visual, text, targets, batch_targets,
+                                self.heads.mim is not None)
 
     def global_batch(self, outputs, visual, text, targets):
         """With several processes, what the batch-level terms (triplet, L_SupCon) read, gathered over
