@@ -129,29 +129,41 @@ def test_composed_training_encodes_nine_tokens_with_the_full_context_gradient(mo
 
 # ---- the MIM computes only the last block's query row, and never projects keys and values ----
 
-def full_block_row(block, x, index, key_bias=None, value_gate=None):
-    """The reference for query_row_forward: the whole block (open_clip's, or ``block_forward`` with a
-    key bias or value gate, itself checked against the formula in tests/test_promptsg_model.py), then the row."""
-    if key_bias is None and value_gate is None:
-        return block(x)[:, index]
-    return promptsg.modeling.interaction.block_forward(block, x, key_bias, value_gate)[:, index]
+def row_bias_mask(block, x, index, key_bias):
+    """open_clip's ``attn_mask`` (B * H, N, N) adding ``key_bias`` (B, N) to row ``index``'s logits only."""
+    batch, n = x.shape[:2]
+    mask = x.new_zeros(batch, n, n)
+    mask[:, index] = key_bias
+    return mask.repeat_interleave(block.attn.num_heads, dim=0)
 
 
-def full_cross_block(block, query, patches, stream):
+def full_block_row(block, x, index, key_bias=None):
+    """The reference for query_row_forward: open_clip's whole block, the bias given to row ``index``
+    through its attention mask, then the row."""
+    mask = None if key_bias is None else row_bias_mask(block, x, index, key_bias)
+    return block(x, attn_mask=mask)[:, index]
+
+
+def full_read_block(block, x, read_bias):
+    """The reference for block_forward: open_clip's whole block, every row's keys and values
+    projected, with ``read_bias`` on row 0's logits through its attention mask."""
+    return block(x, attn_mask=row_bias_mask(block, x, 0, read_bias))
+
+
+def full_cross_block(block, query, patches):
     """The reference for cross_block_forward: open_clip's attention, keys and values projected,
-    added to the fusion's stream; with the query as the stream, open_clip's block itself."""
-    if stream is query:
-        return block(query, k_x=patches, v_x=patches)
+    with no residual from the query (Eq. 7), then the block's MLP residual."""
     kv = block.ln_1_kv(patches)
     x = block.ls_1(block.attention(block.ln_1(query), k_x=kv, v_x=kv))
-    x = x if stream is None else stream + x
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-MIM_FAST_PATHS = {"query_row_forward": full_block_row, "cross_block_forward": full_cross_block}
-# Every fusion with each fast path it runs (the map fusions have no value path: no cross block).
+MIM_FAST_PATHS = {"query_row_forward": full_block_row, "cross_block_forward": full_cross_block,
+                  "block_forward": full_read_block}
+# Every fusion with each fast path it runs: the map fusions bias v's row in every block and have no
+# cross block; "attention" has no bias.
 FUSION_FAST_PATHS = [(fusion, path) for fusion in FUSIONS for path in MIM_FAST_PATHS
-                     if not (fusion in MAP_FUSIONS and path == "cross_block_forward")]
+                     if path == "query_row_forward" or (path == "block_forward") == (fusion in MAP_FUSIONS)]
 
 
 @pytest.mark.parametrize("fusion, fast_path", FUSION_FAST_PATHS)
@@ -186,7 +198,9 @@ def test_training_losses_and_gradients_with_mim_fast_path_equal_the_full_blocks(
     full_losses, full_grads = losses_and_grads()
     torch.testing.assert_close(fast_losses, full_losses, rtol=1e-5, atol=1e-6)
     assert fast_grads.keys() == full_grads.keys()
-    assert any(k.startswith("heads.mim.cross") and ("in_proj" in k or "q_proj" in k) for k in fast_grads)
+    assert any(k.startswith("heads.mim.blocks.0.attn") for k in fast_grads)
+    assert fusion == "clip_map" or any(k.startswith("heads.mim.cross") and ("in_proj" in k or "q_proj" in k)
+                                       for k in fast_grads)
     torch.testing.assert_close(fast_grads, full_grads, rtol=1e-4, atol=1e-5)
 
 
@@ -217,7 +231,8 @@ def test_cuda_bf16_autocast_training_step_gives_finite_losses_and_updates_weight
     cfg = tiny_cfg(**{"MODEL.DEVICE": "cuda"})
     model = build_model(cfg).train()
     optimizer, _ = DefaultTrainer.build_optimizer(cfg, model)
-    tracked = {"backbone": model.backbone.visual.conv1.weight, "mim": model.heads.mim.cross[0].attn.in_proj_weight,
+    tracked = {"backbone": model.backbone.visual.conv1.weight, "mim": model.heads.mim.blocks[0].attn.in_proj_weight,
+               "map": model.heads.mim.cross[0].q_proj.weight,
                "inversion": model.heads.inversion.mlp[0].weight, "classifier": model.heads.classifier.weight}
     before = {k: p.detach().clone() for k, p in tracked.items()}
     with torch.autocast("cuda", dtype=torch.bfloat16):
