@@ -71,7 +71,7 @@ def randomise_norms_and_biases(blocks):
 
 def test_cross_attention_weights_are_the_softmax_of_projected_queries_and_keys():
     torch.manual_seed(0)
-    mim = MultimodalInteraction(16, heads=4, cross_layers=2, self_layers=1, fusion="query_residual").eval()
+    mim = MultimodalInteraction(16, heads=4, cross_layers=2, self_layers=1, fusion="attention").eval()
     randomise_norms_and_biases(mim.cross)
     query, patches = torch.randn(2, 3, 16), torch.randn(2, 12, 16)
     with torch.no_grad():
@@ -86,10 +86,12 @@ def test_cross_attention_weights_are_the_softmax_of_projected_queries_and_keys()
             _, torch_weights = blk.attn(blk.ln_1(q), blk.ln_1_kv(patches), blk.ln_1_kv(patches),
                                         need_weights=True, average_attn_weights=False)
             torch.testing.assert_close(w, torch_weights.transpose(1, 2), rtol=1e-5, atol=1e-6)
-            q = blk(q, k_x=patches, v_x=patches)                                  # open_clip's own block
+            kv = blk.ln_1_kv(patches)
+            x = blk.attn(blk.ln_1(q), kv, kv, need_weights=False)[0]           # Eq. 7: no residual from q
+            q = x + blk.mlp(blk.ln_2(x))
 
 
-@pytest.mark.parametrize("fusion", ["reweight", "query_residual"])
+@pytest.mark.parametrize("fusion", ["learned_map", "clip_map", "attention"])
 @pytest.mark.parametrize("prompt, query", [("simplified", "pooled"), ("composed", "tokens")])
 def test_promptsg_maps_are_the_weights_the_forward_used(monkeypatch, prompt, query, fusion):
     model = DefaultTrainer.build_model(tiny_cfg(**{"MODEL.PROMPTSG.INFERENCE_PROMPT": prompt,
@@ -98,19 +100,19 @@ def test_promptsg_maps_are_the_weights_the_forward_used(monkeypatch, prompt, que
                                                    "MODEL.CLIP.STRIDE": 8})).eval()
     randomise_norms_and_biases(model.heads.mim.cross)
     used = []
-    if fusion == "reweight":                            # the weights re-weighting the patches
-        original = promptsg.modeling.interaction.PatchWeighting.forward
+    if fusion != "attention":                           # the map whose log biases v's logits
+        original = promptsg.modeling.interaction.MultimodalInteraction.log_prompt_map
 
         def recording(self, q, patches):
             used.append(original(self, q, patches))
             return used[-1]
 
-        target = (promptsg.modeling.interaction.PatchWeighting, "forward")
+        target = (promptsg.modeling.interaction.MultimodalInteraction, "log_prompt_map")
     else:                                               # first call: the cross block; then the last block's row
         original = promptsg.modeling.interaction.few_query_attention_weights
 
-        def recording(attn, q, kv):
-            used.append(original(attn, q, kv))
+        def recording(attn, q, kv, key_bias=None):
+            used.append(original(attn, q, kv, key_bias))
             return used[-1]
 
         target = (promptsg.modeling.interaction, "few_query_attention_weights")
@@ -123,12 +125,16 @@ def test_promptsg_maps_are_the_weights_the_forward_used(monkeypatch, prompt, que
         maps = promptsg_cross_attention(model, inputs["images"])
     grid = ((64 - 16) // 8 + 1, (32 - 16) // 8 + 1)     # tiny-ViT: patch 16, stride 8 at 64x32
     shown = getattr(maps, prompt)
-    assert shown.shape == (8, 2, *grid)                 # (B, H, gh, gw)
-    torch.testing.assert_close(shown.sum((-2, -1)), torch.ones(8, 2))
+    heads = 1 if fusion != "attention" else 2
+    assert shown.shape == (8, heads, *grid)             # (B, H, gh, gw); one map for the map fusions
+    torch.testing.assert_close(shown.sum((-2, -1)), torch.ones(8, heads))
+    if fusion != "attention":                           # the map of the query row the feature is read from
+        assert len(used) == 1
+        torch.testing.assert_close(shown[:, 0], used[0].exp().unflatten(-1, grid), rtol=1e-5, atol=1e-7)
+        return
     # The query whose output the MIM returns: the pooled prompt, or the prompt's EOT token (its last).
-    # reweight computes the weights of that query row alone.
-    row = 0 if query == "pooled" or fusion == "reweight" else used[0].shape[1] - 1
-    assert query == "pooled" or fusion == "reweight" or row == 8   # [SOS, a, photo, of, a, s*, person, ., EOT]
+    row = 0 if query == "pooled" else used[0].shape[1] - 1
+    assert query == "pooled" or row == 8                # [SOS, a, photo, of, a, s*, person, ., EOT]
     torch.testing.assert_close(shown, used[0][:, row].unflatten(-1, grid), rtol=1e-6, atol=1e-7)
 
 
@@ -298,7 +304,7 @@ def test_tool_draws_and_measures_the_tiny_split(datasets_root, tmp_path):
     assert paths == [p for p, _, _ in dataset.query + dataset.gallery]
     n = len(paths)
     for name in ("simplified", "composed"):
-        assert maps[name].shape == (n, 2, *GRID)
+        assert maps[name].shape == (n, 1, *GRID)      # the default learned_map: one map, not one per head
         np.testing.assert_allclose(maps[name].sum((-2, -1)), 1.0, rtol=1e-5)
     for name in ("baseline", "baseline_last_block", "promptsg_rollout", "promptsg_last_block"):
         assert maps[name].shape == (n, *GRID)
@@ -327,7 +333,7 @@ def test_tool_draws_and_measures_the_tiny_split(datasets_root, tmp_path):
         assert rows[name]["mean_share"] == pytest.approx(expected, rel=1e-5)
         assert rows[name]["chance"] == pytest.approx(chance, rel=1e-5)
     assert "SyntheticMarketTiny" in summary["command"] and summary["commit"]
-    assert len(rows["simplified"]["mean_share_per_head"]) == 2
+    assert len(rows["simplified"]["mean_share_per_head"]) == 1
     for name, value in (("simplified", maps["simplified"].mean(1)), ("baseline", maps["baseline"])):
         flat = value.reshape(n, -1).astype(np.float64)
         spread = np.median(np.exp(-(flat * np.log(flat)).sum(1)))
