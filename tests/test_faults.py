@@ -56,29 +56,40 @@ def test_checkpoint_of_another_model_is_refused_naming_the_file_and_keys(tmp_pat
                            str(promptsg_file))
 
 
-def test_checkpoint_of_another_mim_fusion_is_refused_and_one_older_than_the_key_is_query_residual(tmp_path):
-    """Three fusions share their parameters: the wiring a checkpoint was trained with travels in it."""
+def test_checkpoint_of_another_or_a_removed_mim_fusion_is_refused_by_name(tmp_path):
+    """The wiring a checkpoint was trained with travels in it (``fusion_index``, an index into
+    FUSION_HISTORY): another fusion's checkpoint is refused naming both, one of a removed wiring
+    naming it, and one older than the key is the removed query_residual."""
     fusion = lambda name: ("MODEL.PROMPTSG.MIM.FUSION", name)  # noqa: E731
-    residual = build(PROMPTSG_CFG, *fusion("query_residual"))
-    residual_file = save(residual, tmp_path / "residual.pth")
-    with pytest.raises(CheckpointError, match=r"residual\.pth was trained with MODEL\.PROMPTSG\.MIM\.FUSION "
-                                              r"query_residual, the config has attention: set MODEL\.PROMPTSG\."
-                                              r"MIM\.FUSION query_residual"):
-        load_for_inference(build(PROMPTSG_CFG, *fusion("attention")), str(residual_file))
-    with pytest.raises(CheckpointError, match="trained with MODEL.PROMPTSG.MIM.FUSION query_residual, the config "
-                                              "has reweight"):
-        load_for_inference(build(PROMPTSG_CFG, *fusion("reweight")), str(residual_file))
-    # A checkpoint written before the key existed has no fusion_index: it added the query back.
-    state = residual.state_dict()
-    del state["heads.mim.fusion_index"]
-    older = tmp_path / "older.pth"
-    torch.save({"model": state}, older)
-    with pytest.raises(CheckpointError, match="older.pth was trained with MODEL.PROMPTSG.MIM.FUSION query_residual"):
-        load_for_inference(build(PROMPTSG_CFG, *fusion("visual_residual")), str(older))
-    loaded = build(PROMPTSG_CFG, *fusion("query_residual"))
-    load_for_inference(loaded, str(older))
-    for (name, a), b in zip(loaded.state_dict().items(), residual.state_dict().values()):
+    learned = build(PROMPTSG_CFG, *fusion("learned_map"))
+    learned_file = save(learned, tmp_path / "learned.pth")
+    with pytest.raises(CheckpointError, match=r"learned\.pth was trained with MODEL\.PROMPTSG\.MIM\.FUSION "
+                                              r"learned_map, the config has attention: set MODEL\.PROMPTSG\."
+                                              r"MIM\.FUSION learned_map"):
+        load_for_inference(build(PROMPTSG_CFG, *fusion("attention")), str(learned_file))
+    loaded = build(PROMPTSG_CFG, *fusion("learned_map"))
+    load_for_inference(loaded, str(learned_file))
+    for (name, a), b in zip(loaded.state_dict().items(), learned.state_dict().values()):
         assert torch.equal(a, b), name
+    # "reweight" had the same parameters as learned_map, at index 3 of the history.
+    state = learned.state_dict()
+    state["heads.mim.fusion_index"] = torch.tensor(3)
+    torch.save({"model": state}, tmp_path / "reweight.pth")
+    with pytest.raises(CheckpointError, match=r"reweight\.pth was trained with MODEL\.PROMPTSG\.MIM\.FUSION reweight, "
+                                              r"a wiring since removed"):
+        load_for_inference(build(PROMPTSG_CFG, *fusion("learned_map")), str(tmp_path / "reweight.pth"))
+    # A checkpoint written before the key existed has no fusion_index: it added the query back.
+    del state["heads.mim.fusion_index"]
+    torch.save({"model": state}, tmp_path / "older.pth")
+    with pytest.raises(CheckpointError, match=r"older\.pth was trained with MODEL\.PROMPTSG\.MIM\.FUSION query_residual, "
+                                              r"a wiring since removed"):
+        load_for_inference(build(PROMPTSG_CFG, *fusion("learned_map")), str(tmp_path / "older.pth"))
+
+
+@pytest.mark.parametrize("removed", ["reweight", "query_residual", "visual_residual"])
+def test_config_of_a_removed_fusion_is_one_line_naming_it(removed):
+    with pytest.raises(ValueError, match=rf"^MODEL\.PROMPTSG\.MIM\.FUSION {removed} was removed \(docs/EXPERIMENTS\.md"):
+        build(PROMPTSG_CFG, "MODEL.PROMPTSG.MIM.FUSION", removed)
 
 
 def test_own_checkpoint_loads_whole_and_the_classifier_only_by_choice(tmp_path):

@@ -132,7 +132,7 @@ def test_a_duplicate_key_or_section_is_refused_naming_file_key_and_lines(tmp_pat
     with pytest.raises(InputError, match=rf"{cfg}: duplicate key SOLVER \(lines 2 and 6\)"):
         load_config(promptsg.add_promptsg_config(get_cfg()), str(cfg), [])
     nested = tmp_path / "nested.yml"
-    nested.write_text("MODEL:\n  PROMPTSG:\n    MIM:\n      FUSION: reweight\n      FUSION: attention\n")
+    nested.write_text("MODEL:\n  PROMPTSG:\n    MIM:\n      FUSION: learned_map\n      FUSION: attention\n")
     with pytest.raises(InputError, match=r"duplicate key MODEL.PROMPTSG.MIM.FUSION \(lines 4 and 5\)"):
         load_config(promptsg.add_promptsg_config(get_cfg()), str(nested), [])
     child = tmp_path / "child.yml"                                       # in a _BASE_ file: that file is named
