@@ -39,6 +39,14 @@ MUTATIONS = [
      "self.heads.inversion(visual.embedding)", "self.heads.inversion(visual.states[1])"),
     ("the query added back to the cross-attention output (x = q + A(q, P))", "modeling/interaction.py",
      "    x = block.ls_1(few_query_attention(", "    x = query + block.ls_1(few_query_attention("),
+    ("the prompt's map cut from the blocks before the last (plain blocks)", "modeling/interaction.py",
+     "x = block_forward(blk, x, read_bias)", "x = blk(x)"),
+    ("the prompt's map cut from the read row of the last block", "modeling/interaction.py",
+     "return query_row_forward(self.blocks[-1], x, 0, read_bias)", "return query_row_forward(self.blocks[-1], x, 0)"),
+    ("the map's bias computed but v's row left unbiased", "modeling/interaction.py",
+     "torch.cat([read, attended[:, 1:]], dim=1)", "attended"),
+    ("the map's logits not standardised", "modeling/interaction.py",
+     "(self.map_contrast * z).log_softmax(dim=-1)", "(self.map_contrast * logits).log_softmax(dim=-1)"),
 ]
 
 
