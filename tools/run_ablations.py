@@ -31,6 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+import promptsg  # noqa: F401  (patches FastReID, registers PromptSG and the synthetic dataset)
+from fastreid.data.datasets import DATASET_REGISTRY
 from promptsg.analysis.ablations import (TABLES, guidance_markdown, machine, markdown, markers,
                                          replace_between_markers, run_one, summarise)
 from promptsg.analysis.guidance import PromptGuidance
@@ -82,6 +84,8 @@ def main(argv=None):
     checkpoint = os.path.join(root, "SyntheticCLIP", "small-ViT.pt")
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "pretrain_synthetic_clip.py"), "--out", checkpoint],
                    check=True)
+    # The synthetic dataset is generated on first use: once here, not by several runs at once.
+    DATASET_REGISTRY.get("SyntheticMarket")(root=root)
     common = ["MODEL.DEVICE", device, "MODEL.CLIP.PRETRAINED", checkpoint, *args.opts]
     rows = [r for r in TABLES[args.table] if not args.rows or r[0] in args.rows]
     work_dir = os.path.join(args.work_dir, args.table)
