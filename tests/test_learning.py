@@ -37,18 +37,37 @@ def python(args, root):
 
 
 @pytest.fixture(scope="module")
-def promptsg_run(tmp_path_factory):
+def small_clip(tmp_path_factory):
+    """The datasets root and the small CLIP pretrained there at 64x32."""
     root = tmp_path_factory.mktemp("datasets")
     clip = root / "SyntheticCLIP" / "small-ViT-64x32.pt"
     python([os.path.join(ROOT, "tools", "pretrain_synthetic_clip.py"), *PRETRAIN, "--pool", str(root / "pool"),
             "--out", str(clip)], root)
-    out_dir = tmp_path_factory.mktemp("promptsg")
+    return root, clip
+
+
+def short_run(small_clip, out_dir, *overrides):
+    """The short run trained into ``out_dir`` (results.json: the simplified prompt), and --eval-only
+    of its checkpoint with the composed prompt into ``out_dir/composed``."""
+    root, clip = small_clip
     train_net = [os.path.join(ROOT, "tools", "train_net.py"), "--config-file", CONFIG]
-    opts = ["MODEL.CLIP.PRETRAINED", str(clip), *RUN]
+    opts = ["MODEL.CLIP.PRETRAINED", str(clip), *RUN, *overrides]
     python([*train_net, *opts, "OUTPUT_DIR", str(out_dir)], root)
     python([*train_net, "--eval-only", *opts, "MODEL.WEIGHTS", str(out_dir / "model_final.pth"),
             "MODEL.PROMPTSG.INFERENCE_PROMPT", "composed", "OUTPUT_DIR", str(out_dir / "composed")], root)
     return out_dir
+
+
+@pytest.fixture(scope="module")
+def promptsg_run(small_clip, tmp_path_factory):
+    return short_run(small_clip, tmp_path_factory.mktemp("promptsg"))
+
+
+@pytest.fixture(scope="module")
+def clip_map_run(small_clip, tmp_path_factory):
+    """The same run with the prompt's map taken from CLIP's cosine (ablations/clip_map.yml)."""
+    return short_run(small_clip, tmp_path_factory.mktemp("clip_map"), "MODEL.PROMPTSG.MIM.FUSION", "clip_map",
+                     "MODEL.PROMPTSG.MIM.MAP_CONTRAST", "4.0")
 
 
 def test_supcon_falls_clearly_below_chance_and_images_find_their_prompts(promptsg_run):

@@ -112,7 +112,7 @@ class MultimodalInteraction(nn.Module):
         through the blocks, v's attention logit over patch m biased by log(M a_m), the other rows
         plain (a uniform map changes nothing)."""
         log_map = self.log_prompt_map(query, patches)                            # (B, M)
-        zero = log_map.new_zeros(len(log_map), 1)
+        zero = torch.zeros_like(log_map[:, :1])                                   # (B, 1), batch-agnostic for export
         read_bias = torch.cat([zero, log_map + math.log(log_map.shape[1])], dim=1)   # (B, 1 + M): v's own key 0
         x = torch.cat([visual[:, None].to(patches.dtype), patches], dim=1)          # (B, 1 + M, E)
         for blk in self.blocks[:-1]:
