@@ -90,6 +90,9 @@ def test_checkpoint_of_another_or_a_removed_mim_fusion_is_refused_by_name(tmp_pa
 def test_config_of_a_removed_fusion_is_one_line_naming_it(removed):
     with pytest.raises(ValueError, match=rf"^MODEL\.PROMPTSG\.MIM\.FUSION {removed} was removed \(docs/EXPERIMENTS\.md"):
         build(PROMPTSG_CFG, "MODEL.PROMPTSG.MIM.FUSION", removed)
+    # A CLIP baseline has no MIM: its config.yaml, written when a removed fusion was the default, still loads.
+    baseline = build(BASELINE_CFG, "MODEL.PROMPTSG.MIM.FUSION", removed)
+    assert baseline.heads.mim is None
 
 
 def test_own_checkpoint_loads_whole_and_the_classifier_only_by_choice(tmp_path):

@@ -142,10 +142,12 @@ def validate_promptsg_config(cfg):
         fail(f"MODEL.PROMPTSG.PSEUDO_TOKEN_INIT must be 'token' or 'unit', got {p.PSEUDO_TOKEN_INIT!r}")
     if p.MIM.QUERY not in ("pooled", "tokens"):
         fail(f"MODEL.PROMPTSG.MIM.QUERY must be 'pooled' or 'tokens', got {p.MIM.QUERY!r}")
-    if p.MIM.FUSION in REMOVED_FUSIONS:
+    # A model without a MIM (the CLIP baseline) has no fusion to check: its config.yaml keeps the
+    # default of the release that trained it.
+    if p.MIM.CROSS_LAYERS > 0 and p.MIM.FUSION in REMOVED_FUSIONS:
         fail(f"MODEL.PROMPTSG.MIM.FUSION {p.MIM.FUSION} was removed (docs/EXPERIMENTS.md, \"Language guidance at "
              f"test\", has its results); choose one of {list(FUSIONS)}")
-    if p.MIM.FUSION not in FUSIONS:
+    if p.MIM.CROSS_LAYERS > 0 and p.MIM.FUSION not in FUSIONS:
         fail(f"MODEL.PROMPTSG.MIM.FUSION must be one of {list(FUSIONS)}, got {p.MIM.FUSION!r}")
     if p.MIM.FUSION in MAP_FUSIONS and p.MIM.CROSS_LAYERS > 0 and (p.MIM.CROSS_LAYERS != 1 or p.MIM.SELF_LAYERS < 1):
         fail(f"MODEL.PROMPTSG.MIM.FUSION {p.MIM.FUSION} needs MIM.CROSS_LAYERS 1 and MIM.SELF_LAYERS >= 1 (v is read "
