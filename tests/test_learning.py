@@ -63,13 +63,6 @@ def promptsg_run(small_clip, tmp_path_factory):
     return short_run(small_clip, tmp_path_factory.mktemp("promptsg"))
 
 
-@pytest.fixture(scope="module")
-def clip_map_run(small_clip, tmp_path_factory):
-    """The same run with the prompt's map taken from CLIP's cosine (ablations/clip_map.yml)."""
-    return short_run(small_clip, tmp_path_factory.mktemp("clip_map"), "MODEL.PROMPTSG.MIM.FUSION", "clip_map",
-                     "MODEL.PROMPTSG.MIM.MAP_CONTRAST", "4.0")
-
-
 def test_supcon_falls_clearly_below_chance_and_images_find_their_prompts(promptsg_run):
     cfg = promptsg.add_promptsg_config(get_cfg())
     cfg.merge_from_file(str(promptsg_run / "config.yaml"))
@@ -84,11 +77,12 @@ def test_supcon_falls_clearly_below_chance_and_images_find_their_prompts(prompts
     assert last["collapse_v_cos"] < 0.95 and last["collapse_text_cos"] < 0.95   # neither side collapsed
 
 
-# The simplified test prompt against the composed one on this short run: the default MIM (fusion
-# reweight) takes the identity from v and the patches, not from its query. This run with seeds 0, 1, 2
-# (2026-12-04, 2-core CPU machine, one thread): composed - simplified 0.11, -0.04, 0.08 mAP (of 17-20);
-# with the query added back (MIM.FUSION query_residual) 7.8, 5.9, 6.4. The bound leaves room for
-# other machines and thread counts and still fails the old wiring.
+# The simplified test prompt against the composed one on this short run: a MIM that reads the feature
+# at v (the default learned_map, as reweight before it) takes the identity from v and the patches,
+# not from its query. Measured with reweight, seeds 0, 1, 2 (2026-12-04, 2-core CPU machine, one
+# thread): composed - simplified 0.11, -0.04, 0.08 mAP (of 17-20); with the query added back (the
+# removed query_residual) 7.8, 5.9, 6.4. The bound leaves room for other machines and thread
+# counts and still fails a wiring that lets the query's content reach the feature.
 SIMPLIFIED_GAP_BOUND = 2.0
 
 
