@@ -44,7 +44,8 @@ MUTATIONS = [
     ("the prompt's map cut from the read row of the last block", "modeling/interaction.py",
      "return query_row_forward(self.blocks[-1], x, 0, read_bias)", "return query_row_forward(self.blocks[-1], x, 0)"),
     ("the map's bias computed but v's row left unbiased", "modeling/interaction.py",
-     "torch.cat([read, attended[:, 1:]], dim=1)", "attended"),
+     "read = few_query_attention(block.attn, normed[:, :1], normed, read_bias)",
+     "read = few_query_attention(block.attn, normed[:, :1], normed)"),
     ("the map's logits not standardised", "modeling/interaction.py",
      "(self.map_contrast * z).log_softmax(dim=-1)", "(self.map_contrast * logits).log_softmax(dim=-1)"),
 ]

@@ -189,9 +189,9 @@ def block_forward(block, x, read_bias):
     feature is read from) has ``read_bias`` (B, N) added to its attention logits; the other rows
     attend as in ``block(x)``."""
     normed = block.ln_1(x)
-    attended = block.attention(normed)                                             # open_clip's own, all rows
+    others = block.attention(normed[:, 1:], k_x=normed, v_x=normed)               # open_clip's own, rows 1..N-1
     read = few_query_attention(block.attn, normed[:, :1], normed, read_bias)       # row 0, biased
-    x = x + block.ls_1(torch.cat([read, attended[:, 1:]], dim=1))
+    x = x + block.ls_1(torch.cat([read, others], dim=1))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
