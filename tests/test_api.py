@@ -79,3 +79,38 @@ def test_load_takes_a_config_and_weights_and_names_what_is_missing(trained, tmp_
         promptsg.load(str(empty))
     with pytest.raises(InputError, match="no such file or folder"):
         promptsg.load(str(trained)).embed(str(tmp_path / "nowhere"))
+
+
+def alter_one_tensor(source, target):
+    """Copy the checkpoint ``source`` to ``target`` with one float of its largest tensor replaced by
+    another finite value, the zip directory left intact (a flipped disk block, an edited file)."""
+    import struct
+    import zipfile
+
+    data = bytearray(source.read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        member = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    name_length, extra_length = struct.unpack("<HH", data[member.header_offset + 26:member.header_offset + 30])
+    start = member.header_offset + 30 + name_length + extra_length + member.file_size // 2 // 4 * 4
+    value = struct.unpack("<f", data[start:start + 4])[0]
+    data[start:start + 4] = struct.pack("<f", value + 0.5)
+    target.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_altered_inside_a_tensor_is_refused(trained, tmp_path, datasets_root):
+    import torch
+
+    altered = tmp_path / "run"
+    altered.mkdir()
+    (altered / "config.yaml").write_text((trained / "config.yaml").read_text())
+    alter_one_tensor(trained / "model_final.pth", altered / "model_final.pth")
+    good = torch.load(trained / "model_final.pth", weights_only=True)["model"]
+    bad = torch.load(altered / "model_final.pth", weights_only=True)["model"]     # torch reads it without a word
+    changed = [k for k in good if not torch.equal(good[k], bad[k])]
+    assert len(changed) == 1 and torch.isfinite(bad[changed[0]]).all()
+    with pytest.raises(InputError, match=r"model_final\.pth: its member .*/data/\d+ fails its CRC-32 check"):
+        promptsg.load(str(altered))
+    result = run(["--config-file", PROMPTSG_CFG, "--eval-only", *TINY, "MODEL.WEIGHTS",
+                  str(altered / "model_final.pth"), "OUTPUT_DIR", str(tmp_path / "eval")], datasets_root)
+    assert result.returncode != 0 and "fails its CRC-32 check" in result.stderr
+    assert not (tmp_path / "eval" / "eval_results.json").exists()

@@ -159,6 +159,51 @@ def test_empty_truncated_and_foreign_files_are_one_line(tmp_path, datasets_root)
         load_for_inference(build(PROMPTSG_CFG), str(clip_file))
 
 
+class _CreatesAFile:
+    """Pickled as a call to ``open(path, "w")``: unpickling it creates the file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unopened(tmp_path, datasets_root):
+    state = build(PROMPTSG_CFG).state_dict()
+    crafted = tmp_path / "crafted.pth"
+    created = tmp_path / "created-by-unpickling"
+    torch.save({"model": state, "epoch": _CreatesAFile(str(created))}, crafted)
+    torch.load(crafted, weights_only=False)                      # the file does what it says when trusted ...
+    assert created.exists()
+    created.unlink()
+    with pytest.raises(CheckpointError, match=r"crafted\.pth: not loaded: it holds an object of type io\.open, "
+                                              r"which a FastReID checkpoint never holds"):
+        load_for_inference(build(PROMPTSG_CFG), str(crafted))
+    one_line_error(run(["--config-file", PROMPTSG_CFG, "--eval-only", *TINY, "MODEL.WEIGHTS", str(crafted),
+                        "OUTPUT_DIR", str(tmp_path / "eval")], datasets_root), str(crafted), "io.open")
+    assert not created.exists()                                  # ... and nothing ran here
+    random_bytes = tmp_path / "random.pth"
+    random_bytes.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(CheckpointError, match=r"random\.pth: not a torch checkpoint"):
+        load_for_inference(build(PROMPTSG_CFG), str(random_bytes))
+
+
+def test_a_checkpoint_of_numpy_arrays_still_loads(tmp_path):
+    """FastReID converts NumPy arrays in a checkpoint to tensors: they are data, allowed."""
+    model = build(PROMPTSG_CFG)
+    path = tmp_path / "numpy.pth"
+    torch.save({"model": {k: v.numpy() for k, v in model.state_dict().items()}, "metric": np.float64(1.5)}, path)
+    other = build(PROMPTSG_CFG)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    extra = load_for_inference(other, str(path))
+    assert extra["metric"] == 1.5
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(other.state_dict()[key], value, rtol=0, atol=0)
+
+
 # ---- non-finite weights, losses and features ----
 
 def test_non_finite_weights_or_optimizer_state_are_never_written(tmp_path):

@@ -110,6 +110,25 @@ def test_a_new_run_into_a_folder_holding_a_run_needs_resume_or_overwrite(tmp_pat
     assert sorted(os.listdir(out)) == [LOCK_NAME, "composed", "notes.txt"]
 
 
+def test_a_refused_start_leaves_the_lock_undescribed_and_glob_characters_are_literal(tmp_path, datasets_root, caplog):
+    """A start refused after the lock was taken (the folder holds a run) releases it: the next run
+    finds no holder to call stale. ``run[1]`` is a folder name, not a pattern matching ``run1``."""
+    out = tmp_path / "run[1]"
+    out.mkdir()
+    (out / "model_final.pth").write_text("a finished run")
+    (tmp_path / "run1").mkdir()
+    result = run(["--config-file", PROMPTSG_CFG, *TINY, "OUTPUT_DIR", str(out)], datasets_root)
+    one_line_error(result, f"OUTPUT_DIR {out} already holds a run (model_final.pth)")
+    assert (out / LOCK_NAME).read_text() == ""
+    with caplog.at_level(logging.WARNING, logger="promptsg.engine.output_dir"), OutputDirLock(str(out)):
+        pass
+    assert not caplog.records
+    assert (out / "model_final.pth").read_text() == "a finished run"
+    assert check_new_run(str(tmp_path / "run1"), resume=False, overwrite=False) == []
+    (tmp_path / "run1" / "model_final.pth").write_text("x")
+    assert check_new_run(str(tmp_path / "run[1]"), resume=False, overwrite=True) == [str(out / "model_final.pth")]
+
+
 def test_the_project_scripts_start_their_runs_so_that_a_second_start_works():
     """run_synthetic.py retrains the demo (--overwrite), run_ablations.py continues or reuses a row
     (--resume, promptsg.analysis.ablations.run_one), and make compare continues BoT's run

@@ -121,10 +121,15 @@ def preflight(args, run):
     lock, previous = None, []
     if cfg.OUTPUT_DIR and run.holds_output_dir:
         lock = OutputDirLock(cfg.OUTPUT_DIR).acquire()
-        if not args.eval_only:
+    try:
+        if lock is not None and not args.eval_only:
             previous = check_new_run(cfg.OUTPUT_DIR, args.resume, args.overwrite)
-    # one process per machine decodes the images
-    check_datasets(cfg, os.getenv("FASTREID_DATASETS", "datasets"), verify_images=run.local_rank in (None, 0))
+        # one process per machine decodes the images
+        check_datasets(cfg, os.getenv("FASTREID_DATASETS", "datasets"), verify_images=run.local_rank in (None, 0))
+    except BaseException:
+        if lock is not None:       # a refused start leaves the lock as it found it: no holder described
+            lock.release()
+        raise
     remove_previous_run(cfg.OUTPUT_DIR, previous)   # only once every check has passed
     return lock
 

@@ -148,6 +148,65 @@ def check_finite_losses(iteration, losses):
                          f"the last checkpoint written is kept")
 
 
+# ---- reading a checkpoint: data, not code; its bytes as written ----
+def _numpy_globals():
+    """The non-torch types a FastReID checkpoint may hold: NumPy arrays (FastReID converts them to
+    tensors on load, ``Checkpointer._convert_ndarray_to_tensor``) and NumPy scalars."""
+    import numpy as np
+    from numpy._core import multiarray
+
+    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype,
+            *{type(np.dtype(t)) for t in ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
+                                          "uint8", "bool")}]
+
+
+def verify_archive(path):
+    """Raise CheckpointError unless every member of the ``torch.save`` zip at ``path`` matches the
+    CRC-32 written with it: torch's reader never checks them, so bytes altered inside a tensor
+    (the zip directory intact) would load as weights and evaluate to a wrong mAP."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise CheckpointError(f"{path}: truncated or corrupt ({exc})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: its member {bad} fails its CRC-32 check: the file was altered or damaged "
+                              f"after it was written; use another copy or checkpoint")
+
+
+def read_checkpoint(path):
+    """A FastReID checkpoint file as its dict, read as data: ``torch.load(weights_only=True)``,
+    with only NumPy's array and scalar types allowed beyond torch's own (unpickling anything else
+    could run code, so it is refused, naming the type), after ``verify_archive``. Every failure
+    is one CheckpointError naming the file."""
+    import pickle
+
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint")
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    if zipped:
+        verify_archive(path)
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise CheckpointError(f"{path}: not loaded: it holds an object of type {found.group(1)}, which a "
+                                  f"FastReID checkpoint never holds (unpickling it could run code)") from None
+        raise CheckpointError(f"{path}: not a torch checkpoint (its contents are not torch.save data)") from None
+    except Exception as exc:  # not a torch file at all
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise CheckpointError(f"{path}: not a FastReID checkpoint (no 'model' state dict; a CLIP file "
+                              f"belongs in MODEL.CLIP.PRETRAINED)")
+    return data
+
+
 def load_for_inference(model, path):
     """Load a trained checkpoint for evaluation or feature extraction: whole, finite, its ID
     classifier (unused at test time) left out. Returns the checkpoint's extra data."""

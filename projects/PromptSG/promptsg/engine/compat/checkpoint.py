@@ -11,34 +11,19 @@ from .patch import _patch
 # --------------------------------------------------------------------------------------------
 @_patch
 def _checkpoint_load():
-    """Load FastReID checkpoints with ``weights_only=True`` first; checkpoints that also pickle
-    other objects (NumPy scalars, configs) are trusted local files and are loaded in full. An
-    empty, truncated or foreign file is one line naming it (``checkpoint.CheckpointError``)."""
+    """Load FastReID checkpoints as data (``checkpoint.read_checkpoint``: ``weights_only=True``,
+    NumPy arrays allowed, every member's CRC-32 checked). FastReID's ``torch.load`` without
+    ``weights_only`` fails on torch >= 2.6 for NumPy arrays, and would run any code a crafted file
+    pickles; an empty, truncated, altered or foreign file is one line naming it."""
     from fastreid.utils.checkpoint import Checkpointer
 
-    from ..checkpoint import CheckpointError
+    from ..checkpoint import read_checkpoint
 
     if getattr(Checkpointer._load_file, "_promptsg_patched", False):
         return
 
     def _load_file(self, f):
-        if os.path.getsize(f) == 0:
-            raise CheckpointError(f"{f}: empty file, not a checkpoint")
-        try:
-            try:
-                data = torch.load(f, map_location="cpu", weights_only=True)
-            except Exception as exc:  # torch raises UnpicklingError or RuntimeError here
-                if "weights_only" not in str(exc) and "Weights only" not in str(exc):
-                    raise
-                self.logger.info("%s holds non-tensor objects; loading it with weights_only=False", f)
-                data = torch.load(f, map_location="cpu", weights_only=False)
-        except Exception as exc:  # truncated zip, not a torch file at all
-            raise CheckpointError(f"{f}: not a readable checkpoint ({type(exc).__name__}: "
-                                  f"{' '.join(str(exc).split())[:200]})") from None
-        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-            raise CheckpointError(f"{f}: not a FastReID checkpoint (no 'model' state dict; a CLIP file "
-                                  f"belongs in MODEL.CLIP.PRETRAINED)")
-        return data
+        return read_checkpoint(f)
 
     _load_file._promptsg_patched = True
     Checkpointer._load_file = _load_file
