@@ -45,7 +45,7 @@ def _batch(n_ids=4, per_id=2, size=(64, 32)):
 
 def test_all_patches_are_applied_once():
     assert compat.apply_all() == compat.APPLIED
-    assert len(set(compat.APPLIED)) == len(compat.APPLIED) == 21
+    assert len(set(compat.APPLIED)) == len(compat.APPLIED) == 22
     assert {"read_image_rgb", "checkpoint_load_whole", "evaluation_refuses_non_finite",
             "sampler_skips_on_resume", "evaluation_in_query_chunks"} <= set(compat.APPLIED)
 

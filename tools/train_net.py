@@ -27,6 +27,7 @@ from fastreid.utils import comm
 from fastreid.utils.env import seed_all_rng
 from fastreid.utils.logger import setup_logger
 from promptsg import add_promptsg_config
+from promptsg.data import describe_dataset
 from promptsg.engine.checkpoint import (NonFiniteError, SaveFinalBeforeEvaluation, load_for_inference,
                                  resume_training_position)
 from promptsg.engine.launcher import flags_not_given, launch, resolve_launch
@@ -70,7 +71,17 @@ def setup(args):
     if cfg.SEED >= 0:
         seed_all_rng(cfg.SEED + comm.get_rank())
         logger.info("SEED %d: RNGs seeded with %d", cfg.SEED, cfg.SEED + comm.get_rank())
+    for name, variant in dataset_variants(cfg).items():
+        logger.info("Dataset %s: %s", name, variant)
     return cfg
+
+
+def dataset_variants(cfg):
+    """Which variant of each train and test dataset the run reads (MSMT17_V1 or V2, CUHK03
+    labeled or detected), for the log and results.json."""
+    root = os.getenv("FASTREID_DATASETS", "datasets")
+    names = dict.fromkeys(list(cfg.DATASETS.NAMES) + list(cfg.DATASETS.TESTS))
+    return {name: describe_dataset(name, root) for name in names}
 
 
 def save_results(cfg, results, name):
@@ -79,7 +90,7 @@ def save_results(cfg, results, name):
         return
     path = os.path.join(cfg.OUTPUT_DIR, name)
     with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2, default=float)
+        json.dump({**results, "datasets": dataset_variants(cfg)}, f, indent=2, default=float)
     os.replace(path + ".tmp", path)
 
 

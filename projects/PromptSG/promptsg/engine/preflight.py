@@ -13,9 +13,8 @@ import os
 
 from PIL import Image
 
-
-class InputError(ValueError):
-    """Bad user input: a missing file, an unknown config key, a corrupt image."""
+from ..data.real_datasets import check_real_dataset
+from ..utils.errors import InputError  # noqa: F401  (raised here; imported from here by the tools)
 
 
 def load_config(cfg, config_file, opts):
@@ -262,9 +261,10 @@ def _looks_like_path(value):
 
 
 def check_datasets(cfg, root, verify_images=True, cache_dir=None):
-    """Instantiate every train/test dataset (FastReID reports a missing folder) and decode every
-    image in full, so a missing folder or a corrupt or truncated image fails here, naming it, and
-    not mid-training or at the final evaluation."""
+    """Check the real datasets' layouts (``data.real_datasets``), instantiate every train/test
+    dataset (FastReID reports a missing folder; CUHK03 converts its .mat files here on first use)
+    and decode every image in full, so a slip in a folder or a corrupt or truncated image fails
+    here, naming it, and not mid-training or at the final evaluation."""
     from fastreid.data.datasets import DATASET_REGISTRY
 
     names = list(dict.fromkeys(list(cfg.DATASETS.NAMES) + list(cfg.DATASETS.TESTS)))
@@ -273,9 +273,10 @@ def check_datasets(cfg, root, verify_images=True, cache_dir=None):
         if name not in DATASET_REGISTRY._obj_map:
             known = ", ".join(sorted(DATASET_REGISTRY._obj_map))
             raise InputError(f"unknown dataset {name!r} in DATASETS (known: {known})")
+        check_real_dataset(name, root, cfg.DATASETS.COMBINEALL)
         try:
-            dataset = DATASET_REGISTRY.get(name)(root=root)
-        except (RuntimeError, AssertionError) as exc:  # check_before_run: '"<dir>" is not found'; MSMT17 asserts
+            dataset = DATASET_REGISTRY.get(name)(root=root, combineall=cfg.DATASETS.COMBINEALL)
+        except (RuntimeError, AssertionError) as exc:  # check_before_run: '"<dir>" is not found'
             raise InputError(f"dataset {name}: {' '.join(str(exc).split())} "
                              f"(datasets root: {os.path.abspath(root)}, set FASTREID_DATASETS)") from None
         if name in cfg.DATASETS.NAMES and not dataset.train:

@@ -13,7 +13,7 @@ One module per area of FastReID (the numbers are those of the patches' section c
 
     imports.py      the names FastReID imports that are gone (1-2)
     solver.py       the optimizer it builds (4)
-    data.py         transforms, read_image, the loaders and the samplers (5, 8a, 13)
+    data.py         transforms, read_image, the loaders, the samplers and MSMT17's lists (5, 8a, 13)
     evaluation.py   the Cython ranker, re-ranking, the evaluator and its ranking in query chunks (6, 7)
     training.py     the AMP trainer and the trainer's loss log (8b, 12)
     launch.py       launch() and DDP without CUDA (8c)
@@ -27,8 +27,8 @@ Breakages that need no patch on our stack:
   * upstream ``tools/`` and ``demo/`` scripts: not in the wheel; this project ships its own tools.
 """
 from .checkpoint import _checkpoint_atomic_save, _checkpoint_load, _checkpoint_load_whole
-from .data import (_cpu_data_loader, _global_batches, _loader_batches_kept_until_used, _random_affine_keywords,
-                   _read_image_rgb, _sampler_skips_on_resume, _test_loader_workers, image_to_rgb,
+from .data import (_cpu_data_loader, _global_batches, _loader_batches_kept_until_used, _msmt17_val_list_optional,
+                   _random_affine_keywords, _read_image_rgb, _sampler_skips_on_resume, _test_loader_workers, image_to_rgb,
                    worker_start_method)
 from .evaluation import (_evaluation_counts_queries, _evaluation_in_query_chunks, _evaluation_refuses_non_finite,
                          _evaluator_never_exits, _rerank_on_cpu, build_cython_ranker)
@@ -60,6 +60,7 @@ _PATCHES = (  # the patch functions, in the order they are applied
     _evaluation_in_query_chunks,  # after both: FastReID's dense path, which it falls back on, has them
     _loss_log_reads_written_losses,
     _loader_batches_kept_until_used,
+    _msmt17_val_list_optional,
 )
 
 

@@ -260,3 +260,28 @@ def _loader_batches_kept_until_used():
     __next__._promptsg_patched = True
     __next__.fastreid_next = fastreid_next
     loader.__next__ = __next__
+
+
+# --------------------------------------------------------------------------------------------
+# MSMT17 reads list_val.txt even when DATASETS.COMBINEALL is off and its images go unused
+# --------------------------------------------------------------------------------------------
+@_patch
+def _msmt17_val_list_optional():
+    """FastReID's MSMT17 reader opens ``list_val.txt`` whatever ``combineall`` says, so a folder
+    without it fails with a traceback though no val image would be used. Without the file it now
+    reads no val images; ``data.real_datasets`` refuses a missing one when COMBINEALL needs it."""
+    import os
+
+    from fastreid.data.datasets.msmt17 import MSMT17
+
+    if getattr(MSMT17.process_dir, "_promptsg_patched", False):
+        return
+    fastreid_process_dir = MSMT17.process_dir
+
+    def process_dir(self, dir_path, list_path, is_train=True):
+        if os.path.basename(list_path) == "list_val.txt" and not os.path.isfile(list_path):
+            return []
+        return fastreid_process_dir(self, dir_path, list_path, is_train)
+
+    process_dir._promptsg_patched = True
+    MSMT17.process_dir = process_dir
