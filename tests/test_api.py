@@ -114,3 +114,30 @@ def test_a_checkpoint_altered_inside_a_tensor_is_refused(trained, tmp_path, data
                   str(altered / "model_final.pth"), "OUTPUT_DIR", str(tmp_path / "eval")], datasets_root)
     assert result.returncode != 0 and "fails its CRC-32 check" in result.stderr
     assert not (tmp_path / "eval" / "eval_results.json").exists()
+
+
+def test_search_errors_name_the_api_s_own_arguments(trained, tmp_path, datasets_root):
+    """Run.search(words=...) on a model that cannot compose words, or with empty words, speaks of
+    words=, not of the command line's --text, --query or --images."""
+    import torch
+    from fastreid.config import get_cfg
+    from fastreid.engine import DefaultTrainer
+
+    from tiny_runs import BASELINE_CFG
+
+    cfg = promptsg.add_promptsg_config(get_cfg())
+    cfg.merge_from_file(BASELINE_CFG)
+    cfg.merge_from_list([*TINY, "MODEL.DEVICE", "cpu", "MODEL.HEADS.NUM_CLASSES", "8"])
+    weights = tmp_path / "baseline.pth"
+    torch.save({"model": DefaultTrainer.build_model(cfg).state_dict()}, weights)
+    query, gallery = folders(datasets_root)
+    baseline = promptsg.load(BASELINE_CFG, weights=weights, opts=[*TINY, "MODEL.HEADS.NUM_CLASSES", "8"])
+    with pytest.raises(InputError) as caught:
+        baseline.search(str(query), str(gallery), words=WORDS)
+    message = str(caught.value)
+    assert message.startswith('Run.search(words=...) composes "A photo of a s* person <words>."'), message
+    assert "no inversion network" in message and "no MIM" in message
+    assert "--query" not in message and "--images" not in message, message
+    assert message.count("--text") == message.count("tools/extract_features.py --text") == 1   # the tool to use
+    with pytest.raises(InputError, match=r"^words=: the words are empty"):
+        promptsg.load(str(trained)).search(str(query), str(gallery), words=" . ")

@@ -29,7 +29,7 @@ import torch
 from .engine.checkpoint import load_for_inference
 from .engine.preflight import InputError, load_checkpoint_config
 from .gallery_index import GalleryIndex
-from .inference import check_text_search, embed_and_rank, image_paths, ranking, text_queries
+from .inference import API_NAMES, check_text_search, embed_and_rank, image_paths, ranking, text_queries
 
 __all__ = ["GalleryIndex", "Run", "load"]
 
@@ -93,8 +93,8 @@ class Run:
         if words is not None:
             from .analysis.text_search import WordsQueries
 
-            check_text_search(self.cfg, with_query=True)
-            text = text_queries(self.cfg, query_paths, text=words)
+            check_text_search(self.cfg, with_query=True, config_file="its config", names=API_NAMES)
+            text = text_queries(self.cfg, query_paths, text=words, text_flag="words=")
             model, prompts = WordsQueries(self.model, text.words), text.prompts
         _, _, dist = embed_and_rank(self.cfg, model, query_paths, gallery_paths, self.camera)
         return ranking(dist, query_paths, gallery_paths, top_k, prompts)

@@ -70,12 +70,12 @@ def read_text_file(path):
     return entries
 
 
-def query_words(text, text_file, query_paths):
+def query_words(text, text_file, query_paths, text_flag="--text"):
     """(query names, their words): one entry per query image with --query (in query_paths' order),
     else one words-only query per --text / --text-file entry (``text``, or the JSON file ``text_file``). One-line errors for empty words and
     for --text-file entries that do not match the query images one to one."""
     if text is not None:
-        entries, where = {text: text}, "--text"
+        entries, where = {text: text}, text_flag
     else:
         entries, where = read_text_file(text_file), f"--text-file {text_file}"
     for name, words in entries.items():
@@ -108,23 +108,31 @@ def query_words(text, text_file, query_paths):
     return query_paths, [words[p] for p in query_paths]
 
 
-def check_text_search(cfg, with_query, config_file="the config"):
+# How a caller names the text-aware search's arguments in its errors: the command line's flags, or
+# the Python API's Run.search(words=...).
+TOOL_NAMES = {"text": "--text", "query": "with --query",
+              "alone": "without --query, --text ranks the --images by the words alone against their CLIP image "
+                       "embeddings"}
+API_NAMES = {"text": "Run.search(words=...)", "query": "",
+             "alone": "search without words=, or rank images by words alone with tools/extract_features.py --text"}
+
+
+def check_text_search(cfg, with_query, config_file="the config", names=TOOL_NAMES):
     """What a text-aware search (with query images, or words only) needs of the model, from the
-    config alone, before anything is built."""
+    config alone, before anything is built. ``names``: TOOL_NAMES or API_NAMES, for the errors."""
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch != "PromptSG":
-        raise InputError(f"--text needs a CLIP model (MODEL.META_ARCHITECTURE PromptSG: PromptSG or the CLIP "
-                         f"baseline); {config_file} builds {arch}")
+        raise InputError(f"{names['text']} needs a CLIP model (MODEL.META_ARCHITECTURE PromptSG: PromptSG or the "
+                         f"CLIP baseline); {config_file} builds {arch}")
     p = cfg.MODEL.PROMPTSG
     if with_query and not (uses_inversion(cfg) and p.MIM.CROSS_LAYERS > 0):
         lacks = " and ".join(what for what, missing in (
             ("no inversion network (MODEL.PROMPTSG.COMPOSE_TRAIN False, INFERENCE_PROMPT simplified)",
              not uses_inversion(cfg)), ("no MIM (MODEL.PROMPTSG.MIM.CROSS_LAYERS 0)", p.MIM.CROSS_LAYERS == 0))
             if missing)
-        raise InputError(f'--text with --query composes "A photo of a s* person <words>." for PromptSG\'s '
-                         f"inversion network and MIM; this model has {lacks} (the CLIP baseline has neither): "
-                         f"without --query, --text ranks the --images by the words alone against their CLIP "
-                         f"image embeddings")
+        raise InputError(f"{' '.join(filter(None, (names['text'], names['query'])))} composes "
+                         f'"A photo of a s* person <words>." for PromptSG\'s inversion network and MIM; this model '
+                         f"has {lacks} (the CLIP baseline has neither): {names['alone']}")
     if not with_query and not uses_text_tower(cfg) and not cfg.MODEL.CLIP.PRETRAINED:
         raise InputError("--text: this model has no text tower of its own and MODEL.CLIP.PRETRAINED is empty: "
                          "give the CLIP file it was fine-tuned from (MODEL.CLIP.PRETRAINED FILE), whose frozen "
@@ -139,19 +147,19 @@ class TextQueries(NamedTuple):
     prompts: list
 
 
-def text_queries(cfg, query_paths, text=None, text_file=None):
+def text_queries(cfg, query_paths, text=None, text_file=None, text_flag="--text"):
     """The checked TextQueries of --text / --text-file (None without them): every prompt must fit
-    the text tower's context."""
+    the text tower's context. ``text_flag``: how the caller names ``text`` in its errors."""
     if text is None and text_file is None:
         return None
-    names, words = query_words(text, text_file, query_paths)
+    names, words = query_words(text, text_file, query_paths, text_flag)
     template = cfg.MODEL.PROMPTSG.PROMPT if query_paths else cfg.MODEL.PROMPTSG.SIMPLE_PROMPT
     tokenizer = open_clip.get_tokenizer(cfg.MODEL.CLIP.NAME)
     for w in dict.fromkeys(words):
         try:
             prompt_tokens(tokenizer, with_words(template, w))
         except ValueError as exc:
-            raise InputError(f"--text: {exc}") from None
+            raise InputError(f"{text_flag if text is not None else '--text-file'}: {exc}") from None
     prompts = [composed_prompt_text(cfg, w) if query_paths else words_only_prompt(cfg, w) for w in words]
     return TextQueries(names, words, prompts)
 
