@@ -5,6 +5,8 @@ their invariants on random features (IVF probing every list and HNSW with a beam
 gallery are exact search; PQ ranks by its reconstructed features)."""
 import json
 import os
+import subprocess
+import sys
 import zipfile
 
 import faiss
@@ -17,7 +19,7 @@ import promptsg
 from promptsg.engine.preflight import InputError
 from promptsg.gallery_index import FeatureIndex, fingerprint
 
-from tiny_runs import PROMPTSG_CFG, TINY, load_extract_tool, load_tool, run
+from tiny_runs import PROMPTSG_CFG, ROOT, TINY, load_extract_tool, load_tool, run
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +152,86 @@ def test_missing_and_corrupt_index_files_are_named_in_one_line(model, datasets_r
         with pytest.raises(InputError) as refused:
             model.load_index(path)
         assert str(path) in str(refused.value) and says in str(refused.value) and "\n" not in str(refused.value)
+
+
+# ---- nothing lost, nothing doubled ----
+
+def test_two_adds_at_once_lose_no_image(model, datasets_root, tmp_path, monkeypatch):
+    """Each add loads the index, embeds and saves: without the file's lock, two at once both load the
+    same index and the later save drops the other's images. The load is slowed so that both adds
+    overlap every time."""
+    import threading
+    import time
+
+    from promptsg.gallery_index import GalleryIndex, add_to_file
+
+    _, gallery = folders(datasets_root)
+    images = sorted(str(p) for p in gallery.iterdir())
+    path = tmp_path / "gallery_index.npz"
+    model.build_index(images[:10]).save(path)
+    load = GalleryIndex.load.__func__
+
+    def slow_load(cls, *args, **kwargs):
+        index = load(cls, *args, **kwargs)
+        time.sleep(1.0)
+        return index
+
+    monkeypatch.setattr(GalleryIndex, "load", classmethod(slow_load))
+    halves = (images[10:40], images[40:])
+    threads = [threading.Thread(target=add_to_file, args=(model, str(path), half)) for half in halves]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.undo()
+    assert sorted(model.load_index(path).images) == sorted(map(os.path.abspath, images))
+
+
+def test_build_onto_an_index_needs_overwrite(trained, datasets_root, tmp_path):
+    query, gallery = folders(datasets_root)
+    path = tmp_path / "gallery_index.npz"
+    args = ["build", "--config-file", str(trained), "--index", str(path)]
+    run_tool = [os.path.join(ROOT, "tools", "gallery_index.py")]
+    load_tool("tools/gallery_index.py").main([*args, "--images", str(query)])
+    before = path.read_bytes()
+    result = subprocess.run([sys.executable, *run_tool, *args, "--images", str(gallery)], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1] == (
+        f"error: {path} already exists: add images to it with `add`, or replace it with --overwrite")
+    assert path.read_bytes() == before
+    load_tool("tools/gallery_index.py").main([*args, "--images", str(gallery), "--overwrite"])
+    assert promptsg.load(str(trained)).load_index(path).images == sorted(
+        os.path.abspath(p) for p in map(str, gallery.iterdir()))
+
+
+def test_an_image_reached_twice_is_added_once(model, datasets_root, tmp_path):
+    """Through a symbolic link to its folder, or as a file inside a folder also given."""
+    _, gallery = folders(datasets_root)
+    images = sorted(str(p) for p in gallery.iterdir())
+    index = model.build_index(images[:10])
+    link = tmp_path / "linked_gallery"
+    link.symlink_to(gallery, target_is_directory=True)
+    added, skipped = index.add(str(link))
+    assert len(added) == len(images) - 10 and len(skipped) == 10
+    assert index.add(str(link)) == ([], sorted(str(p) for p in map(os.path.abspath, link.iterdir())))
+    fresh = model.build_index([str(gallery), images[3]])
+    assert fresh.images == [os.path.abspath(p) for p in images] and len(fresh.features) == len(images)
+    assert len(model.build_index([str(gallery), str(link)])) == len(images)
+
+
+def test_the_fingerprint_holds_the_sie_camera(model):
+    assert fingerprint(model.cfg, model.model, camera=0).digest != fingerprint(model.cfg, model.model, camera=1).digest
+    assert fingerprint(model.cfg, model.model, camera=1) == fingerprint(model.cfg, model.model, camera=1)
+
+
+def test_adding_in_chunks_keeps_every_chunk():
+    whole, chunked = FeatureIndex.create(GALLERY.shape[1]), FeatureIndex.create(GALLERY.shape[1])
+    whole.add(GALLERY)
+    chunked.add(GALLERY, chunk=700)                          # 5 chunks, the last one partial
+    assert len(chunked) == len(GALLERY)
+    for (d1, r1), (d2, r2) in ((whole.search(QUERIES, 10), chunked.search(QUERIES, 10)),):
+        np.testing.assert_array_equal(r1, r2)
+        np.testing.assert_allclose(d1, d2, rtol=0, atol=1e-6)
 
 
 # ---- the faiss indexes on random features (no model) ----

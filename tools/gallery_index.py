@@ -25,7 +25,9 @@ index runs on the GPU when faiss sees one and has the index type there (Flat, IV
 The index file holds the faiss index, the images' absolute paths and the fingerprint of the
 model that embedded them (its weights and the settings that change a feature); `add` and
 `search` with another model are refused in one line naming both fingerprints. An image is known
-by its path: `add` skips images already in the index and says how many. `search` writes
+by its resolved path: `add` skips images already in the index (also through a symbolic link) and
+says how many. `build` and `add` hold a lock on the index file (FILE.lock): two at once run in
+turn and lose nothing; `build` onto an existing index needs --overwrite. `search` writes
 ``ranking.json`` to --output (each query image's closest images with their distances, closest
 first), as extract_features.py does. Python: ``run.build_index``, ``run.load_index``
 (promptsg/gallery_index.py).
@@ -37,6 +39,7 @@ import sys
 import promptsg
 from promptsg.engine.checkpoint import NonFiniteError
 from promptsg.engine.preflight import InputError
+from promptsg.gallery_index import add_to_file, build_file
 from promptsg.inference import write_ranking
 
 
@@ -57,6 +60,7 @@ def parse_args(argv=None):
         sub.add_argument("--images", required=True, nargs="+", metavar="DIR", help="folders or images")
     build.add_argument("--factory", default="Flat", help="faiss index_factory string (default: Flat, exact)")
     build.add_argument("--params", default="", help='search parameters, e.g. "nprobe=16" or "efSearch=128"')
+    build.add_argument("--overwrite", action="store_true", help="replace an index already at --index")
     search.add_argument("--params", default=None, help="search parameters instead of the index's own")
     search.add_argument("--query", required=True, nargs="+", metavar="DIR", help="folders or query images")
     search.add_argument("--output", required=True, metavar="DIR", help="where ranking.json goes")
@@ -73,18 +77,15 @@ def main(argv=None):
     args = parse_args(argv)
     run = promptsg.load(args.config_file, opts=args.opts, camera=args.camera)
     if args.command == "build":
-        index = run.build_index(args.images, args.factory, args.params)
-        index.save(args.index)
+        index = build_file(run, args.index, args.images, args.factory, args.params, args.overwrite)
         print(f"{len(index)} images -> {args.index} ({args.factory}, {run.cfg.TEST.METRIC}; model fingerprint "
               f"{index.fingerprint.digest[:16]})")
         return index
-    index = run.load_index(args.index, args.params if args.command == "search" else None)
     if args.command == "add":
-        added, skipped = index.add(args.images)
-        if added:
-            index.save(args.index)
+        index, added, skipped = add_to_file(run, args.index, args.images)
         print(f"{len(added)} images added to {args.index} (now {len(index)}); {len(skipped)} already in it, skipped")
         return index
+    index = run.load_index(args.index, args.params)
     hits = index.search(args.query, args.top_k)
     os.makedirs(args.output, exist_ok=True)
     write_ranking(args.output, hits)

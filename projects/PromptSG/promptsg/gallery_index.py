@@ -18,12 +18,14 @@ sees one; the others stay on the CPU. Approximate indexes are trained on the ima
 built over; images added later use that training (rebuild when the gallery has changed much).
 
 An index stores the images as absolute paths (row i of the faiss index is ``images[i]``; an
-image is known by its path, and one already in the index is skipped by ``add``) and the
+image is known by its resolved path, so one already in the index, also when reached through a
+symbolic link, is skipped by ``add``) and the
 fingerprint of the model that embedded them: the weights that compute the feature (the ID
 classifier aside) and the settings that change a feature without being a weight
 (``FEATURE_SETTINGS`` and the SIE camera index). Searching it with another model's features would
 give a ranking without meaning, so loading it with another model is refused.
 """
+import contextlib
 import functools
 import hashlib
 import json
@@ -32,6 +34,11 @@ import os
 import re
 import zipfile
 from typing import NamedTuple
+
+try:
+    import fcntl
+except ImportError:   # not a POSIX system: index files are not locked
+    fcntl = None
 
 import faiss
 import numpy as np
@@ -212,9 +219,10 @@ class GalleryIndex:
 
     @classmethod
     def build(cls, run, images, factory="Flat", params=""):
-        """An index of ``images`` (a folder, a path, or a list of them; repeats counted once)."""
+        """An index of ``images`` (a folder, a path, or a list of them; an image reached twice,
+        by two paths or a symbolic link, counted once)."""
         _check_ranking(run.cfg)
-        paths = list(dict.fromkeys(map(os.path.abspath, image_paths(images, "images"))))
+        paths = list({os.path.realpath(p): p for p in map(os.path.abspath, image_paths(images, "images"))}.values())
         # the index type and its parameters are checked on one image's feature size before all are embedded
         features = FeatureIndex.create(embed(run, paths[:1]).shape[1], run.cfg.TEST.METRIC, factory, params)
         features.add(embed(run, paths))
@@ -224,11 +232,15 @@ class GalleryIndex:
         return len(self.images)
 
     def add(self, images):
-        """Embed and append the images (a folder, a path, or a list of them) not in the index yet.
-        Returns (added, skipped): the absolute paths appended, and those already in the index."""
-        known = set(self.images)
-        paths = dict.fromkeys(map(os.path.abspath, image_paths(images, "images")))
-        added, skipped = [p for p in paths if p not in known], [p for p in paths if p in known]
+        """Embed and append the images (a folder, a path, or a list of them) not in the index yet,
+        each known by its resolved path (a folder reached through a symbolic link adds nothing
+        twice). Returns (added, skipped): the absolute paths appended, and those already in it."""
+        known = {os.path.realpath(p) for p in self.images}
+        added, skipped = [], []
+        for path in dict.fromkeys(map(os.path.abspath, image_paths(images, "images"))):
+            real = os.path.realpath(path)
+            (skipped if real in known else added).append(path)
+            known.add(real)
         if added:
             self.features.add(embed(self.run, added))
             self.images += added
@@ -282,6 +294,47 @@ class GalleryIndex:
         _check_ranking(run.cfg)
         features = FeatureIndex(index, meta["metric"], meta["factory"], meta["params"] if params is None else params)
         return cls(run, features, images, model)
+
+
+@contextlib.contextmanager
+def locked(path):
+    """Hold an exclusive lock on the index file ``path`` (``PATH.lock``, flock) for a read-modify-write:
+    two ``add``\ s at once run one after the other, so neither's images are lost. Waits for a holder."""
+    if fcntl is None:
+        yield
+        return
+    with open(os.fspath(path) + ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            logger.info("%s is being changed by another process: waiting for it", path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def add_to_file(run, path, images, params=None):
+    """Add ``images`` to the index saved at ``path`` under its lock, and save it (atomically) if
+    any was new. Returns (index, added, skipped)."""
+    with locked(path):
+        index = GalleryIndex.load(path, run, params)
+        added, skipped = index.add(images)
+        if added:
+            index.save(path)
+    return index, added, skipped
+
+
+def build_file(run, path, images, factory="Flat", params="", overwrite=False):
+    """Build an index of ``images`` and save it at ``path``, under its lock; an index already
+    there is replaced only with ``overwrite``."""
+    with locked(path):
+        if os.path.exists(path) and not overwrite:
+            raise InputError(f"{path} already exists: add images to it with `add`, or replace it with --overwrite")
+        index = GalleryIndex.build(run, images, factory, params)
+        index.save(path)
+    return index
 
 
 def _read(path):

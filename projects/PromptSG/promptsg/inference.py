@@ -6,6 +6,7 @@ search queries with one-line errors, and writes features and rankings whole or n
 ``tools/extract_features.py`` and ``promptsg.api`` are built on it.
 """
 import json
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -165,11 +166,17 @@ def text_queries(cfg, query_paths, text=None, text_file=None, text_flag="--text"
 
 
 def write_atomic(path, write):
-    """``write(file)`` into ``path.tmp``, then renamed: a crash leaves no half-written file."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    """``write(file)`` into a temporary file beside ``path``, then renamed over it: a crash leaves
+    no half-written file, and a failed write (a full disk) removes its temporary file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def write_features(output, prefix, features, paths, names=("features.npy", "images.txt")):
