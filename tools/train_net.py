@@ -15,6 +15,7 @@ The same command trains a FastReID baseline config (configs/) or a PromptSG conf
 A run holds its OUTPUT_DIR: a second run into it stops at start-up, and a new run into a folder
 that holds a finished or interrupted run needs --resume or --overwrite.
 """
+import errno
 import json
 import logging
 import os
@@ -28,8 +29,9 @@ from fastreid.utils.env import seed_all_rng
 from fastreid.utils.logger import setup_logger
 from promptsg import add_promptsg_config
 from promptsg.data import describe_dataset
-from promptsg.engine.checkpoint import (NonFiniteError, SaveFinalBeforeEvaluation, load_for_inference,
-                                 resume_training_position)
+from promptsg.engine.checkpoint import (DiskFullError, NonFiniteError, PeriodicCheckpointerFinalOnce,
+                                        SaveFinalBeforeEvaluation, check_space_to_resume, disk_full,
+                                        load_for_inference, resume_training_position)
 from promptsg.engine.launcher import flags_not_given, launch, resolve_launch
 from promptsg.modeling.diagnostics import AlignmentPrinter
 from promptsg.engine.output_dir import OutputDirLock, check_new_run, remove_previous_run
@@ -46,7 +48,11 @@ class Trainer(DefaultTrainer):
         return super().build_writers() + [AlignmentPrinter()]
 
     def build_hooks(self):
-        hooks = super().build_hooks()
+        from fastreid.engine.hooks import PeriodicCheckpointer
+
+        self.write_failures = []              # final checkpoints a full disk refused (raised after the results)
+        hooks = [PeriodicCheckpointerFinalOnce(h.checkpointer, h.period) if type(h) is PeriodicCheckpointer else h
+                 for h in super().build_hooks()]
         return [SaveFinalBeforeEvaluation(self.checkpointer)] + hooks
 
     def resume_or_load(self, resume=True):
@@ -89,9 +95,17 @@ def save_results(cfg, results, name):
     if not (comm.is_main_process() and cfg.OUTPUT_DIR and results):
         return
     path = os.path.join(cfg.OUTPUT_DIR, name)
-    with open(path + ".tmp", "w") as f:
-        json.dump({**results, "datasets": dataset_variants(cfg)}, f, indent=2, default=float)
-    os.replace(path + ".tmp", path)
+    text = json.dumps({**results, "datasets": dataset_variants(cfg)}, indent=2, default=float)
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    except OSError as exc:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path, len(text), "the results") from None
+        raise
 
 
 def main(args):
@@ -118,6 +132,8 @@ def main(args):
         return {}
     results = trainer.train()
     save_results(cfg, results, "results.json")
+    if trainer.write_failures:                # the results are written; now say what was not
+        raise trainer.write_failures[0]
     return results
 
 
@@ -135,6 +151,8 @@ def preflight(args, run):
     try:
         if lock is not None and not args.eval_only:
             previous = check_new_run(cfg.OUTPUT_DIR, args.resume, args.overwrite)
+            if args.resume:
+                check_space_to_resume(cfg.OUTPUT_DIR)
         # one process per machine decodes the images
         check_datasets(cfg, os.getenv("FASTREID_DATASETS", "datasets"), verify_images=run.local_rank in (None, 0))
     except BaseException:
@@ -160,8 +178,8 @@ if __name__ == "__main__":
         run = resolve_launch(args, parser)    # the flags, or torchrun's / srun's variables
         lock = preflight(args, run)
         launch(main, run, args=(args,))
-    except (InputError, NonFiniteError) as exc:   # bad input, a foreign checkpoint, a NaN stop
-        sys.exit(f"error: {exc}")
+    except (InputError, NonFiniteError, DiskFullError) as exc:  # bad input, foreign checkpoint, NaN, full disk
+        sys.exit(f"error: {exc.strerror if isinstance(exc, DiskFullError) else exc}")
     finally:
         if lock is not None:
             lock.release()

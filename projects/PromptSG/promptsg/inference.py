@@ -5,8 +5,8 @@ distances FastReID's ``ReidEvaluator`` computes. This module reads image folders
 search queries with one-line errors, and writes features and rankings whole or not at all.
 ``tools/extract_features.py`` and ``promptsg.api`` are built on it.
 """
-import json
 import contextlib
+import json
 import os
 from typing import NamedTuple
 

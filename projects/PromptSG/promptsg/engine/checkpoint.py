@@ -11,9 +11,13 @@ its shape is the number of training identities. Evaluation and feature extractio
 (``--eval-only`` builds it with 0 rows), and fine-tuning on another dataset
 (``MODEL.WEIGHTS_NEW_CLASSIFIER True``) trains a new one; both log that it was left out.
 """
+import contextlib
+import errno
+import gc
 import logging
 import os
 import re
+import shutil
 
 import torch
 
@@ -32,6 +36,11 @@ class CheckpointError(InputError):
 
 class NonFiniteError(FloatingPointError):
     """Training produced a non-finite loss or weight; the message names the term and iteration."""
+
+
+class DiskFullError(OSError):
+    """A file of the run could not be written for lack of space; the message names the folder,
+    what is free and what was needed. What was written before is kept whole."""
 
 
 def _first(keys, n=3):
@@ -122,6 +131,66 @@ def check_finite_checkpoint(path, data):
     if name is not None:
         raise NonFiniteError(f"{path}: {name} holds NaN or infinity; the checkpoint is not written "
                              f"(the last one written is kept)")
+
+
+# ---- a full disk: one line, nothing half-written left behind ----
+MB = 1024 * 1024
+
+
+def checkpoint_bytes(data):
+    """About how many bytes ``torch.save(data)`` writes: its tensors' bytes (the pickle is small)."""
+    return sum(t.numel() * t.element_size() for _, t in state_tensors(data))
+
+
+def free_bytes(folder):
+    return shutil.disk_usage(folder).free
+
+
+def out_of_space(exc, folder, need):
+    """Whether ``exc``, raised while writing ``need`` bytes into ``folder``, is a full disk: ENOSPC or
+    EDQUOT, or torch's zip writer failing (``unexpected pos``, ``file write failed``: it does not
+    pass the errno on) with less than ``need`` bytes free."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, (OSError, RuntimeError)) and free_bytes(folder) < need
+
+
+def disk_full(path, need, what="the checkpoint"):
+    """The DiskFullError for ``path`` (``need`` bytes), naming its folder and the space there."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return DiskFullError(errno.ENOSPC, f"no space left in {folder} to write {os.path.basename(path)}: "
+                                       f"{free_bytes(folder) / MB:.1f} MB free, {what} needs about "
+                                       f"{need / MB:.1f} MB; free space (earlier files are whole)")
+
+
+def save_atomically(path, write, need):
+    """``write(tmp)`` to a temporary file beside ``path``, then renamed over it. A full disk raises
+    DiskFullError (one line) and removes the temporary file; a file already at ``path`` stays."""
+    tmp = f"{path}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+        return
+    except (OSError, RuntimeError) as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if not out_of_space(exc, os.path.dirname(os.path.abspath(path)), need):
+            raise
+    # torch's zip writer, left open by the failed write, keeps the removed file's blocks until the
+    # failed call's frames are collected: collect them before saying how much space is free
+    gc.collect()
+    raise disk_full(path, need)
+
+
+def check_space_to_resume(save_dir):
+    """``--resume`` needs room for one more checkpoint like its newest (written beside it, then
+    renamed): refuse at start-up in one line rather than after an epoch of training."""
+    newest = newest_checkpoint(save_dir)
+    if newest:
+        need = os.path.getsize(newest)
+        if free_bytes(save_dir) < need:
+            raise disk_full(os.path.join(save_dir, "model_NNNN.pth"), need,
+                            f"a checkpoint like {os.path.basename(newest)}")
 
 
 def check_finite_features(features, what="features"):
@@ -226,16 +295,43 @@ def _hook_base():
 class SaveFinalBeforeEvaluation(_hook_base()):
     """A trainer hook, placed before FastReID's EvalHook: at the end of the last epoch it writes
     ``model_final`` before the final evaluation runs, so an error found by the evaluation (a
-    corrupt query image, a bad TEST key) does not lose the trained model. FastReID registers its
-    EvalHook before its PeriodicCheckpointer, which writes ``model_final`` (again, with the
-    metric) only after a successful evaluation."""
+    corrupt query image, a bad TEST key) does not lose the trained model. If the disk is full,
+    the evaluation still runs and its results are written: the error is kept in
+    ``trainer.write_failures`` and raised once they are (``tools/train_net.py``)."""
 
     def __init__(self, checkpointer):
         self.checkpointer = checkpointer
 
     def after_epoch(self):
         if self.trainer.epoch + 1 >= self.trainer.max_epoch:
-            self.checkpointer.save("model_final", epoch=self.trainer.epoch)
+            try:
+                self.checkpointer.save("model_final", epoch=self.trainer.epoch)
+            except DiskFullError as exc:
+                logger.error("%s", exc)
+                self.trainer.write_failures = [*getattr(self.trainer, "write_failures", []), exc]
+
+
+def _periodic_checkpointer():
+    from fastreid.engine.hooks import PeriodicCheckpointer
+
+    return PeriodicCheckpointer
+
+
+class PeriodicCheckpointerFinalOnce(_periodic_checkpointer()):
+    """FastReID's PeriodicCheckpointer, except at the last epoch: ``model_final`` is written once,
+    before the evaluation (``SaveFinalBeforeEvaluation``), not again after it (FastReID rewrites
+    it with the metric: twice a checkpoint's space at the run's end). ``model_best`` is written as
+    FastReID writes it; on a full disk its failure is kept like the final one's."""
+
+    def step(self, epoch, **kwargs):
+        if int(epoch) < self.max_epoch - 1:
+            return super().step(epoch, **kwargs)
+        if kwargs.get("metric", -1) > self.best_metric:
+            try:
+                self.checkpointer.save("model_best", epoch=int(epoch), **kwargs)
+            except DiskFullError as exc:
+                logger.error("%s", exc)
+                self.trainer.write_failures = [*getattr(self.trainer, "write_failures", []), exc]
 
 
 def is_complete(path):

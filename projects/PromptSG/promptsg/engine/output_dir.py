@@ -104,8 +104,12 @@ class OutputDirLock:
                            self.path, describe(previous))
         me = {"pid": os.getpid(), "host": socket.gethostname(),
               "started": datetime.datetime.now().isoformat(timespec="seconds"), "command": " ".join(sys.argv)}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+        except OSError as exc:   # a full disk: the lock holds all the same, undescribed
+            logger.warning("OUTPUT_DIR %s: the run lock is held but its holder cannot be written (%s)",
+                           self.path, exc.strerror)
         self._fd = fd
         return self
 

@@ -85,13 +85,14 @@ def _checkpoint_load_whole():
 @_patch
 def _checkpoint_atomic_save():
     """``Checkpointer.save`` writes to a temporary file and renames it over the target, so an
-    interrupted save never destroys a checkpoint already on disk; and it refuses weights or
+    interrupted save never destroys a checkpoint already on disk (a full disk is one line,
+    ``checkpoint.DiskFullError``, and leaves no temporary file); and it refuses weights or
     optimizer state holding NaN or infinity (``checkpoint.check_finite_checkpoint``), so the last
     checkpoint written is the last good one. ``last_checkpoint`` is written atomically too, and
     ``--resume`` finds the newest complete checkpoint even without it."""
     from fastreid.utils.checkpoint import Checkpointer
 
-    from ..checkpoint import check_finite_checkpoint, newest_checkpoint, rng_state
+    from ..checkpoint import check_finite_checkpoint, checkpoint_bytes, newest_checkpoint, rng_state, save_atomically
 
     if getattr(Checkpointer.save, "_promptsg_patched", False):
         return
@@ -109,18 +110,17 @@ def _checkpoint_atomic_save():
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to {}".format(save_file))
         check_finite_checkpoint(save_file, data)
-        tmp_file = save_file + ".tmp"
-        torch.save(data, tmp_file)
-        os.replace(tmp_file, save_file)
+        save_atomically(save_file, lambda tmp: torch.save(data, tmp), checkpoint_bytes(data))
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename):
         """``last_checkpoint`` written to a temporary file and renamed: a kill mid-write never
         leaves it empty (FastReID writes it in place)."""
-        save_file = os.path.join(self.save_dir, "last_checkpoint")
-        with open(save_file + ".tmp", "w") as f:
-            f.write(last_filename_basename)
-        os.replace(save_file + ".tmp", save_file)
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write(last_filename_basename)
+
+        save_atomically(os.path.join(self.save_dir, "last_checkpoint"), write, len(last_filename_basename))
 
     def get_checkpoint_file(self):
         """The checkpoint ``last_checkpoint`` names if it is complete, else the newest complete
