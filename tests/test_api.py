@@ -67,6 +67,27 @@ def test_search_gives_the_tool_s_ranking(trained, datasets_root, tmp_path, words
         assert hits[0]["prompt"].endswith(f"person {WORDS}.")
 
 
+def test_search_ranks_as_a_plain_matrix_product_and_argsort(trained, datasets_root):
+    """Independent of promptsg.inference's ranking code (which the tool shares): the embeddings'
+    cosine distances, 1 - q g^T of the L2-normalised rows, sorted with NumPy."""
+    query, gallery = folders(datasets_root)
+    model = promptsg.load(str(trained))
+    assert model.cfg.TEST.METRIC == "cosine"
+    q, g = model.embed(str(query)).astype(np.float64), model.embed(str(gallery)).astype(np.float64)
+    q, g = q / np.linalg.norm(q, axis=1, keepdims=True), g / np.linalg.norm(g, axis=1, keepdims=True)
+    distances = 1 - q @ g.T
+    gallery_paths = sorted(str(p) for p in gallery.iterdir())
+    hits = model.search(str(query), str(gallery), top_k=len(gallery_paths))
+    assert [h["query"] for h in hits] == sorted(str(p) for p in query.iterdir())
+    for row, hit in zip(distances, hits):
+        got = {t["image"]: t["distance"] for t in hit["top"]}
+        assert sorted(got) == gallery_paths                                 # every gallery image, once
+        np.testing.assert_allclose([got[p] for p in gallery_paths], row, rtol=0, atol=1e-5)
+        order = [gallery_paths.index(t["image"]) for t in hit["top"]]
+        # the same order as argsort, up to images whose distances tie within float32 rounding
+        np.testing.assert_allclose(row[order], np.sort(row), rtol=0, atol=1e-5)
+
+
 def test_load_takes_a_config_and_weights_and_names_what_is_missing(trained, tmp_path, datasets_root):
     query, _ = folders(datasets_root)
     from_config = promptsg.load(str(trained / "config.yaml"), weights=trained / "model_final.pth")
@@ -141,3 +162,21 @@ def test_search_errors_name_the_api_s_own_arguments(trained, tmp_path, datasets_
     assert message.count("--text") == message.count("tools/extract_features.py --text") == 1   # the tool to use
     with pytest.raises(InputError, match=r"^words=: the words are empty"):
         promptsg.load(str(trained)).search(str(query), str(gallery), words=" . ")
+
+
+def test_the_sie_camera_must_be_a_training_camera(trained):
+    """One check for the API, extract_features.py, export_onnx.py and attention_maps.py: 0 to
+    NUM_CAMERAS - 1; the number of cameras itself is out of range."""
+    from promptsg.engine.preflight import sie_camera
+
+    sie = [*TINY, "MODEL.CLIP.SIE_CAMERA", "True", "MODEL.CLIP.NUM_CAMERAS", "6"]
+    for camera in (6, -1, None):
+        with pytest.raises(InputError, match=rf"give camera=, a training camera index in 0\.\.5 \(got {camera}\)"):
+            promptsg.load(PROMPTSG_CFG, weights=trained / "model_final.pth", opts=sie, camera=camera)
+    cfg = promptsg.load(str(trained)).cfg.clone()
+    cfg.defrost()
+    assert sie_camera(cfg, None) == 0                                   # no SIE: every image camera 0
+    cfg.MODEL.CLIP.SIE_CAMERA, cfg.MODEL.CLIP.NUM_CAMERAS = True, 6
+    assert sie_camera(cfg, 5) == 5
+    with pytest.raises(InputError, match=r"give --camera, a training camera index in 0\.\.5 \(got 6\)"):
+        sie_camera(cfg, 6)

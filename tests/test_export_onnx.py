@@ -205,6 +205,25 @@ def test_a_graph_that_disagrees_with_pytorch_is_refused_and_nothing_is_written(b
     assert sorted(os.listdir(tmp_path)) == ["changed.pth"]
 
 
+def test_nan_features_from_onnxruntime_fail_the_agreement_check(monkeypatch):
+    """A NaN compares false with everything: one NaN row must fail the check, not pass it."""
+    from fastreid.config import get_cfg
+
+    cfg = promptsg.add_promptsg_config(get_cfg())
+    cfg.merge_from_file(PROMPTSG_CFG)
+    cfg.merge_from_list(TINY)
+    graph = lambda images: torch.ones(len(images), 8)                     # noqa: E731  (PyTorch's features)
+    for bad_rows in (slice(None), slice(1, 2)):
+        features = np.ones((3, 8), np.float32)
+        features[bad_rows] = np.nan
+        monkeypatch.setattr(onnx_export, "run", lambda sess, images, f=features: f)
+        with pytest.raises(onnx_export.ExportError, match=r"min cosine nan < 0\.9999 over 3 images"):
+            onnx_export.check_agreement(cfg, graph, None, 3)
+    monkeypatch.setattr(onnx_export, "run", lambda sess, images: np.ones((3, 8), np.float32))
+    difference, cosine, width = onnx_export.check_agreement(cfg, graph, None, 3)
+    assert difference == 0.0 and cosine == pytest.approx(1.0, abs=1e-12) and width == 8
+
+
 def test_bad_input_fails_in_one_line_before_the_model_is_built(tmp_path, monkeypatch):
     tool = load_export_tool()
     monkeypatch.setattr(DefaultTrainer, "build_model", lambda cfg: pytest.fail("the model was built"))

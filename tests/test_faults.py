@@ -95,6 +95,16 @@ def test_config_of_a_removed_fusion_is_one_line_naming_it(removed):
     assert baseline.heads.mim is None
 
 
+@pytest.mark.parametrize("fusion_name", ["learned_map", "clip_map"])
+@pytest.mark.parametrize("cross, self_layers", [(2, 2), (1, 0)])
+def test_a_map_fusion_needs_one_cross_layer_and_a_self_block(fusion_name, cross, self_layers):
+    """The prompt's map biases v's row in the self-attention blocks after one cross-attention."""
+    with pytest.raises(ValueError, match=rf"FUSION {fusion_name} needs MIM.CROSS_LAYERS 1 and MIM.SELF_LAYERS >= 1 "
+                                         rf".*got {cross} and {self_layers}"):
+        build(PROMPTSG_CFG, "MODEL.PROMPTSG.MIM.FUSION", fusion_name, "MODEL.PROMPTSG.MIM.CROSS_LAYERS", str(cross),
+              "MODEL.PROMPTSG.MIM.SELF_LAYERS", str(self_layers))
+
+
 def test_own_checkpoint_loads_whole_and_the_classifier_only_by_choice(tmp_path):
     trained = build(PROMPTSG_CFG, num_classes=5)
     with torch.no_grad():

@@ -214,6 +214,9 @@ def test_an_image_reached_twice_is_added_once(model, datasets_root, tmp_path):
     added, skipped = index.add(str(link))
     assert len(added) == len(images) - 10 and len(skipped) == 10
     assert index.add(str(link)) == ([], sorted(str(p) for p in map(os.path.abspath, link.iterdir())))
+    again = model.build_index(images[:10])
+    added, skipped = again.add([str(gallery), images[20]])      # the file is also in the folder
+    assert len(added) == len(images) - 10 and len(again) == len(images) == len(again.features)
     fresh = model.build_index([str(gallery), images[3]])
     assert fresh.images == [os.path.abspath(p) for p in images] and len(fresh.features) == len(images)
     assert len(model.build_index([str(gallery), str(link)])) == len(images)

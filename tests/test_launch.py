@@ -139,6 +139,8 @@ def test_the_batch_script_itself_is_not_a_launched_process():
     # sbatch runs the script as task 0 of the job, without a step: train_net.py there is one process
     assert from_environment(without(SLURM, "SLURM_STEP_ID")) is None
     assert from_environment(dict(SLURM, SLURM_STEP_ID="batch")) is None
+    assert from_environment(dict(SLURM, SLURM_STEP_ID="extern")) is None   # the job's extern step: not srun's
+    assert from_environment(dict(SLURM, SLURM_STEP_ID="1")) is not None
     assert from_environment({}) is None
 
 

@@ -36,6 +36,8 @@ def random_split(seed, q=150, g=900, d=16, ids=40, ties=False):
 def test_query_chunks_cover_the_queries_with_no_short_chunk():
     assert query_chunks(1000, 300) == [slice(0, 300), slice(300, 600), slice(600, 1000)]
     assert query_chunks(50, 300) == [slice(0, 50)]
+    assert query_chunks(600, 300) == [slice(0, 300), slice(300, 600)]                 # a full last chunk stays whole
+    assert query_chunks(4 * MIN_ROWS, MIN_ROWS) == [slice(i * MIN_ROWS, (i + 1) * MIN_ROWS) for i in range(4)]
     assert query_chunks(200, 8) == [slice(0, MIN_ROWS), slice(MIN_ROWS, 2 * MIN_ROWS), slice(2 * MIN_ROWS, 200)]
     for n, c in [(1, 64), (64, 64), (65, 64), (1000, 100), (12345, 256)]:
         chunks = query_chunks(n, c)
@@ -81,7 +83,8 @@ def test_distance_chunks_are_fastreids_bits(metric):
         np.testing.assert_array_equal(metric_distances(query[rows], gallery, metric).numpy(), dense[rows])
 
 
-@pytest.mark.parametrize("k1, k2, duplicates", [(20, 6, False), (10, 3, True), (20, 1, False)])
+@pytest.mark.parametrize("k1, k2, duplicates", [(20, 6, False), (10, 3, True), (20, 1, False), (11, 4, False),
+                                               (13, 3, True)])
 def test_sparse_jaccard_equals_fastreid(k1, k2, duplicates):
     query, gallery, _ = random_split(4, q=60, g=400, d=8)
     if duplicates:
@@ -155,6 +158,17 @@ def test_evaluator_in_chunks_equals_fastreids_dense_path(options):
     assert chunked["queries_skipped"] == dense["queries_skipped"] > 0
     for key in ("Rank-1", "Rank-5", "Rank-10", "mAP", "mINP", "metric"):
         assert chunked[key] == pytest.approx(dense[key], abs=1e-6), key    # percent
+
+
+def test_roc_keeps_fastreid_s_dense_path_and_its_tpr_keys():
+    """TEST.ROC needs every score: with QUERY_CHUNK set, the results still hold FastReID's TPR@FPR
+    values, equal to the dense path's."""
+    query, gallery, labels = random_split(8, q=100, g=300, d=16, ties=False)
+    dense = evaluator_results(query, gallery, labels, QUERY_CHUNK=0, **{"ROC.ENABLED": True})
+    chunked = evaluator_results(query, gallery, labels, QUERY_CHUNK=64, **{"ROC.ENABLED": True})
+    tpr = [key for key in dense if key.startswith("TPR@FPR=")]
+    assert tpr == ["TPR@FPR=1e-04", "TPR@FPR=1e-03", "TPR@FPR=1e-02"]
+    assert [chunked[key] for key in tpr] == [dense[key] for key in tpr]
 
 
 def test_ranked_distances_still_reads_the_whole_matrix():

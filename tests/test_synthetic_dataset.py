@@ -173,6 +173,32 @@ def test_foreign_directory_is_never_touched(tmp_path):
     assert (d / "mine.txt").read_text() == "keep"
 
 
+def test_a_folder_another_process_installs_meanwhile_is_used_only_if_it_is_the_same(tmp_path, monkeypatch):
+    """Two processes generate one folder at once: the one that renames its copy second finds the
+    other's in place, and takes it only when it holds what its own parameters give."""
+    folders = synthetic.folders
+    for other, accepted in ((dict(SMALL), True), (dict(SMALL, num_distractors=5), False)):
+        d, theirs = tmp_path / f"SyntheticMarket-{accepted}", tmp_path / f"theirs-{accepted}"
+        generate_synthetic_market(theirs, **other)
+        real_rename = os.rename
+
+        def rename_after_the_other(src, dst):
+            if os.path.basename(dst) == d.name and ".tmp-" in os.path.basename(src):
+                real_rename(theirs, dst)                        # the other process got there first
+                raise OSError(39, "Directory not empty", str(dst))
+            return real_rename(src, dst)
+
+        monkeypatch.setattr(folders.os, "rename", rename_after_the_other)
+        if accepted:
+            manifest = generate_synthetic_market(d, **SMALL)
+            assert manifest["params"]["num_distractors"] == SMALL["num_distractors"] and not theirs.exists()
+        else:
+            with pytest.raises(RuntimeError, match=f"{d} was written by another process meanwhile, with other "):
+                generate_synthetic_market(d, **SMALL)
+        monkeypatch.undo()
+        assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]      # its own copy removed either way
+
+
 def test_interrupted_generation_leaves_nothing_usable(tmp_path, monkeypatch):
     d = tmp_path / "SyntheticMarket"
     real_save = synthetic._save_jpeg

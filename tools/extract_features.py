@@ -56,7 +56,7 @@ from fastreid.engine import DefaultTrainer
 from promptsg.engine.checkpoint import NonFiniteError, check_finite_features, load_for_inference
 from promptsg.inference import (check_text_search, embed_and_rank, list_images, ranking, text_queries,
                                 write_features, write_ranking)
-from promptsg.engine.preflight import InputError, load_checkpoint_config
+from promptsg.engine.preflight import InputError, load_checkpoint_config, sie_camera
 from promptsg.analysis.text_search import ImageEmbeddings, WordsQueries, cosine_distances, text_tower
 
 
@@ -92,13 +92,7 @@ def parse_args(argv=None):
 def setup(args):
     """The config and the camera index, checked before anything is built."""
     cfg = load_checkpoint_config(args.config_file, args.opts)
-    camera = 0
-    if "CLIP" in cfg.MODEL and cfg.MODEL.CLIP.SIE_CAMERA:
-        cameras = cfg.MODEL.CLIP.NUM_CAMERAS
-        if args.camera is None or not 0 <= args.camera < cameras:
-            raise InputError(f"MODEL.CLIP.SIE_CAMERA is on: give --camera, a training camera index "
-                             f"in 0..{cameras - 1} (got {args.camera})")
-        camera = args.camera
+    camera = sie_camera(cfg, args.camera)
     cfg.TEST.ROC.ENABLED = False          # the images carry no identity labels
     cfg.freeze()
     return cfg, camera

@@ -6,9 +6,10 @@ package, must make the tests named beside it fail.
 
 ``wiring.py`` holds the slips in how the model wires the paper's formulas; these are slips in what
 surrounds it: diagnostics, start-up checks, checkpoints, resuming, FastReID patches, the output
-folder's lock, config files, the synthetic dataset's reuse and the evaluation's query counts. The
-first eight passed the tests closest to them once; each now has a test against an independent
-expectation.
+folder's lock, config files, the synthetic dataset's reuse, the evaluation's query counts, the
+ranking in query chunks, sparse re-ranking, SLURM steps, the gallery index, the SIE camera and
+the ONNX check. Each passed the tests closest to it once; each now has a test against an
+independent expectation.
 """
 import sys
 
@@ -17,6 +18,8 @@ from wiring import check
 FAULTS = "tests/test_faults.py::"
 GUARDS = "tests/test_run_guards.py::"
 MODEL = "tests/test_promptsg_model.py::"
+RANKING = "tests/test_ranking.py::"
+INDEX = "tests/test_gallery_index.py::"
 
 # (name, file in the package, text, replacement, the tests that must catch it)
 SLIPS = [
@@ -60,11 +63,52 @@ SLIPS = [
     ("a same-camera gallery image counted as a valid match", "engine/preflight.py",
      "cameras.get(pid, set()) - {camid}", "cameras.get(pid, set())",
      [GUARDS + "test_valid_queries_follow_the_market_protocol_by_hand"]),
+    # Slips of the ranking, launch, gallery-index, API, config, dataset and export code.
+    ("a full last query chunk merged into the one before", "engine/ranking.py",
+     "num_query - starts[-1] < chunk:", "num_query - starts[-1] <= chunk:",
+     [RANKING + "test_query_chunks_cover_the_queries_with_no_short_chunk"]),
+    ("sparse re-ranking's half sets of k1 // 2 (FastReID rounds k1 / 2)", "engine/sparse_rerank.py",
+     "half = int(np.around(k1 / 2))", "half = k1 // 2",
+     [RANKING + "test_sparse_jaccard_equals_fastreid"]),
+    ("TEST.ROC evaluated in query chunks (its TPR@FPR keys lost)", "engine/evaluation.py",
+     " and not cfg.TEST.ROC.ENABLED and ", " and ",
+     [RANKING + "test_roc_keeps_fastreid_s_dense_path_and_its_tpr_keys"]),
+    ("an OUTPUT_DIR with glob characters read as a pattern (run[1] trained over)", "engine/output_dir.py",
+     "glob.glob(os.path.join(glob.escape(path), pattern))", "glob.glob(os.path.join(path, pattern))",
+     [GUARDS + "test_a_refused_start_leaves_the_lock_undescribed_and_glob_characters_are_literal"]),
+    ("SLURM's extern step taken for a launched job step", "engine/launcher.py",
+     'not in ("batch", "extern")', 'not in ("batch",)',
+     ["tests/test_launch.py::test_the_batch_script_itself_is_not_a_launched_process"]),
+    ("gallery index add: a folder and a file inside it add the image twice", "gallery_index.py",
+     "            known.add(real)\n", "",
+     [INDEX + "test_an_image_reached_twice_is_added_once"]),
+    ("gallery index fingerprint without the SIE camera", "gallery_index.py",
+     'settings["camera"] = camera', 'settings["camera"] = 0',
+     [INDEX + "test_the_fingerprint_holds_the_sie_camera"]),
+    ("gallery index add in chunks keeps only the first chunk", "gallery_index.py",
+     "for start in range(0, len(features), chunk):", "for start in range(0, min(len(features), chunk), chunk):",
+     [INDEX + "test_adding_in_chunks_keeps_every_chunk"]),
+    ("an SIE camera equal to the number of cameras accepted", "engine/preflight.py",
+     "camera is None or not 0 <= camera < cameras:", "camera is None or not 0 <= camera <= cameras:",
+     ["tests/test_api.py::test_the_sie_camera_must_be_a_training_camera"]),
+    ("a map fusion with two cross-attention layers passes validation", "config.py",
+     "(p.MIM.CROSS_LAYERS != 1 or p.MIM.SELF_LAYERS < 1)", "(p.MIM.SELF_LAYERS < 1)",
+     [FAULTS + "test_a_map_fusion_needs_one_cross_layer_and_a_self_block"]),
+    ("a synthetic folder another process installs meanwhile accepted whatever its parameters",
+     "data/synthetic/folders.py",
+     'if current is None or current.get("params") != params or _differences(current, dataset_dir, layout):',
+     "if current is None:",
+     ["tests/test_synthetic_dataset.py::test_a_folder_another_process_installs_meanwhile_is_used_only_if_it_is_the_same"]),
+    ("NaN features from onnxruntime pass the agreement check", "export/onnx_export.py",
+     "if not cosine.min() >= MIN_COSINE:", "if cosine.min() < MIN_COSINE:",
+     ["tests/test_export_onnx.py::test_nan_features_from_onnxruntime_fail_the_agreement_check"]),
 ]
 
 
-def main():
-    return check(SLIPS, "slips")
+def main(argv=None):
+    """``python tests/mutations/slips.py [WORDS]``: every slip, or those whose name holds WORDS."""
+    words = " ".join(sys.argv[1:] if argv is None else argv)
+    return check([s for s in SLIPS if words in s[0]], "slips")
 
 
 if __name__ == "__main__":

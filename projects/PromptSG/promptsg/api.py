@@ -27,7 +27,7 @@ import os
 import torch
 
 from .engine.checkpoint import load_for_inference
-from .engine.preflight import InputError, load_checkpoint_config
+from .engine.preflight import InputError, load_checkpoint_config, sie_camera
 from .gallery_index import GalleryIndex
 from .inference import API_NAMES, check_text_search, embed_and_rank, image_paths, ranking, text_queries
 
@@ -58,17 +58,14 @@ def load(path, weights=None, opts=(), device=None, camera=None):
     cfg = load_checkpoint_config(config_file, opts)
     if device is None and cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         cfg.MODEL.DEVICE = "cpu"
-    sie = "CLIP" in cfg.MODEL and cfg.MODEL.CLIP.SIE_CAMERA
-    if sie and (camera is None or not 0 <= camera < cfg.MODEL.CLIP.NUM_CAMERAS):
-        raise InputError(f"MODEL.CLIP.SIE_CAMERA is on: give camera=, a training camera index in "
-                         f"0..{cfg.MODEL.CLIP.NUM_CAMERAS - 1} (got {camera})")
+    camera = sie_camera(cfg, camera, "camera=")
     cfg.TEST.ROC.ENABLED = False          # new images carry no identity labels
     cfg.freeze()
     from fastreid.engine import DefaultTrainer
 
     model = DefaultTrainer.build_model(cfg)
     load_for_inference(model, cfg.MODEL.WEIGHTS)
-    return Run(cfg, model, camera if sie else 0)
+    return Run(cfg, model, camera)
 
 
 class Run:

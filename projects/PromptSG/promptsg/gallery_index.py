@@ -237,7 +237,7 @@ class GalleryIndex:
         twice). Returns (added, skipped): the absolute paths appended, and those already in it."""
         known = {os.path.realpath(p) for p in self.images}
         added, skipped = [], []
-        for path in dict.fromkeys(map(os.path.abspath, image_paths(images, "images"))):
+        for path in map(os.path.abspath, image_paths(images, "images")):
             real = os.path.realpath(path)
             (skipped if real in known else added).append(path)
             known.add(real)

@@ -7,7 +7,7 @@ from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.engine import DefaultTrainer
 
 from ..engine.checkpoint import load_for_inference
-from ..engine.preflight import InputError, check_config, load_checkpoint_config, verify_image
+from ..engine.preflight import InputError, check_config, load_checkpoint_config, sie_camera, verify_image
 from ..modeling.clip_weights import _model_config
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -44,9 +44,11 @@ def check_model(cfg, path, images=False, camera=None):
     if not isinstance(layers, int):
         raise InputError(f"{path}: MODEL.CLIP.NAME {cfg.MODEL.CLIP.NAME} is not a ViT; the attention maps "
                          f"need a CLIP ViT visual encoder")
-    if cfg.MODEL.CLIP.SIE_CAMERA and images and camera is None:
-        raise InputError(f"{path}: MODEL.CLIP.SIE_CAMERA is on: give --camera, the training camera index "
-                         f"the --images get (0..{cfg.MODEL.CLIP.NUM_CAMERAS - 1})")
+    if images:
+        try:
+            sie_camera(cfg, camera)
+        except InputError as exc:
+            raise InputError(f"{path}: {exc} (the camera the --images get)") from None
 
 
 def without_key(opts, key):

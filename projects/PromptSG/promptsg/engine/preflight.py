@@ -195,6 +195,19 @@ def check_output_dir(path, what="OUTPUT_DIR"):
         raise InputError(f"{what} {path} is not writable ({exc.strerror or exc})") from None
 
 
+def sie_camera(cfg, camera, flag="--camera"):
+    """The camera index a model's images get: ``camera`` for a model with SIE
+    (MODEL.CLIP.SIE_CAMERA), which must be a training camera (0..NUM_CAMERAS - 1), else 0. ``flag``:
+    how the caller names ``camera`` in the error (``--camera``, ``camera=``)."""
+    if "CLIP" not in cfg.MODEL or not cfg.MODEL.CLIP.SIE_CAMERA:
+        return 0
+    cameras = cfg.MODEL.CLIP.NUM_CAMERAS
+    if camera is None or not 0 <= camera < cameras:
+        raise InputError(f"MODEL.CLIP.SIE_CAMERA is on: give {flag}, a training camera index in 0..{cameras - 1} "
+                         f"(got {camera})")
+    return camera
+
+
 def check_weights(cfg, eval_only):
     """MODEL.WEIGHTS (and a local MODEL.CLIP.PRETRAINED) must exist before anything is built."""
     weights = cfg.MODEL.WEIGHTS

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine.preflight import InputError, check_datasets, check_output_dir, load_checkpoint_config
+from ..engine.preflight import InputError, check_datasets, check_output_dir, load_checkpoint_config, sie_camera
 
 # The ONNX operator set written: LayerNormalization needs 17; 18 runs on onnxruntime >= 1.14.
 OPSET = 18
@@ -175,10 +175,7 @@ def export_config(config_file, opts, output, weights=None, camera=None, evaluate
     if "PROMPTSG" in cfg.MODEL:
         cfg.MODEL.PROMPTSG.COMPILE = ""   # torch.compile changes no result; the exporter traces eager code
     if "CLIP" in cfg.MODEL and cfg.MODEL.CLIP.SIE_CAMERA:
-        cameras = cfg.MODEL.CLIP.NUM_CAMERAS
-        if camera is None or not 0 <= camera < cameras:
-            raise InputError(f"MODEL.CLIP.SIE_CAMERA is on: give --camera, a training camera index "
-                             f"in 0..{cameras - 1} (got {camera})")
+        camera = sie_camera(cfg, camera)
         if evaluate:
             raise InputError("--evaluate needs each test image's own camera; with MODEL.CLIP.SIE_CAMERA the "
                              "graph gives every image the --camera embedding")

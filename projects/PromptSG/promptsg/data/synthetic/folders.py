@@ -129,7 +129,8 @@ def _generate_or_reuse(dataset_dir, layout, params, generate_into, regenerate=Fa
             # Another process installed a dataset meanwhile: accept it if it is what we want.
             current = _read_manifest(dataset_dir, layout)
             if current is None or current.get("params") != params or _differences(current, dataset_dir, layout):
-                raise
+                raise RuntimeError(f"{dataset_dir} was written by another process meanwhile, with other contents "
+                                   f"than these parameters give; remove it or use another root") from None
             manifest = current
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)   # no-op once renamed into place
