@@ -3,12 +3,13 @@
 The package, by layer (a module imports only from its own layer and those above it in this
 list; ``tests/test_layout.py`` checks it):
 
-    utils/      global-batch operations, loss logging without host reads, records
+    utils/      global-batch operations, loss logging without host reads, records, InputError
     modeling/   the paper: CLIP towers, f_theta, prompt, SupCon, MIM, head, meta-architecture;
     config.py   beside it, PromptSG's config keys (``add_promptsg_config``)
     engine/     FastReID glue: compat patches, checkpoints, start-up checks, output-folder lock,
                 launching under torchrun or srun
-    data/       the synthetic dataset (Market-1501 layout) and its caption pool
+    data/       the synthetic dataset (Market-1501 layout, or any real layout) and its caption
+                pool; the real datasets' start-up checks and variants (real_datasets.py)
     analysis/   attention maps, text-aware search
     export/     ONNX
     inference.py, api.py   embedding new images and searching, as the evaluation does;
@@ -21,6 +22,7 @@ registers PromptSG's components in FastReID's registries:
     REID_HEADS_REGISTRY PromptSGHead          modeling/heads.py
     META_ARCH_REGISTRY  PromptSG              modeling/meta_arch.py
     DATASET_REGISTRY    SyntheticMarket       data/synthetic/registration.py
+                        CUHK03Detected        data/real_datasets.py
 
 and offers a small Python API (``api.py``): ``promptsg.load(run_dir)`` gives a trained run whose
 ``embed(images)`` and ``search(query, gallery, words=...)`` work as the evaluation does, and
