@@ -15,7 +15,6 @@ The same command trains a FastReID baseline config (configs/) or a PromptSG conf
 A run holds its OUTPUT_DIR: a second run into it stops at start-up, and a new run into a folder
 that holds a finished or interrupted run needs --resume or --overwrite.
 """
-import errno
 import json
 import logging
 import os
@@ -24,14 +23,15 @@ import sys
 import promptsg  # noqa: F401  (patches FastReID for this stack, registers PromptSG)
 from fastreid.config import get_cfg
 from fastreid.engine import DefaultTrainer, default_argument_parser, default_setup
+from fastreid.engine.hooks import PeriodicCheckpointer
 from fastreid.utils import comm
 from fastreid.utils.env import seed_all_rng
 from fastreid.utils.logger import setup_logger
 from promptsg import add_promptsg_config
 from promptsg.data import describe_dataset
 from promptsg.engine.checkpoint import (DiskFullError, NonFiniteError, PeriodicCheckpointerFinalOnce,
-                                        SaveFinalBeforeEvaluation, check_space_to_resume, disk_full,
-                                        load_for_inference, resume_training_position)
+                                        SaveFinalBeforeEvaluation, check_space_to_resume, load_for_inference,
+                                        resume_training_position, save_atomically)
 from promptsg.engine.launcher import flags_not_given, launch, resolve_launch
 from promptsg.modeling.diagnostics import AlignmentPrinter
 from promptsg.engine.output_dir import OutputDirLock, check_new_run, remove_previous_run
@@ -48,8 +48,6 @@ class Trainer(DefaultTrainer):
         return super().build_writers() + [AlignmentPrinter()]
 
     def build_hooks(self):
-        from fastreid.engine.hooks import PeriodicCheckpointer
-
         self.write_failures = []              # final checkpoints a full disk refused (raised after the results)
         hooks = [PeriodicCheckpointerFinalOnce(h.checkpointer, h.period) if type(h) is PeriodicCheckpointer else h
                  for h in super().build_hooks()]
@@ -96,16 +94,12 @@ def save_results(cfg, results, name):
         return
     path = os.path.join(cfg.OUTPUT_DIR, name)
     text = json.dumps({**results, "datasets": dataset_variants(cfg)}, indent=2, default=float)
-    try:
-        with open(path + ".tmp", "w") as f:
+
+    def write(tmp):
+        with open(tmp, "w") as f:
             f.write(text)
-        os.replace(path + ".tmp", path)
-    except OSError as exc:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise disk_full(path, len(text), "the results") from None
-        raise
+
+    save_atomically(path, write, len(text), "the results")
 
 
 def main(args):

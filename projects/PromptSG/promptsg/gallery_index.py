@@ -222,7 +222,7 @@ class GalleryIndex:
         """An index of ``images`` (a folder, a path, or a list of them; an image reached twice,
         by two paths or a symbolic link, counted once)."""
         _check_ranking(run.cfg)
-        paths = list({os.path.realpath(p): p for p in map(os.path.abspath, image_paths(images, "images"))}.values())
+        paths, _ = new_images(images)
         # the index type and its parameters are checked on one image's feature size before all are embedded
         features = FeatureIndex.create(embed(run, paths[:1]).shape[1], run.cfg.TEST.METRIC, factory, params)
         features.add(embed(run, paths))
@@ -235,12 +235,7 @@ class GalleryIndex:
         """Embed and append the images (a folder, a path, or a list of them) not in the index yet,
         each known by its resolved path (a folder reached through a symbolic link adds nothing
         twice). Returns (added, skipped): the absolute paths appended, and those already in it."""
-        known = {os.path.realpath(p) for p in self.images}
-        added, skipped = [], []
-        for path in map(os.path.abspath, image_paths(images, "images")):
-            real = os.path.realpath(path)
-            (skipped if real in known else added).append(path)
-            known.add(real)
+        added, skipped = new_images(images, self.images)
         if added:
             self.features.add(embed(self.run, added))
             self.images += added
@@ -296,10 +291,22 @@ class GalleryIndex:
         return cls(run, features, images, model)
 
 
+def new_images(images, known=()):
+    """(new, skipped): the absolute paths of ``images`` (a folder, a path, or a list of them) whose
+    resolved path is neither in ``known`` nor met before in ``images``, and the others."""
+    seen = {os.path.realpath(p) for p in known}
+    new, skipped = [], []
+    for path in map(os.path.abspath, image_paths(images, "images")):
+        real = os.path.realpath(path)
+        (skipped if real in seen else new).append(path)
+        seen.add(real)
+    return new, skipped
+
+
 @contextlib.contextmanager
 def locked(path):
     """Hold an exclusive lock on the index file ``path`` (``PATH.lock``, flock) for a read-modify-write:
-    two ``add``\ s at once run one after the other, so neither's images are lost. Waits for a holder."""
+    two adds at once run one after the other, so neither's images are lost. Waits for a holder."""
     if fcntl is None:
         yield
         return

@@ -163,9 +163,10 @@ def disk_full(path, need, what="the checkpoint"):
                                        f"{need / MB:.1f} MB; free space (earlier files are whole)")
 
 
-def save_atomically(path, write, need):
+def save_atomically(path, write, need, what="the checkpoint"):
     """``write(tmp)`` to a temporary file beside ``path``, then renamed over it. A full disk raises
-    DiskFullError (one line) and removes the temporary file; a file already at ``path`` stays."""
+    DiskFullError (one line; ``what`` needs ``need`` bytes) and removes the temporary file; a file
+    already at ``path`` stays."""
     tmp = f"{path}.tmp"
     try:
         write(tmp)
@@ -179,7 +180,7 @@ def save_atomically(path, write, need):
     # torch's zip writer, left open by the failed write, keeps the removed file's blocks until the
     # failed call's frames are collected: collect them before saying how much space is free
     gc.collect()
-    raise disk_full(path, need)
+    raise disk_full(path, need, what)
 
 
 def check_space_to_resume(save_dir):
@@ -307,8 +308,14 @@ class SaveFinalBeforeEvaluation(_hook_base()):
             try:
                 self.checkpointer.save("model_final", epoch=self.trainer.epoch)
             except DiskFullError as exc:
-                logger.error("%s", exc)
-                self.trainer.write_failures = [*getattr(self.trainer, "write_failures", []), exc]
+                keep_write_failure(self.trainer, exc)
+
+
+def keep_write_failure(trainer, exc):
+    """Log a final checkpoint the disk could not hold and keep it in ``trainer.write_failures``,
+    raised once the results are written."""
+    logger.error("%s", exc)
+    trainer.write_failures = [*getattr(trainer, "write_failures", []), exc]
 
 
 def _periodic_checkpointer():
@@ -330,8 +337,7 @@ class PeriodicCheckpointerFinalOnce(_periodic_checkpointer()):
             try:
                 self.checkpointer.save("model_best", epoch=int(epoch), **kwargs)
             except DiskFullError as exc:
-                logger.error("%s", exc)
-                self.trainer.write_failures = [*getattr(self.trainer, "write_failures", []), exc]
+                keep_write_failure(self.trainer, exc)
 
 
 def is_complete(path):
