@@ -105,7 +105,7 @@ def schedule_rows(models):
             for key in models for name, label, extra in SCHEDULES]
 
 
-TABLES["schedule"] = schedule_rows(["clip_baseline", "learned_map"])
+TABLES["schedule"] = schedule_rows(["clip_baseline", "learned_map", "clip_map"])
 METRICS = ("mAP", "Rank-1")
 ALIGNMENT = ("supcon_over_chance", "align_i2t_top1", "align_t2i_top1", "collapse_v_cos", "collapse_text_cos",
              "pseudo_token_norm_ratio")
