@@ -14,12 +14,12 @@ import torch
 
 import promptsg  # noqa: F401
 from fastreid.config import get_cfg
-from fastreid.engine import DefaultTrainer
-from fastreid.utils.checkpoint import Checkpointer
+from fastreid.engine import DefaultTrainer, default_argument_parser
 from promptsg.engine import checkpoint as checkpoint_module
-from promptsg.engine.checkpoint import DiskFullError
+from promptsg.engine import trainer as trainer_module
+from promptsg.engine.checkpoint import AtomicCheckpointer as Checkpointer, DiskFullError
 
-from tiny_runs import PROMPTSG_CFG, TINY, load_tool, one_line_error, run
+from tiny_runs import PROMPTSG_CFG, TINY, one_line_error, run
 
 ONE_EPOCH = ["SOLVER.MAX_EPOCH", "1", "TEST.EVAL_PERIOD", "1", "SOLVER.CHECKPOINT_PERIOD", "1"]
 
@@ -62,13 +62,12 @@ def test_a_checkpoint_the_disk_cannot_hold_is_one_line_and_leaves_no_tmp(tmp_pat
 
 
 def train_in_process(tmp_path, datasets_root, monkeypatch, *opts):
-    """tools/train_net.py's main on a one-epoch tiny run, in this process; every checkpoint written
-    is recorded by name."""
+    """A one-epoch tiny run of tools/train_net.py's per-process step (``train_and_evaluate``), in
+    this process; every checkpoint written is recorded by name."""
     import fastreid.data.build as data_build
 
     monkeypatch.setattr(data_build, "_root", str(datasets_root))
     monkeypatch.setenv("FASTREID_DATASETS", str(datasets_root))
-    train_net = load_tool("tools/train_net.py")
     saved = []
     real_save = Checkpointer.save
 
@@ -77,20 +76,20 @@ def train_in_process(tmp_path, datasets_root, monkeypatch, *opts):
         return real_save(self, name, **kwargs)
 
     monkeypatch.setattr(Checkpointer, "save", recording_save)
-    args = train_net.argument_parser().parse_args(["--config-file", PROMPTSG_CFG, *TINY, *ONE_EPOCH,
-                                                   "OUTPUT_DIR", str(tmp_path), *opts])
-    return train_net, args, saved
+    args = default_argument_parser().parse_args(["--config-file", PROMPTSG_CFG, *TINY, *ONE_EPOCH,
+                                                 "OUTPUT_DIR", str(tmp_path), *opts])
+    return args, saved
 
 
 def test_the_final_checkpoint_is_written_once(tmp_path, datasets_root, monkeypatch):
-    train_net, args, saved = train_in_process(tmp_path, datasets_root, monkeypatch)
-    train_net.main(args)
+    args, saved = train_in_process(tmp_path, datasets_root, monkeypatch)
+    trainer_module.train_and_evaluate(args)
     assert saved.count("model_final") == 1 and saved == ["model_final", "model_best"], saved
     assert json.loads((tmp_path / "results.json").read_text())["mAP"] > 0
 
 
 def test_results_are_written_when_the_final_checkpoint_cannot_be(tmp_path, datasets_root, monkeypatch):
-    train_net, args, saved = train_in_process(tmp_path, datasets_root, monkeypatch)
+    args, saved = train_in_process(tmp_path, datasets_root, monkeypatch)
     real_save = Checkpointer.save
 
     def final_does_not_fit(self, name, **kwargs):
@@ -101,14 +100,13 @@ def test_results_are_written_when_the_final_checkpoint_cannot_be(tmp_path, datas
 
     monkeypatch.setattr(Checkpointer, "save", final_does_not_fit)
     with pytest.raises(DiskFullError, match="to write model_final.pth"):
-        train_net.main(args)
+        trainer_module.train_and_evaluate(args)
     results = json.loads((tmp_path / "results.json").read_text())      # evaluated and written all the same
     assert results["mAP"] > 0 and "model_final" in saved
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
 
 
 def test_results_json_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
-    train_net = load_tool("tools/train_net.py")
     cfg = promptsg.add_promptsg_config(get_cfg())
     cfg.merge_from_list(["OUTPUT_DIR", str(tmp_path)])
     real_open = open
@@ -122,7 +120,7 @@ def test_results_json_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr("builtins.open", full_open)
     with pytest.raises(DiskFullError, match=f"no space left in {tmp_path} to write results.json"):
-        train_net.save_results(cfg, {"mAP": 1.0}, "results.json")
+        trainer_module.save_results(cfg, {"mAP": 1.0}, "results.json")
     monkeypatch.undo()
     assert os.listdir(tmp_path) == []
 

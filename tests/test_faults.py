@@ -17,12 +17,11 @@ import promptsg  # noqa: F401
 from fastreid.config import get_cfg
 from fastreid.data import common, data_utils
 from fastreid.engine import DefaultTrainer
-from fastreid.utils.checkpoint import Checkpointer
-from promptsg.engine.checkpoint import (CheckpointError, NonFiniteError, check_finite_features, check_finite_losses,
-                                 load_for_inference)
+from promptsg.engine.checkpoint import (AtomicCheckpointer, CheckpointError, NonFiniteError, check_finite_features,
+                                        check_finite_losses, load_for_inference)
 from promptsg.engine.preflight import InputError, verify_image, verify_images_cached
 
-from tiny_runs import BASELINE_CFG, PROMPTSG_CFG, ROOT, TINY, TRAIN_NET, one_line_error, run
+from tiny_runs import BASELINE_CFG, PROMPTSG_CFG, ROOT, TINY, one_line_error, run
 
 TINY = TINY + ["SOLVER.CHECKPOINT_PERIOD", "1"]
 
@@ -36,7 +35,7 @@ def build(config, *opts, num_classes=5):
 
 
 def save(model, path):
-    Checkpointer(model, save_dir=str(path.parent)).save(path.stem)
+    AtomicCheckpointer(model, save_dir=str(path.parent)).save(path.stem)
     return path
 
 
@@ -112,14 +111,14 @@ def test_own_checkpoint_loads_whole_and_the_classifier_only_by_choice(tmp_path):
             p.add_(0.01)                             # differ from a fresh model's initialisation
     path = str(save(trained, tmp_path / "model_final.pth"))
     fresh = build(PROMPTSG_CFG, num_classes=5)
-    Checkpointer(fresh).load(path)
+    AtomicCheckpointer(fresh).load(path)
     for (name, a), b in zip(trained.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
     # another number of identities: refused for training unless asked, left out for inference
     other = build(PROMPTSG_CFG, num_classes=7)
     with pytest.raises(CheckpointError, match="heads.classifier.weight.*MODEL.WEIGHTS_NEW_CLASSIFIER True"):
-        Checkpointer(other).load(path)
-    checkpointer = Checkpointer(other)
+        AtomicCheckpointer(other).load(path)
+    checkpointer = AtomicCheckpointer(other)
     checkpointer.skip_classifier = True
     before = other.heads.classifier.weight.clone()
     checkpointer.load(path)
@@ -218,7 +217,7 @@ def test_a_checkpoint_of_numpy_arrays_still_loads(tmp_path):
 
 def test_non_finite_weights_or_optimizer_state_are_never_written(tmp_path):
     model = build(PROMPTSG_CFG)
-    checkpointer = Checkpointer(model, save_dir=str(tmp_path))
+    checkpointer = AtomicCheckpointer(model, save_dir=str(tmp_path))
     checkpointer.save("model_0000")
     good = (tmp_path / "model_0000.pth").read_bytes()
     with torch.no_grad():
@@ -231,7 +230,7 @@ def test_non_finite_weights_or_optimizer_state_are_never_written(tmp_path):
         model.heads.classifier.weight[0, 0] = 0.0
     optimizer = torch.optim.Adam(model.parameters())
     optimizer.state[model.heads.classifier.weight]["exp_avg"] = torch.full((1,), float("inf"))
-    checkpointer = Checkpointer(model, save_dir=str(tmp_path), optimizer=optimizer)
+    checkpointer = AtomicCheckpointer(model, save_dir=str(tmp_path), optimizer=optimizer)
     with pytest.raises(NonFiniteError, match=r"optimizer\.state\..*exp_avg holds NaN or infinity"):
         checkpointer.save("model_0001")
     assert not (tmp_path / "model_0001.pth").exists()
@@ -262,7 +261,7 @@ def test_non_finite_features_give_no_metric():
     features[3, 1] = float("nan")
     with pytest.raises(NonFiniteError, match=r"1 of 5 features hold NaN or infinity \(first: row 3\)"):
         check_finite_features(features)
-    from fastreid.evaluation.reid_evaluation import ReidEvaluator
+    from promptsg.engine.evaluation import ChunkedReidEvaluator as ReidEvaluator
 
     cfg = promptsg.add_promptsg_config(get_cfg())
     evaluator = ReidEvaluator(cfg, num_query=2)
@@ -474,14 +473,11 @@ def test_truncated_query_image_is_found_at_start_up(tmp_path, datasets_root):
 # ---- an error in the final evaluation keeps the trained model ----
 
 def test_the_final_model_is_written_before_the_final_evaluation(tmp_path, datasets_root, monkeypatch):
-    import importlib.util
-
     import fastreid.data.build as data_build
 
+    from promptsg.engine.trainer import Trainer
+
     monkeypatch.setattr(data_build, "_root", str(datasets_root))
-    spec = importlib.util.spec_from_file_location("train_net", TRAIN_NET)
-    train_net = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_net)
     cfg = promptsg.add_promptsg_config(get_cfg())
     cfg.merge_from_file(PROMPTSG_CFG)
     cfg.merge_from_list([*TINY, "SOLVER.MAX_EPOCH", "1", "TEST.EVAL_PERIOD", "1", "SOLVER.CHECKPOINT_PERIOD", "1",
@@ -490,13 +486,13 @@ def test_the_final_model_is_written_before_the_final_evaluation(tmp_path, datase
     def failing_test(cls, cfg, model):
         raise RuntimeError("corrupt query image found by the evaluation")
 
-    monkeypatch.setattr(train_net.Trainer, "test", classmethod(failing_test))
-    trainer = train_net.Trainer(cfg)
+    monkeypatch.setattr(Trainer, "test", classmethod(failing_test))
+    trainer = Trainer(cfg)
     with pytest.raises(RuntimeError, match="corrupt query image"):
         trainer.train()
     final = tmp_path / "model_final.pth"
     assert final.exists()
-    fresh = train_net.Trainer.build_model(trainer.cfg)             # the trainer's: NUM_CLASSES set
+    fresh = Trainer.build_model(trainer.cfg)             # the trainer's: NUM_CLASSES set
     load_for_inference(fresh, str(final))
     for (name, a), b in zip(trainer.model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
@@ -508,7 +504,7 @@ def test_resume_finds_the_newest_complete_checkpoint_without_last_checkpoint(tmp
     from promptsg.engine.checkpoint import newest_checkpoint
 
     model = build(BASELINE_CFG)
-    checkpointer = Checkpointer(model, save_dir=str(tmp_path))
+    checkpointer = AtomicCheckpointer(model, save_dir=str(tmp_path))
     for name in ("model_0000", "model_0001", "model_0002"):
         checkpointer.save(name, epoch=int(name[-4:]))
     assert (tmp_path / "last_checkpoint").read_text() == "model_0002.pth"

@@ -9,10 +9,9 @@ import torch.nn.functional as F
 import promptsg  # noqa: F401  (FastReID's patches)
 from fastreid.config import get_cfg
 from fastreid.evaluation.rank import evaluate_rank
-from fastreid.evaluation.reid_evaluation import ReidEvaluator
 from fastreid.utils.compute_dist import build_dist
 from promptsg import add_promptsg_config
-from promptsg.engine.evaluation import ranked_distances
+from promptsg.engine.evaluation import ChunkedReidEvaluator as ReidEvaluator, ranked_distances
 from promptsg.engine.query_expansion import expand_queries
 from promptsg.engine.ranking import MIN_ROWS, RankAccumulator, evaluate_in_chunks, metric_distances, query_chunks
 from promptsg.engine.sparse_rerank import SparseReranker, expanded_sets

@@ -10,9 +10,11 @@ import os
 import pytest
 
 import promptsg  # noqa: F401
+from fastreid.engine import default_argument_parser
 from promptsg.data.synthetic.real_layouts import write_real_layout
+from promptsg.engine.trainer import train_and_evaluate
 
-from tiny_runs import ROOT, load_tool
+from tiny_runs import ROOT
 
 # dataset config folder -> (layout written, FastReID dataset name, the variant results.json names)
 DATASETS = {"Market1501": ("Market1501", "Market1501", "Market-1501-v15.09.15"),
@@ -71,10 +73,9 @@ def test_one_epoch_trains_and_evaluates_on_the_real_layout(config, roots, tmp_pa
     monkeypatch.setattr(data_build, "_root", str(roots[dataset]))
     monkeypatch.setenv("FASTREID_DATASETS", str(roots[dataset]))
     shrink = SHRINK["R50" if config.endswith("_R50.yml") else os.path.basename(config)]
-    train_net = load_tool("tools/train_net.py")
-    args = train_net.argument_parser().parse_args(
+    args = default_argument_parser().parse_args(
         ["--config-file", os.path.join(ROOT, config), *SMALL, *shrink, "OUTPUT_DIR", str(tmp_path)])
-    results = train_net.main(args)
+    results = train_and_evaluate(args)
     assert 0 < results["mAP"] <= 100 and results["queries_evaluated"] > 0
     written = json.loads((tmp_path / "results.json").read_text())
     assert written["datasets"] == {name: variant} or written["datasets"][name].startswith(variant)

@@ -271,7 +271,7 @@ def test_zero_epochs_stop_before_training_in_one_line(tmp_path, datasets_root):
 # ---- 6. queries the protocol skips are counted ----
 
 def test_skipped_queries_are_counted_in_the_results_and_the_log(caplog):
-    from fastreid.evaluation import ReidEvaluator
+    from promptsg.engine.evaluation import ChunkedReidEvaluator as ReidEvaluator
 
     cfg = get_cfg()
     cfg.TEST.METRIC = "euclidean"
@@ -283,7 +283,7 @@ def test_skipped_queries_are_counted_in_the_results_and_the_log(caplog):
     pids = torch.tensor([1, 2, 3, 1, 2, 3] + [9] * 8)
     camids = torch.tensor([0, 0, 1, 1, 0, 0] + [0] * 8)
     evaluator.process({"targets": pids, "camids": camids}, feats)
-    with caplog.at_level(logging.INFO, logger="promptsg.engine.compat"):
+    with caplog.at_level(logging.INFO, logger="promptsg.engine.evaluation"):
         results = evaluator.evaluate()
     assert results["queries_evaluated"] == 2 and results["queries_skipped"] == 1
     # by hand: query 1 ranks its match first (AP 1); query 3 (at 9.0) ranks pid 3 (8.0) first (AP 1)

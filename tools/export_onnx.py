@@ -39,11 +39,12 @@ import sys
 import numpy as np
 
 import promptsg  # noqa: F401  (patches FastReID, registers PromptSG)
-from fastreid.engine import DefaultTrainer
+
 from promptsg.engine.checkpoint import NonFiniteError, load_for_inference
 from promptsg.engine.preflight import InputError
 from promptsg.export import onnx_export
 from promptsg.export.onnx_evaluation import evaluate, same_rankings
+from promptsg.engine.trainer import Trainer
 
 
 def parse_args(argv=None):
@@ -70,7 +71,7 @@ def main(argv=None):
     args = parse_args(argv)
     cfg, camera, dataset = onnx_export.export_config(args.config_file, args.opts, args.output, weights=args.weights,
                                                      camera=args.camera, evaluate=args.evaluate)
-    model = DefaultTrainer.build_model(cfg)
+    model = Trainer.build_model(cfg)
     load_for_inference(model, cfg.MODEL.WEIGHTS)
     graph = onnx_export.feature_graph(cfg, model, camera)
     print(f"exporting to {args.output} (from seconds for small models to about a minute for ViT-B/16 on two "

@@ -52,12 +52,13 @@ import os
 import sys
 
 import promptsg  # noqa: F401  (patches FastReID, registers PromptSG)
-from fastreid.engine import DefaultTrainer
+
 from promptsg.engine.checkpoint import NonFiniteError, check_finite_features, load_for_inference
 from promptsg.inference import (check_text_search, embed_and_rank, list_images, ranking, text_queries,
                                 write_features, write_ranking)
 from promptsg.engine.preflight import InputError, load_checkpoint_config, sie_camera
 from promptsg.analysis.text_search import ImageEmbeddings, WordsQueries, cosine_distances, text_tower
+from promptsg.engine.trainer import Trainer
 
 
 def parse_args(argv=None):
@@ -108,7 +109,7 @@ def main(argv=None):
     text = text_queries(cfg, query_paths, args.text, args.text_file)
     os.makedirs(args.output, exist_ok=True)
 
-    model = DefaultTrainer.build_model(cfg)
+    model = Trainer.build_model(cfg)
     load_for_inference(model, cfg.MODEL.WEIGHTS)
     if text is not None and not query_paths:
         return words_only_main(args, cfg, model, text, gallery_paths, camera)

@@ -27,11 +27,12 @@ import promptsg  # noqa: F401  (patches FastReID, registers PromptSG)
 from fastreid.data.build import build_transforms
 from fastreid.data.data_utils import read_image
 from fastreid.data.datasets import DATASET_REGISTRY
-from fastreid.engine import DefaultTrainer
+
 from promptsg.engine.checkpoint import NonFiniteError, load_for_inference
 from promptsg.modeling.diagnostics import alignment_diagnostics, mean_pairwise_cosine
 from promptsg.engine.preflight import InputError, check_weights, load_config
 from promptsg.modeling.supcon import supcon_loss
+from promptsg.engine.trainer import Trainer
 
 
 def parse_args(argv=None):
@@ -112,7 +113,7 @@ def main(argv=None):
     except InputError as exc:
         sys.exit(f"error: {exc}")
     cfg.freeze()
-    model = DefaultTrainer.build_model(cfg)
+    model = Trainer.build_model(cfg)
     if cfg.MODEL.WEIGHTS:
         load_for_inference(model, cfg.MODEL.WEIGHTS)
     result = probe(model, images, targets)

@@ -40,12 +40,13 @@ from matplotlib import pyplot as plt  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import promptsg  # noqa: E402,F401  (patches FastReID, registers PromptSG)
-from fastreid.engine import DefaultTrainer  # noqa: E402
+
 from fastreid.utils.visualizer import Visualizer  # noqa: E402
 from promptsg.analysis.visualize import (evaluate_and_capture, plot_distance_histogram, plot_rank_list,  # noqa: E402
                                          rank_lists)
 from promptsg.engine.checkpoint import NonFiniteError, load_for_inference  # noqa: E402
 from promptsg.engine.preflight import InputError, check_datasets, load_checkpoint_config  # noqa: E402
+from promptsg.engine.trainer import Trainer  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -86,7 +87,7 @@ def main(argv=None):
     args = parse_args(argv)
     cfg, dataset_name = setup(args)
     os.makedirs(args.output, exist_ok=True)
-    model = DefaultTrainer.build_model(cfg)
+    model = Trainer.build_model(cfg)
     load_for_inference(model, cfg.MODEL.WEIGHTS)
     results, dataset, ranked = evaluate_and_capture(cfg, model, dataset_name)
 

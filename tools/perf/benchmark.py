@@ -12,7 +12,7 @@ rounds is reported. The baseline is the given config with the visual-only overri
 configs/Market1501/clip_baseline.yml (``BASELINE_OVERRIDES`` of promptsg.analysis.baseline_benchmark,
 which holds the harness).
 
-  * training: forward + backward + optimizer step (DefaultTrainer.build_optimizer) on synthetic
+  * training: forward + backward + optimizer step (the project's Trainer.build_optimizer) on synthetic
     images of INPUT.SIZE_TRAIN in FastReID's P x K layout (SOLVER.IMS_PER_BATCH images,
     DATALOADER.NUM_INSTANCE per identity), under bf16 autocast when SOLVER.AMP.ENABLED and CUDA
     supports it (fp16 with a GradScaler otherwise), as promptsg.engine.compat's AMPTrainer trains;
@@ -24,7 +24,7 @@ which holds the harness).
     /proc/self/clear_refs after glibc's malloc_trim where Linux allows it).
 
 ``--data-wait N`` instead trains the given config on FastReID's real train loader
-(DefaultTrainer.build_train_loader; datasets under $FASTREID_DATASETS) for N steps and reports
+(Trainer.build_train_loader; datasets under $FASTREID_DATASETS) for N steps and reports
 the share of step time spent in ``next(loader)``.
 
 Output: one JSON object per line (stdout, and ``--out FILE``), then a plain-text table.

@@ -46,8 +46,8 @@ def run_path(args, chunk):
 
     import promptsg  # noqa: F401  (FastReID's patches)
     from fastreid.config import get_cfg
-    from fastreid.evaluation.reid_evaluation import ReidEvaluator
     from promptsg import add_promptsg_config
+    from promptsg.engine.evaluation import ChunkedReidEvaluator
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
@@ -61,7 +61,7 @@ def run_path(args, chunk):
     cfg.TEST.QUERY_CHUNK = chunk
     cfg.TEST.RERANK.ENABLED = args.rerank
     cfg.TEST.AQE.ENABLED = args.aqe
-    evaluator = ReidEvaluator(cfg, num_query=args.queries)
+    evaluator = ChunkedReidEvaluator(cfg, num_query=args.queries)
     evaluator.process({"targets": torch.from_numpy(pids), "camids": torch.from_numpy(rng.integers(0, args.cameras, n))},
                       torch.from_numpy(features))
     del features, centres

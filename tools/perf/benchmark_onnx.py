@@ -29,11 +29,12 @@ import torch
 from tqdm import tqdm
 
 import promptsg  # noqa: F401  (patches FastReID, registers PromptSG)
-from fastreid.engine import DefaultTrainer
+
 from promptsg.engine.checkpoint import load_for_inference
 from promptsg.engine.preflight import InputError
 from promptsg.export import onnx_export
 from promptsg.export.onnx_speed import check_runs, environment, measure, model_name
+from promptsg.engine.trainer import Trainer
 
 
 def parse_args(argv=None):
@@ -64,7 +65,7 @@ def main(argv=None):
     progress = tqdm(total=len(configs) * len(args.batches) * args.rounds * 2, desc="timed rounds", file=sys.stderr)
     with tempfile.TemporaryDirectory() as folder:
         for i, (run, cfg) in enumerate(configs):
-            model = DefaultTrainer.build_model(cfg)
+            model = Trainer.build_model(cfg)
             load_for_inference(model, cfg.MODEL.WEIGHTS)
             graph = onnx_export.feature_graph(cfg, model)
             path = os.path.join(folder, f"model{i}.onnx")

@@ -61,9 +61,9 @@ def load(path, weights=None, opts=(), device=None, camera=None):
     camera = sie_camera(cfg, camera, "camera=")
     cfg.TEST.ROC.ENABLED = False          # new images carry no identity labels
     cfg.freeze()
-    from fastreid.engine import DefaultTrainer
+    from .engine.trainer import Trainer
 
-    model = DefaultTrainer.build_model(cfg)
+    model = Trainer.build_model(cfg)
     load_for_inference(model, cfg.MODEL.WEIGHTS)
     return Run(cfg, model, camera)
 

@@ -4,11 +4,12 @@ cameras (a dataset's test split, or image files and folders)."""
 import os
 
 from fastreid.data.datasets import DATASET_REGISTRY
-from fastreid.engine import DefaultTrainer
+
 
 from ..engine.checkpoint import load_for_inference
 from ..engine.preflight import InputError, check_config, load_checkpoint_config, sie_camera, verify_image
 from ..modeling.clip_weights import _model_config
+from ..engine.trainer import Trainer
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -91,6 +92,6 @@ def list_items(dataset=None, images=(), camera=None):
 
 def build_model(cfg):
     """The model of ``cfg`` with its checkpoint MODEL.WEIGHTS loaded, in eval mode."""
-    model = DefaultTrainer.build_model(cfg)
+    model = Trainer.build_model(cfg)
     load_for_inference(model, cfg.MODEL.WEIGHTS)
     return model.eval()

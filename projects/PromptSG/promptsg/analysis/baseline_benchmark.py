@@ -18,13 +18,14 @@ from contextlib import nullcontext
 import torch
 
 from fastreid.config import get_cfg
-from fastreid.engine import DefaultTrainer
+
 from fastreid.modeling import build_model
 from fastreid.utils.events import EventStorage
 
 from ..config import add_promptsg_config
 from ..engine.preflight import InputError, load_config
 from .peak_memory import PeakMemory
+from ..engine.trainer import Trainer
 
 # The CLIP baseline of configs/Market1501/clip_baseline.yml: ID + triplet losses, no prompt, no MIM.
 BASELINE_OVERRIDES = [
@@ -89,7 +90,7 @@ class Variant:
         start = time.perf_counter()
         self.model = build_model(cfg)
         self.build_s = time.perf_counter() - start
-        self.optimizer, _ = DefaultTrainer.build_optimizer(cfg, self.model)
+        self.optimizer, _ = Trainer.build_optimizer(cfg, self.model)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
         self.prompt_modes = self._prompt_modes()
 
@@ -352,7 +353,7 @@ def run_data_wait(args, record):
     cfg = setup_cfg(args.config_file, args.opts, device.type, args.batch, args.test_batch)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
-    loader = DefaultTrainer.build_train_loader(cfg)
+    loader = Trainer.build_train_loader(cfg)
     if cfg.MODEL.HEADS.NUM_CLASSES == 0:
         cfg.MODEL.HEADS.NUM_CLASSES = loader.dataset.num_classes
     variant = Variant("promptsg", cfg, device)

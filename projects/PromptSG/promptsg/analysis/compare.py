@@ -15,12 +15,13 @@ from typing import NamedTuple
 import torch
 
 from fastreid.config import get_cfg
-from fastreid.engine import DefaultTrainer
+
 
 from ..config import add_promptsg_config
 from ..engine.checkpoint import load_for_inference
 from ..engine.preflight import InputError, check_torch_file, load_config
 from ..utils.records import cpu_model
+from ..engine.trainer import Trainer
 
 METRICS = ("mAP", "Rank-1", "Rank-5", "Rank-10", "mINP")
 COMPOSED_SUFFIX = "_composed"
@@ -124,7 +125,7 @@ def build(run):
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Initializing zero-element tensors")   # the 0-row classifier
-            model = DefaultTrainer.build_model(run.cfg)
+            model = Trainer.build_model(run.cfg)
     except Exception as exc:  # FastReID's builders fail with KeyError, AssertionError, TypeError...
         message = " ".join(str(exc).split()) or type(exc).__name__
         raise InputError(f"{os.path.join(run.directory, 'config.yaml')}: the model does not build "

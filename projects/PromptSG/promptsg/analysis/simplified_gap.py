@@ -16,7 +16,7 @@ from torch import nn
 
 from fastreid.config import get_cfg
 from fastreid.data.datasets import DATASET_REGISTRY
-from fastreid.engine import DefaultTrainer
+
 from fastreid.evaluation.rank import evaluate_rank
 from fastreid.utils.compute_dist import build_dist
 
@@ -26,6 +26,7 @@ from ..engine.embedding import embed_and_rank
 from ..engine.preflight import InputError, check_weights, load_config
 from ..modeling.diagnostics import mean_pairwise_cosine
 from .text_search import cosine_distances
+from ..engine.trainer import Trainer
 
 
 def run_config(run_dir):
@@ -140,7 +141,7 @@ def probe_run(run_dir, cfg, alphas, training_prompts, root):
     q_pids, q_camids = np.array([q[1] for q in dataset.query]), np.array([q[2] for q in dataset.query])
     g_pids, g_camids = np.array([g[1] for g in dataset.gallery]), np.array([g[2] for g in dataset.gallery])
 
-    model = DefaultTrainer.build_model(cfg)
+    model = Trainer.build_model(cfg)
     load_for_inference(model, cfg.MODEL.WEIGHTS)
     model.eval()
     no_flip = cfg.clone()

@@ -10,7 +10,7 @@ import torch
 
 from fastreid.config import get_cfg
 from fastreid.data.datasets import DATASET_REGISTRY
-from fastreid.engine import DefaultTrainer
+
 from fastreid.evaluation.rank import evaluate_rank
 from fastreid.utils.compute_dist import build_dist
 
@@ -21,6 +21,7 @@ from ..engine.embedding import embed_and_rank
 from ..engine.evaluation import chance_level
 from ..engine.preflight import InputError, check_weights, load_config
 from .text_search import ImageEmbeddings, WordsQueries, cosine_distances, text_tower, words_only_prompt
+from ..engine.trainer import Trainer
 
 NO_CAMERA = -1          # words-only queries: a camera no gallery image has, so none is left out
 
@@ -62,7 +63,7 @@ def build(cfg, prompt=None):
     if prompt is not None:
         cfg = cfg.clone()
         cfg.MODEL.PROMPTSG.INFERENCE_PROMPT = prompt
-    model = DefaultTrainer.build_model(cfg)
+    model = Trainer.build_model(cfg)
     if cfg.MODEL.WEIGHTS:
         load_for_inference(model, cfg.MODEL.WEIGHTS)
     return model.eval(), cfg

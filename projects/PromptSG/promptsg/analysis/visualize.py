@@ -7,17 +7,18 @@ import numpy as np
 from matplotlib import pyplot as plt
 from PIL import Image
 
-from fastreid.engine import DefaultTrainer
+
 from fastreid.evaluation import inference_on_dataset
 
 from ..engine.compat import image_to_rgb
 from ..engine.evaluation import ranked_distances
+from ..engine.trainer import Trainer
 
 
 def evaluate_and_capture(cfg, model, dataset_name):
     """FastReID's evaluation of ``model``; returns its metrics, the test dataset and what it ranked
     (the distance matrix after the metric, AQE and re-ranking: ``promptsg.engine.evaluation.ranked_distances``)."""
-    loader, evaluator = DefaultTrainer.build_evaluator(cfg, dataset_name)
+    loader, evaluator = Trainer.build_evaluator(cfg, dataset_name)
     with ranked_distances() as ranked:
         results = inference_on_dataset(model, loader, evaluator, flip_test=cfg.TEST.FLIP.ENABLED)
     return results, loader.dataset, ranked

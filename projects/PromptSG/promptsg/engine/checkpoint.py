@@ -3,8 +3,9 @@
 FastReID's ``Checkpointer`` loads what matches and logs the rest: a checkpoint of another model
 (the CLIP baseline's into PromptSG, a tiny CLIP's into a small one) loads partially and evaluates
 to a wrong mAP without an error, and a checkpoint holding NaN weights is written and evaluated.
-``compat`` routes every ``Checkpointer`` through the checks below, so ``train_net.py`` (``--eval-only``,
-``MODEL.WEIGHTS``, ``--resume``) and every tool that reads a checkpoint refuse both in one line.
+``AtomicCheckpointer``, the project's subclass (the trainer's, ``engine.trainer.Trainer``, and
+``load_for_inference``'s, which every tool and ``promptsg.load`` use), refuses both in one line,
+writes each file atomically and keeps the random streams for ``--resume``.
 
 The one part of a trained model that may be left out is the ID classifier (``CLASSIFIER_KEYS``):
 its shape is the number of training identities. Evaluation and feature extraction never use it
@@ -14,12 +15,19 @@ its shape is the number of training identities. Evaluation and feature extractio
 import contextlib
 import errno
 import gc
+import itertools
 import logging
 import os
+import random
 import re
 import shutil
 
+import numpy as np
 import torch
+from fastreid.engine.hooks import PeriodicCheckpointer
+from fastreid.engine.train_loop import HookBase
+from fastreid.utils import comm
+from fastreid.utils.checkpoint import Checkpointer, _IncompatibleKeys
 
 from ..modeling.interaction import FUSION_HISTORY, FUSIONS, REMOVED_FUSIONS
 from .preflight import InputError, zip_directory_intact
@@ -277,23 +285,95 @@ def read_checkpoint(path):
     return data
 
 
+class AtomicCheckpointer(Checkpointer):
+    """FastReID's ``Checkpointer`` that loads whole or refuses, and writes atomically.
+
+    * ``load`` (``MODEL.WEIGHTS``, ``--resume``, ``--eval-only``, every tool): the weights must be
+      finite, of this model's wiring (``check_mim_fusion``) and match its tensors one for one
+      (``check_compatible``); FastReID's loads what matches and logs the rest. With
+      ``skip_classifier`` the ID classifier alone is left out, logged (evaluation, the tools,
+      fine-tuning with ``MODEL.WEIGHTS_NEW_CLASSIFIER``).
+    * ``save``: to a temporary file renamed over the target (``save_atomically``: an interrupted
+      save never destroys the checkpoint on disk; a full disk is one line, ``DiskFullError``);
+      weights or optimizer state holding NaN or infinity are refused, so the last checkpoint is the
+      last good one; a trainer's checkpoint also holds the RNG states (``rng_state``).
+    * ``last_checkpoint`` is written atomically too, and ``--resume`` takes the newest complete
+      checkpoint even without it (``newest_checkpoint``).
+    """
+
+    skip_classifier = False
+
+    def load(self, path, checkpointables=None):
+        self._loading = path
+        try:
+            return super().load(path, checkpointables)
+        finally:
+            self._loading = None
+
+    def _load_model(self, checkpoint):
+        path = getattr(self, "_loading", None) or "checkpoint"
+        state = checkpoint.pop("model")
+        self._convert_ndarray_to_tensor(state)
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        bad = first_non_finite(state.items())
+        if bad is not None:
+            raise CheckpointError(f"{path}: {bad} holds NaN or infinity; a model with non-finite weights "
+                                  f"gives no meaningful result")
+        check_mim_fusion(path, self.model.state_dict(), state)
+        skipped = check_compatible(path, self.model.state_dict(), state, self.skip_classifier)
+        for key in skipped:
+            state.pop(key, None)
+        if skipped:
+            self.logger.info("%s: the ID classifier (%s) is left out: it is not used at test time, and "
+                             "fine-tuning trains a new one", path, ", ".join(skipped))
+        self.model.load_state_dict(state, strict=not skipped)
+        return _IncompatibleKeys(missing_keys=[], unexpected_keys=[], incorrect_shapes=[])
+
+    def save(self, name, **kwargs):
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        if self.checkpointables:           # a trainer's checkpoint: --resume continues its random streams
+            data["rng"] = rng_state()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", save_file)
+        check_finite_checkpoint(save_file, data)
+        save_atomically(save_file, lambda tmp: torch.save(data, tmp), checkpoint_bytes(data))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write(last_filename_basename)
+
+        save_atomically(os.path.join(self.save_dir, "last_checkpoint"), write, len(last_filename_basename))
+
+    def get_checkpoint_file(self):
+        return newest_checkpoint(self.save_dir)
+
+    def has_checkpoint(self):
+        return bool(self.save_dir) and bool(newest_checkpoint(self.save_dir))
+
+    @classmethod
+    def replacing(cls, checkpointer):
+        """An ``AtomicCheckpointer`` over what FastReID's ``checkpointer`` holds (the trainer's)."""
+        return cls(checkpointer.model, checkpointer.save_dir, save_to_disk=checkpointer.save_to_disk,
+                   **checkpointer.checkpointables)
+
+
 def load_for_inference(model, path):
     """Load a trained checkpoint for evaluation or feature extraction: whole, finite, its ID
     classifier (unused at test time) left out. Returns the checkpoint's extra data."""
-    from fastreid.utils.checkpoint import Checkpointer
-
-    checkpointer = Checkpointer(model)
+    checkpointer = AtomicCheckpointer(model)
     checkpointer.skip_classifier = True
     return checkpointer.load(path, checkpointables=[])
 
 
-def _hook_base():
-    from fastreid.engine.train_loop import HookBase
-
-    return HookBase
-
-
-class SaveFinalBeforeEvaluation(_hook_base()):
+class SaveFinalBeforeEvaluation(HookBase):
     """A trainer hook, placed before FastReID's EvalHook: at the end of the last epoch it writes
     ``model_final`` before the final evaluation runs, so an error found by the evaluation (a
     corrupt query image, a bad TEST key) does not lose the trained model. If the disk is full,
@@ -318,13 +398,7 @@ def keep_write_failure(trainer, exc):
     trainer.write_failures = [*getattr(trainer, "write_failures", []), exc]
 
 
-def _periodic_checkpointer():
-    from fastreid.engine.hooks import PeriodicCheckpointer
-
-    return PeriodicCheckpointer
-
-
-class PeriodicCheckpointerFinalOnce(_periodic_checkpointer()):
+class PeriodicCheckpointerFinalOnce(PeriodicCheckpointer):
     """FastReID's PeriodicCheckpointer, except at the last epoch: ``model_final`` is written once,
     before the evaluation (``SaveFinalBeforeEvaluation``), not again after it (FastReID rewrites
     it with the metric: twice a checkpoint's space at the run's end). ``model_best`` is written as
@@ -376,10 +450,6 @@ def newest_checkpoint(save_dir):
 def rng_state():
     """The process's torch, NumPy and Python RNG states, as tensors and numbers (so the
     checkpoint still loads with ``weights_only=True``)."""
-    import random
-
-    import numpy as np
-
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     return {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype("int64")),
@@ -389,33 +459,43 @@ def rng_state():
 
 
 def set_rng_state(state):
-    import random
-
-    import numpy as np
-
     torch.set_rng_state(state["torch"])
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
                          state["numpy_has_gauss"], state["numpy_gauss"]))
     random.setstate((state["python_version"], tuple(state["python_state"].tolist()), state["python_gauss"]))
 
 
+class SkippedIndices:
+    """A training sampler's index stream less its first ``skip`` indices (drawn, not loaded)."""
+
+    def __init__(self, sampler, skip):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
 def resume_training_position(trainer, checkpoint):
     """After ``--resume`` loaded the weights, optimizer and scheduler: continue the run where it
-    stopped. The training sampler skips the indices the finished epochs used (drawn again, without
-    loading an image, so its NumPy stream is where it was) and the RNG states saved with the
-    checkpoint are restored: on a CPU with ``DATALOADER.NUM_WORKERS 0`` a resumed seeded run ends
-    exactly as the uninterrupted one. With several processes each one's RNG state is its own and
-    only the sampler position is restored; data-loader workers reseed themselves per epoch."""
-    from fastreid.utils import comm
-
+    stopped. FastReID's training samplers are infinite streams that restart from their seed when
+    the loader is iterated anew, so a resumed run would see the first epochs' batches again: the
+    sampler is wrapped to skip the indices the finished epochs used (``SkippedIndices``; drawn
+    again, without loading an image, so its NumPy stream is where it was), and the RNG states saved
+    with the checkpoint are restored. On a CPU with ``DATALOADER.NUM_WORKERS 0`` a resumed seeded
+    run ends exactly as the uninterrupted one. With several processes each one's RNG state is its
+    own and only the sampler position is restored; data-loader workers reseed themselves per epoch."""
     loader = trainer._trainer.data_loader
-    sampler = getattr(getattr(loader, "batch_sampler", None), "sampler", None)
+    batches = getattr(loader, "batch_sampler", None)
+    sampler = getattr(batches, "sampler", None)
     iterations = trainer.start_epoch * trainer.iters_per_epoch
     if sampler is None or not hasattr(sampler, "_infinite_indices"):
         logger.warning("resume: the training sampler %s cannot skip its used indices; the data order restarts",
                        type(sampler).__name__)
     else:
-        sampler.skip = iterations * loader.batch_sampler.batch_size
+        batches.sampler = SkippedIndices(sampler, iterations * batches.batch_size)
         if hasattr(loader, "_shutdown_background_thread") and hasattr(loader, "iter"):
             loader._shutdown_background_thread()
         trainer._trainer._data_loader_iter = iter(loader)

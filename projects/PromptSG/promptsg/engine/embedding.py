@@ -9,10 +9,10 @@ import torch
 from fastreid.data.build import build_reid_test_loader
 from fastreid.data.common import CommDataset
 from fastreid.data.transforms import build_transforms
-from fastreid.evaluation import DatasetEvaluator, ReidEvaluator, inference_on_dataset
+from fastreid.evaluation import DatasetEvaluator, inference_on_dataset
 
 from .checkpoint import check_finite_features
-from .evaluation import ranked_distances
+from .evaluation import ChunkedReidEvaluator, ranked_distances
 
 
 class KeptFeatures(DatasetEvaluator):
@@ -54,7 +54,7 @@ def embed_and_rank(cfg, model, query_paths, gallery_paths, camera, bf16=False):
     items = [(path, i, camera) for i, path in enumerate(query_paths + gallery_paths)]
     test_set = CommDataset(items, build_transforms(cfg, is_train=False), relabel=False)
     loader, num_query = build_reid_test_loader(cfg, test_set=test_set, num_query=len(query_paths))
-    kept = KeptFeatures(ReidEvaluator(cfg, num_query) if query_paths else None)
+    kept = KeptFeatures(ChunkedReidEvaluator(cfg, num_query) if query_paths else None)
     if bf16:
         model = BF16Autocast(model, torch.device(cfg.MODEL.DEVICE).type)
     with ranked_distances(rank=False) as ranked:

@@ -1,5 +1,7 @@
-"""Reading FastReID's evaluation (its chance level, the distances its ReidEvaluator ranks) and
-running it in bounded memory: distances, re-ranking and ranking one chunk of queries at a time."""
+"""FastReID's evaluation, extended and read: ``ChunkedReidEvaluator`` (the evaluator every run,
+tool and ``promptsg.load`` uses, returned by ``engine.trainer.Trainer.build_evaluator``) ranks in
+bounded memory, refuses non-finite features and counts the queries it scored; ``ranked_distances``
+records the distance matrix FastReID's own path ranks; ``chance_level`` is a random ranking's mAP."""
 import contextlib
 import copy
 import importlib
@@ -10,7 +12,10 @@ from collections import OrderedDict
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fastreid.evaluation.reid_evaluation import ReidEvaluator
+from fastreid.utils import comm
 
+from .checkpoint import check_finite_features
 from .query_expansion import expand_queries
 from .ranking import GalleryDistances, evaluate_in_chunks, query_chunks
 from .sparse_rerank import SparseReranker
@@ -64,7 +69,7 @@ def ranked_distances(rank=True):
 @contextlib.contextmanager
 def recorded_ranking(rank=True):
     """``ranked_distances`` without asking for the dense path: records the matrix when FastReID's
-    ``evaluate_rank`` runs (the query-counting patch reads the number of queries it scored)."""
+    ``evaluate_rank`` runs, for as long as the block runs."""
     module = importlib.import_module("fastreid.evaluation.rank")
     fastreid_evaluate_rank = module.evaluate_rank
     ranked = {}
@@ -95,6 +100,49 @@ def record_query_counts(results, total, evaluated):
                if evaluated < total else "")
 
 
+def scorable_queries(q_pids, q_camids, g_pids, g_camids):
+    """How many queries the Market-1501 protocol scores: those with a gallery image of their
+    identity from another camera (FastReID's ranker skips the others and averages over the rest)."""
+    cameras = {}
+    for pid, camid in zip(np.asarray(g_pids).tolist(), np.asarray(g_camids).tolist()):
+        cameras.setdefault(pid, set()).add(camid)
+    return sum(bool(cameras.get(pid, set()) - {camid})
+               for pid, camid in zip(np.asarray(q_pids).tolist(), np.asarray(q_camids).tolist()))
+
+
+class ChunkedReidEvaluator(ReidEvaluator):
+    """FastReID's ``ReidEvaluator`` with three changes to ``evaluate``, each a silent fault or a
+    limit of FastReID's:
+
+    * non-finite features stop the evaluation in one line (FastReID ranks NaN features at random
+      and prints a mAP; ``checkpoint.check_finite_features``);
+    * the results hold ``queries_evaluated`` and ``queries_skipped``, and the log says how many
+      queries the protocol skipped (FastReID averages over the rest without a word);
+    * with TEST.QUERY_CHUNK > 0 the ranking runs in query chunks (``evaluate_in_query_chunks``): the
+      whole query x gallery matrix and its argsort (12 GB at MSMT17's size), re-ranking's three
+      dense N x N matrices (105 GB) and AQE's (35 GB) are never held. TEST.QUERY_CHUNK 0, TEST.ROC
+      and a ``ranked_distances`` block take FastReID's own dense path.
+    """
+
+    def evaluate(self):
+        if self._predictions:
+            check_finite_features(torch.cat([p["feats"] for p in self._predictions]), "test features")
+        if uses_query_chunks(self.cfg):
+            return evaluate_in_query_chunks(self)
+        predictions = self._predictions
+        if comm.get_world_size() > 1:       # the labels, gathered as FastReID gathers the predictions
+            predictions = list(itertools.chain(*comm.gather(
+                [{k: p[k] for k in ("pids", "camids")} for p in predictions], dst=0)))
+        results = super().evaluate()
+        if comm.is_main_process() and results:
+            pids = torch.cat([p["pids"] for p in predictions]).numpy()
+            camids = torch.cat([p["camids"] for p in predictions]).numpy()
+            n = self._num_query
+            record_query_counts(results, n, scorable_queries(pids[:n], camids[:n], pids[n:], camids[n:]))
+            self._results.update(results)
+        return results
+
+
 def uses_query_chunks(cfg):
     """Whether ``evaluate_in_query_chunks`` ranks, rather than FastReID's dense path: not when
     TEST.QUERY_CHUNK is 0, TEST.ROC needs every score, or a ``ranked_distances`` block reads the
@@ -113,8 +161,6 @@ def evaluate_in_query_chunks(evaluator):
     mixes them, and the chunk's AP, CMC and INP (``ranking.RankAccumulator``). Peak memory grows
     with a chunk times the gallery, not with queries times gallery.
     """
-    from fastreid.utils import comm
-
     cfg = evaluator.cfg
     predictions = evaluator._predictions
     if comm.get_world_size() > 1:

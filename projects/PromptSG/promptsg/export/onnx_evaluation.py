@@ -4,11 +4,12 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from fastreid.engine import DefaultTrainer
+
 from fastreid.evaluation import inference_on_dataset
 
 from ..engine.evaluation import ranked_distances
 from .onnx_export import OnnxFeatures
+from ..engine.trainer import Trainer
 
 
 class WithProgress:
@@ -32,7 +33,7 @@ def evaluate(cfg, graph, sess, dataset):
     runs = {}
     for name, model, flip_test in (("pytorch", graph.model, cfg.TEST.FLIP.ENABLED),
                                    ("onnx", OnnxFeatures(sess), False)):
-        loader, evaluator = DefaultTrainer.build_evaluator(cfg, dataset)
+        loader, evaluator = Trainer.build_evaluator(cfg, dataset)
         with ranked_distances() as ranked:
             metrics = inference_on_dataset(model, WithProgress(loader, f"{dataset}, {name}"), evaluator,
                                            flip_test=flip_test)

@@ -26,22 +26,20 @@ Breakages that need no patch on our stack:
   * ``np.bool`` (evaluation/rank.py): NumPy >= 2.0 defines ``np.bool`` again; requirements pin NumPy 2.
   * upstream ``tools/`` and ``demo/`` scripts: not in the wheel; this project ships its own tools.
 """
-from .checkpoint import _checkpoint_atomic_save, _checkpoint_load, _checkpoint_load_whole
+from .checkpoint import _checkpoint_load
 from .data import (_cpu_data_loader, _global_batches, _loader_batches_kept_until_used, _msmt17_val_list_optional,
-                   _random_affine_keywords, _read_image_rgb, _sampler_skips_on_resume, _test_loader_workers, image_to_rgb,
+                   _random_affine_keywords, _read_image_rgb, _test_loader_workers, image_to_rgb,
                    worker_start_method)
-from .evaluation import (_evaluation_counts_queries, _evaluation_in_query_chunks, _evaluation_refuses_non_finite,
-                         _evaluator_never_exits, _rerank_on_cpu, build_cython_ranker)
+from .evaluation import _evaluator_never_exits, _rerank_on_cpu, build_cython_ranker
 from .imports import _import_aliases
 from .launch import _distributed_worker, _launch_on_cpu
-from .solver import _optimizer_merged_param_groups, _optimizer_not_contiguous
+from .solver import _optimizer_not_contiguous
 from .training import _amp_where_it_runs, _loss_log_reads_written_losses
 
 APPLIED = []  # names of the patches applied in this process, in order
 _PATCHES = (  # the patch functions, in the order they are applied
     _import_aliases,
     _optimizer_not_contiguous,
-    _optimizer_merged_param_groups,
     _random_affine_keywords,
     _read_image_rgb,
     _cpu_data_loader,
@@ -52,12 +50,6 @@ _PATCHES = (  # the patch functions, in the order they are applied
     _amp_where_it_runs,
     _launch_on_cpu,
     _checkpoint_load,
-    _checkpoint_load_whole,
-    _checkpoint_atomic_save,
-    _sampler_skips_on_resume,
-    _evaluation_refuses_non_finite,
-    _evaluation_counts_queries,   # after the one above, which leaves an evaluate already patched alone
-    _evaluation_in_query_chunks,  # after both: FastReID's dense path, which it falls back on, has them
     _loss_log_reads_written_losses,
     _loader_batches_kept_until_used,
     _msmt17_val_list_optional,

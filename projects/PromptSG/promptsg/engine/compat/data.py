@@ -204,34 +204,6 @@ def _global_batches():
 
 
 # --------------------------------------------------------------------------------------------
-# --resume restarts the training sampler from its first index
-# --------------------------------------------------------------------------------------------
-@_patch
-def _sampler_skips_on_resume():
-    """FastReID's training samplers are infinite streams that restart from their seed whenever the
-    loader is iterated anew, so a resumed run saw the first epochs' batches again. A sampler's
-    ``skip`` (set by ``checkpoint.resume_training_position``) drops that many of its indices first;
-    0 by default, which changes nothing."""
-    import itertools
-
-    from fastreid.data import samplers
-
-    for cls in {obj for obj in vars(samplers).values() if isinstance(obj, type)}:
-        if not (isinstance(cls, type) and hasattr(cls, "_infinite_indices")):
-            continue
-        if getattr(cls.__iter__, "_promptsg_patched", False):
-            continue
-
-        def __iter__(self, _fastreid_iter=cls.__iter__):
-            indices = _fastreid_iter(self)
-            skip = getattr(self, "skip", 0)
-            yield from itertools.islice(indices, skip, None) if skip else indices
-
-        __iter__._promptsg_patched = True
-        cls.__iter__ = __iter__
-
-
-# --------------------------------------------------------------------------------------------
 # 13. DataLoaderX hands out batches copied on its stream without recording their use elsewhere
 #     (the second GPU stream race: the comment of sections 12-13 is in training.py)
 # --------------------------------------------------------------------------------------------
