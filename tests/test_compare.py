@@ -5,7 +5,6 @@ count and a PNG plot; FLOPs (promptsg.analysis.flops) against hand counts; the s
 import json
 import os
 import re
-import runpy
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from promptsg.analysis import speed
 from promptsg.analysis.compare import resolve_weights
 from promptsg.analysis.flops import FlopCountError, count_flops
 from promptsg.engine.preflight import InputError
-from tiny_runs import BOT_CFG, PROMPTSG_CFG, ROOT, TINY, TRAIN_NET, load_tool
+from tiny_runs import BOT_CFG, PROMPTSG_CFG, ROOT, TINY, TRAIN_NET, load_tool, one_line_error
 
 
 def load_compare_tool():
@@ -202,13 +201,11 @@ def test_a_folder_without_results_is_one_line_naming_it(runs, tmp_path, monkeypa
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     shutil.copy(runs / "bot" / "config.yaml", unfinished / "config.yaml")
-    monkeypatch.setattr(sys, "argv", ["compare.py", str(runs / "bot"), str(unfinished), "--output", str(tmp_path / "out")])
-    with pytest.raises(SystemExit) as exit_:
-        runpy.run_path(os.path.join(ROOT, "tools", "compare.py"), run_name="__main__")
-    message = str(exit_.value.code)
-    assert message.startswith("error: ") and "\n" not in message, message
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "compare.py"), str(runs / "bot"),
+                             str(unfinished), "--output", str(tmp_path / "out")], capture_output=True, text=True)
+    message = one_line_error(result)
     assert str(unfinished) in message and "no results.json" in message, message
-    assert "timing" not in capsys.readouterr().err
+    assert "timing" not in result.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -13,10 +13,10 @@ from fastreid.config import get_cfg
 from fastreid.data import build_reid_test_loader, build_reid_train_loader, samplers
 from fastreid.data.common import CommDataset
 from fastreid.data.transforms import build_transforms
-from fastreid.engine import DefaultTrainer
 from fastreid.evaluation import ReidEvaluator, inference_on_dataset
 from fastreid.modeling import build_model
 from fastreid.utils.events import EventStorage
+from promptsg.engine.trainer import Trainer
 from promptsg.data import SyntheticMarket
 from promptsg.engine.evaluation import ranked_distances
 
@@ -104,7 +104,7 @@ def test_promptsg_config_trains_a_step_and_evaluates(path, tiny_data):
 
     torch.manual_seed(0)
     model = build_model(cfg)
-    optimizer, _ = DefaultTrainer.build_optimizer(cfg, model)
+    optimizer, _ = Trainer.build_optimizer(cfg, model)
     with EventStorage(0):
         losses = model(next(iter(loader)))
     optimizer.zero_grad()

@@ -6,7 +6,6 @@ synchronisation) is checked through ``build_model`` against a computation writte
 open_clip's own 77-token text path, or open_clip's full MIM blocks.
 tools/perf/benchmark.py, which measures what these shortcuts buy, is run once on a tiny model.
 """
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -19,13 +18,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import promptsg.modeling.interaction
 from promptsg.modeling.interaction import FUSIONS, MAP_FUSIONS
-from fastreid.engine import DefaultTrainer
 from fastreid.engine.train_loop import SimpleTrainer
 from fastreid.evaluation import DatasetEvaluator, inference_on_dataset
 from fastreid.modeling import build_model
 from fastreid.utils.events import EventStorage
+from promptsg.engine.trainer import Trainer
 from promptsg.modeling.clip_weights import create_clip_model
 from test_promptsg_model import PROMPT, SIMPLE, batch, tiny_cfg
+from tiny_runs import load_tool
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -230,7 +230,7 @@ def test_cuda_bf16_autocast_training_step_gives_finite_losses_and_updates_weight
         pytest.skip("this GPU has no bf16")
     cfg = tiny_cfg(**{"MODEL.DEVICE": "cuda"})
     model = build_model(cfg).train()
-    optimizer, _ = DefaultTrainer.build_optimizer(cfg, model)
+    optimizer, _ = Trainer.build_optimizer(cfg, model)
     tracked = {"backbone": model.backbone.visual.conv1.weight, "mim": model.heads.mim.blocks[0].attn.in_proj_weight,
                "map": model.heads.mim.cross[0].q_proj.weight,
                "inversion": model.heads.inversion.mlp[0].weight, "classifier": model.heads.classifier.weight}
@@ -458,7 +458,7 @@ def test_fused_optimizer_updates_like_the_multi_tensor_one(opt):
         if models:
             model.load_state_dict(models[0].state_dict())
         models.append(model.train())
-        optimizers.append(DefaultTrainer.build_optimizer(cfg, model)[0])
+        optimizers.append(Trainer.build_optimizer(cfg, model)[0])
     initial = {n: p.detach().clone() for n, p in models[0].named_parameters()}
     assert all(g["fused"] for g in optimizers[0].param_groups)
     assert not any(g["fused"] for g in optimizers[1].param_groups)
@@ -526,7 +526,7 @@ def train_and_test_like_fastreid(cfg, state, batches):
     """
     model = build_model(cfg)
     model.load_state_dict(state)
-    optimizer, param_wrapper = DefaultTrainer.build_optimizer(cfg, model)
+    optimizer, param_wrapper = Trainer.build_optimizer(cfg, model)
     trainer = SimpleTrainer(model, batches, optimizer, param_wrapper)
     grads = []
     with EventStorage(0) as storage:
@@ -620,10 +620,7 @@ def test_compile_mode_is_validated_in_one_line():
 # ---- tools/perf/benchmark.py ----
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "tools" / "perf" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("tools/perf/benchmark.py")
 
 
 TINY_OPTS = ["MODEL.CLIP.NAME", "tiny-ViT", "MODEL.CLIP.PRETRAINED", "", "MODEL.PROMPTSG.MIM.HEADS", "2",

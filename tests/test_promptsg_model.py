@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 import promptsg
 from fastreid.config import get_cfg
-from fastreid.engine import DefaultTrainer
 from fastreid.modeling import build_model
 from fastreid.utils.events import EventStorage
+from promptsg.engine.trainer import Trainer
 from promptsg.modeling.clip_weights import create_clip_model
 from promptsg.modeling.interaction import (FUSIONS, MAP_FUSIONS, MultimodalInteraction, PatchWeighting,
                                            few_query_attention, query_row_forward)
@@ -345,7 +345,7 @@ def batch(n_ids=4, per_id=2):
 
 
 def train_step(model, cfg):
-    optimizer, _ = DefaultTrainer.build_optimizer(cfg, model)
+    optimizer, _ = Trainer.build_optimizer(cfg, model)
     with EventStorage(0):
         losses = model(batch())
     optimizer.zero_grad()
@@ -372,7 +372,7 @@ def test_text_encoder_is_frozen_and_gradients_reach_the_inversion_net():
 def test_new_modules_get_ten_times_the_encoder_learning_rate():
     cfg = tiny_cfg()
     model = build_model(cfg)
-    optimizer, _ = DefaultTrainer.build_optimizer(cfg, model)
+    optimizer, _ = Trainer.build_optimizer(cfg, model)
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     assert all(lr_of[id(p)] == pytest.approx(5e-6) for p in model.backbone.parameters())
     assert all(lr_of[id(p)] == pytest.approx(5e-5) for p in model.heads.parameters() if p.requires_grad)

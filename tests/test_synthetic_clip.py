@@ -1,7 +1,6 @@
 """Captions of synthetic people, the caption pool, the zero-shot check of
 promptsg.data.clip_pretraining, and tools/pretrain_synthetic_clip.py (a tiny CLIP, a tiny pool, a
 few steps: seconds on CPU)."""
-import importlib.util
 import json
 import math
 import os
@@ -17,10 +16,10 @@ from promptsg.data import synthetic
 from promptsg.data.clip_pretraining import zero_shot
 from promptsg.data.synthetic import describe_person, generate_caption_pool, generate_synthetic_market
 
+from tiny_runs import load_tool
+
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("pretrain_synthetic_clip", REPO / "tools" / "pretrain_synthetic_clip.py")
-pretrain_tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(pretrain_tool)
+pretrain_tool = load_tool("tools/pretrain_synthetic_clip.py")
 
 
 def _person(**attributes):

@@ -1,6 +1,5 @@
 """Tests of the SyntheticMarket generator, its FastReID dataset class and its difficulty."""
 import hashlib
-import importlib.util
 import logging
 import os
 import re
@@ -14,11 +13,9 @@ from fastreid.data.datasets import DATASET_REGISTRY
 from promptsg.data import SyntheticMarket, generate_synthetic_market
 from promptsg.data import synthetic
 
-_REPO = Path(__file__).resolve().parents[1]
+from tiny_runs import load_tool
 
-_spec = importlib.util.spec_from_file_location("synthetic_probe", _REPO / "tools" / "synthetic_probe.py")
-synthetic_probe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(synthetic_probe)
+synthetic_probe = load_tool("tools/synthetic_probe.py")
 
 SMALL = dict(num_train_ids=12, num_test_ids=8, num_distractors=20, num_junk=4)
 MARKET_RE = re.compile(r"([-\d]+)_c(\d)")   # the pattern of FastReID's Market1501.process_dir

@@ -1,7 +1,7 @@
 """What the end-to-end tests share: tools/train_net.py on the tiny synthetic split with a tiny CLIP
-(seconds per run on two cores), the one-line error every bad input must give, and
-tools/extract_features.py loaded as a module."""
-import importlib.util
+(seconds per run on two cores), the one-line error every bad input must give, and the tools
+imported by name (tools/ and tools/perf/ are on the path) to call their ``main(argv)``."""
+import importlib
 import os
 import subprocess
 import sys
@@ -12,6 +12,9 @@ TRAIN_NET = os.path.join(ROOT, "tools", "train_net.py")
 PROMPTSG_CFG = os.path.join(ROOT, "projects/PromptSG/configs/Synthetic/promptsg_small_vit.yml")
 BASELINE_CFG = os.path.join(ROOT, "projects/PromptSG/configs/Synthetic/clip_baseline_small_vit.yml")
 BOT_CFG = os.path.join(ROOT, "configs/Synthetic/bagtricks_R18.yml")
+for folder in ("tools", os.path.join("tools", "perf")):     # the tools, importable by name
+    if os.path.join(ROOT, folder) not in sys.path:
+        sys.path.insert(0, os.path.join(ROOT, folder))
 
 TINY = ["DATASETS.NAMES", '("SyntheticMarketTiny",)', "DATASETS.TESTS", '("SyntheticMarketTiny",)',
         "MODEL.CLIP.NAME", "tiny-ViT", "MODEL.CLIP.PRETRAINED", "", "MODEL.CLIP.STRIDE", "16",
@@ -54,12 +57,9 @@ def one_line_error(result, *fragments, before_training=True):
 
 
 def load_tool(path):
-    """A tool script (``path`` relative to the repository, e.g. "tools/compare.py") as a module."""
-    name = os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", os.path.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """A tool script (``path`` relative to the repository, e.g. "tools/compare.py"), imported by its
+    name from tools/ or tools/perf/, whose ``main(argv)`` the tests call."""
+    return importlib.import_module(os.path.splitext(os.path.basename(path))[0])
 
 
 def load_extract_tool():
