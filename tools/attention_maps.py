@@ -35,10 +35,8 @@ the two PromptSG maps as heatmaps over it, each with its share inside the person
 (every map of every image, on the patch grid) and the JSON above.
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 
 import matplotlib
@@ -46,7 +44,6 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 import promptsg  # noqa: E402,F401  (patches FastReID, registers PromptSG)
 from promptsg.analysis.attention_figures import draw_figure  # noqa: E402
@@ -56,7 +53,7 @@ from promptsg.analysis.attention_maps import (ModelMaps, compute_maps, mask_at_i
 from promptsg.analysis.attention_shares import person_masks, share_table, shares, summarise  # noqa: E402
 from promptsg.engine.checkpoint import NonFiniteError  # noqa: E402
 from promptsg.engine.preflight import InputError  # noqa: E402
-from promptsg.utils.records import commit  # noqa: E402
+from promptsg.utils.records import run_record, tool_command  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,10 +86,7 @@ def parse_args(argv=None):
 
 def run_info(argv):
     """Date, commit and machine of this measurement."""
-    return {"date": str(datetime.datetime.now(datetime.timezone.utc).date()), "commit": commit(ROOT),
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                        "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
-            "command": " ".join(["python", "tools/attention_maps.py", *argv])}
+    return run_record(tool_command(__file__, argv))
 
 
 def main(argv=None):

@@ -37,7 +37,6 @@ line naming it before anything is measured. The runs are read, counted and timed
 ``promptsg.analysis.compare``, ``.flops`` and ``.speed``.
 """
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -50,7 +49,7 @@ from promptsg.analysis.flops import FlopCountError, count_flops
 from promptsg.analysis.speed import make_inputs, measure_speed
 from promptsg.engine.checkpoint import NonFiniteError
 from promptsg.engine.preflight import InputError
-from promptsg.utils.records import commit
+from promptsg.utils.records import run_record, tool_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,9 +87,10 @@ def main(argv=None):
     inputs = [make_inputs(run.cfg, args.batch_size) for run in runs]
     speeds, relative = measure_speed(models, inputs, args.warmup, args.rounds)
 
-    settings = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-                "commit": commit(ROOT, " with local changes"), "machine": machine(), "torch": torch.__version__,
-                "threads": torch.get_num_threads(), "batch_size": args.batch_size, "warmup": args.warmup,
+    record = run_record(tool_command(__file__, sys.argv[1:] if argv is None else argv), " with local changes")
+    settings = {"date": f"{record['date']} {record['time'][:5]}", "commit": record["commit"],
+                "machine": machine(record), "torch": record["machine"]["torch"],
+                "threads": record["machine"]["torch_threads"], "batch_size": args.batch_size, "warmup": args.warmup,
                 "rounds": args.rounds, "flops_convention": "a multiply-add counts as 2 FLOPs"}
     rows = [{"run": os.path.basename(os.path.normpath(run.directory)), "directory": run.directory,
              "model": describe(run.cfg, model), "input": "x".join(map(str, run.cfg.INPUT.SIZE_TEST)),

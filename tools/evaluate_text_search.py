@@ -35,13 +35,10 @@ Prints the table and writes it, with per-query figures, to
 ``promptsg.analysis.text_search_evaluation``.
 """
 import argparse
-import datetime
 import os
-import platform
 import sys
 import time
 
-import torch
 from tqdm import tqdm
 
 import promptsg  # noqa: F401  (patches FastReID, registers PromptSG)
@@ -49,7 +46,7 @@ from promptsg.analysis.text_search_evaluation import (EvaluationSplit, evaluate_
                                                       run_configs, same_tower, table)
 from promptsg.engine.checkpoint import NonFiniteError
 from promptsg.engine.preflight import InputError
-from promptsg.utils.records import commit, write_record
+from promptsg.utils.records import machine_words, run_record, tool_command, write_record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,14 +91,11 @@ def main(argv=None):
     models["clip_baseline"], _ = evaluate_clip(split, cfgs["clip_baseline"], "CLIP baseline", progress)
     bar.close()
 
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    rev = commit(ROOT)
-    command = "python " + " ".join([os.path.relpath(__file__, ROOT)] + (sys.argv[1:] if argv is None else argv))
+    record = run_record(f"FASTREID_DATASETS={os.getenv('FASTREID_DATASETS', 'datasets')} "
+                        + tool_command(__file__, sys.argv[1:] if argv is None else argv))
+    date, rev = record["date"], record["commit"]
     results = {
-        "date": date, "commit": rev, "command": f"FASTREID_DATASETS={os.getenv('FASTREID_DATASETS', 'datasets')} "
-                                               + command,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "device": cfgs["promptsg"].MODEL.DEVICE},
+        **record, "machine": {**record["machine"], "device": cfgs["promptsg"].MODEL.DEVICE},
         "dataset": {"name": args.dataset, "query_images": len(split.query), "gallery_images": len(split.gallery),
                     **split.caption_stats()},
         "promptsg_text_tower_is_the_clip_files": same_tower(towers["promptsg"], towers["clip"]),
@@ -120,7 +114,7 @@ def main(argv=None):
              f"tower {'is' if results['promptsg_text_tower_is_the_clip_files'] else 'is NOT'} the CLIP file's, "
              f"tensor for tensor. {split.caption_stats()['identities_sharing_their_caption']} of "
              f"{len(split.pids)} test identities share their caption with another test identity.\n\n"
-             f"`{results['command']}`; {date}, commit {rev}, {os.cpu_count()}-CPU {platform.machine()} machine, "
+             f"`{results['command']}`; {date}, commit {rev}, {machine_words(record)}, "
              f"device {results['machine']['device']}; {results['seconds']['total']:.0f} s")
     print(text + "\n" + notes)
     paths = write_record(os.path.join(args.output, f"text_search_{date}_{rev}"), results, text + "\n" + notes)

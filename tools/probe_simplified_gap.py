@@ -31,19 +31,16 @@ table gives the mean and standard deviation over them. Writes
 ``.md`` (the table). The probe is ``promptsg.analysis.simplified_gap``.
 """
 import argparse
-import datetime
 import os
-import platform
 import sys
 import time
 
-import torch
 
 import promptsg  # noqa: F401  (patches FastReID, registers PromptSG)
 from promptsg.analysis.simplified_gap import markdown, probe_run, run_config, summarise
 from promptsg.engine.checkpoint import NonFiniteError
 from promptsg.engine.preflight import InputError
-from promptsg.utils.records import commit, write_record
+from promptsg.utils.records import machine_words, run_record, tool_command, write_record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,16 +71,13 @@ def main(argv=None):
     runs = [probe_run(run_dir, cfg, args.alphas, args.training_prompts, root)
             for run_dir, cfg in zip(args.runs, cfgs)]
     summary = summarise(runs)
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    rev = commit(ROOT)
-    command = "python " + " ".join([os.path.relpath(__file__, ROOT)] + (sys.argv[1:] if argv is None else argv))
+    record = run_record(f"FASTREID_DATASETS={root} " + tool_command(__file__, sys.argv[1:] if argv is None else argv))
+    date, rev = record["date"], record["commit"]
     results = {
-        "date": date, "commit": rev, "command": f"FASTREID_DATASETS={root} {command}",
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "device": runs[0]["device"]},
+        **record, "machine": {**record["machine"], "device": runs[0]["device"]},
         "summary": summary, "runs": runs, "seconds": round(time.time() - start, 1),
     }
-    notes = (f"\n`{results['command']}`; {date}, commit {rev}, {os.cpu_count()}-CPU {platform.machine()} machine, "
+    notes = (f"\n`{results['command']}`; {date}, commit {rev}, {machine_words(record)}, "
              f"device {results['machine']['device']}; {results['seconds']:.0f} s")
     text = markdown(summary, len(runs))
     print(text + "\n" + notes)

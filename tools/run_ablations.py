@@ -20,10 +20,8 @@ table; ``--readme`` replaces the table between the README's ``<!-- ablations:TAB
 tables, a row's runs and their summary are ``promptsg.analysis.ablations``.
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -33,10 +31,10 @@ import torch
 
 import promptsg  # noqa: F401  (patches FastReID, registers PromptSG and the synthetic dataset)
 from fastreid.data.datasets import DATASET_REGISTRY
-from promptsg.analysis.ablations import (TABLES, guidance_markdown, machine, markdown, markers,
+from promptsg.analysis.ablations import (TABLES, guidance_markdown, markdown, markers,
                                          replace_between_markers, run_one, summarise)
 from promptsg.analysis.guidance import PromptGuidance
-from promptsg.utils.records import commit
+from promptsg.utils.records import machine_words, run_record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,6 +77,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    # the commit and machine the runs start from (training subprocesses import this checkout)
+    record = run_record(" ".join(["python tools/run_ablations.py --table", args.table, "--seeds", *map(str, args.seeds),
+                                  *(["--rows", *args.rows] if args.rows else []),
+                                  *(["--guidance"] if args.guidance else []),
+                                  *(["--jobs", str(args.jobs)] if args.jobs > 1 else []), *args.opts]))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     root = os.getenv("FASTREID_DATASETS", "datasets")
     checkpoint = os.path.join(root, "SyntheticCLIP", "small-ViT.pt")
@@ -111,12 +114,9 @@ def main(argv=None):
     if args.guidance:
         text += "\n\n" + guidance_markdown(args.table, summaries, args.seeds)
     elapsed = time.perf_counter() - start
-    command = " ".join(["python tools/run_ablations.py --table", args.table, "--seeds", *map(str, args.seeds),
-                        *(["--rows", *args.rows] if args.rows else []), *(["--guidance"] if args.guidance else []),
-                        *(["--jobs", str(args.jobs)] if args.jobs > 1 else []), *args.opts])
     run_seconds = sum(r["train_seconds"] + r.get("eval_seconds", 0.0) for r in records)
-    footer = (f"\n\n`{command}`; {datetime.date.today()}, commit {commit(ROOT)}, "
-              f"{machine()['cpus']}-CPU {platform.machine()} machine, device {device}, "
+    footer = (f"\n\n`{record['command']}`; {record['date']}, commit {record['commit']}, "
+              f"{machine_words(record)}, device {device}, "
               f"{threads or torch.get_num_threads()} torch thread(s) per run, {args.jobs} at a time; "
               f"{run_seconds / 60:.0f} min of training and evaluation in all (this invocation: {elapsed / 60:.0f} min, "
               f"runs already in {work_dir} reused).")
@@ -124,8 +124,8 @@ def main(argv=None):
     out = args.out or os.path.join(work_dir, f"{args.table}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"table": args.table, "seeds": args.seeds, "device": device, "date": str(datetime.date.today()),
-                   "commit": commit(ROOT), "machine": machine(), "wall_seconds": elapsed, "run_seconds": run_seconds,
+        json.dump({"table": args.table, "seeds": args.seeds, "device": device, **record,
+                   "wall_seconds": elapsed, "run_seconds": run_seconds,
                    "overrides": args.opts, "jobs": args.jobs, "torch_threads_per_run": threads or torch.get_num_threads(),
                    "rows": {key: {"label": label, "config": os.path.relpath(config, ROOT), "overrides": overrides}
                             for key, label, config, overrides in rows},

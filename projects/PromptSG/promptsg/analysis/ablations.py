@@ -8,7 +8,6 @@ finished in the work folder is reused, an interrupted one resumed.
 """
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -268,10 +267,3 @@ def replace_between_markers(path, table, text):
     with open(path, "w") as f:
         f.write(before + start + "\n" + text + "\n" + end + after)
 
-
-def machine():
-    """The platform, processor, CPUs, torch threads and torch version of this measurement."""
-    import torch
-
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}

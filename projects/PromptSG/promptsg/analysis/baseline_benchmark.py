@@ -9,8 +9,6 @@ it, fp16 with a GradScaler otherwise); inference runs in eval mode under torch.i
 time spent waiting on it.
 """
 import json
-import os
-import platform
 import statistics
 import time
 from contextlib import nullcontext
@@ -26,6 +24,7 @@ from ..config import add_promptsg_config
 from ..engine.preflight import InputError, load_config
 from .peak_memory import PeakMemory
 from ..engine.trainer import Trainer
+from ..utils.records import run_record
 
 # The CLIP baseline of configs/Market1501/clip_baseline.yml: ID + triplet losses, no prompt, no MIM.
 BASELINE_OVERRIDES = [
@@ -192,13 +191,14 @@ def resolve_device(name):
 
 
 def environment(device):
-    info = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version()}
+    """The device, the machine (``utils.records.machine``) and the Python version of a measurement."""
+    machine = run_record(None)["machine"]
+    info = {"device": str(device), "torch": machine["torch"], "threads": machine["torch_threads"],
+            "python": machine["python"]}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     else:
-        info["cpu"] = platform.processor() or platform.machine()
-        info["cpu_count"] = os.cpu_count()
+        info["cpu"], info["cpu_count"] = machine["cpu"], machine["cpus"]
     return info
 
 

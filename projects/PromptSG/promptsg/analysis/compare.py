@@ -12,15 +12,12 @@ import re
 import warnings
 from typing import NamedTuple
 
-import torch
-
 from fastreid.config import get_cfg
 
 
 from ..config import add_promptsg_config
 from ..engine.checkpoint import load_for_inference
 from ..engine.preflight import InputError, check_torch_file, load_config
-from ..utils.records import cpu_model
 from ..engine.trainer import Trainer
 
 METRICS = ("mAP", "Rank-1", "Rank-5", "Rank-10", "mINP")
@@ -151,10 +148,10 @@ def describe(cfg, model):
     return f"{cfg.MODEL.META_ARCHITECTURE}: {' + '.join(parts)}, {cfg.MODEL.HEADS.POOL_LAYER}"
 
 
-def machine():
-    """The CPU model, its cores and whether a GPU was there (none is used)."""
-    gpu = ", no GPU used" + ("" if torch.cuda.is_available() else " (none present)")
-    return f"{cpu_model()}, {os.cpu_count()} CPU cores{gpu}"
+def machine(record):
+    """The CPU model of a ``run_record``'s machine, its cores and whether a GPU was there (none is used)."""
+    m = record["machine"]
+    return f"{m['cpu']}, {m['cpus']} CPU cores, no GPU used" + ("" if "gpu" in m else " (none present)")
 
 
 def threads(settings):

@@ -1,16 +1,14 @@
 """CPU inference speed of an exported graph in onnxruntime against the PyTorch model it was
 exported from (tools/perf/benchmark_onnx.py): the two alternate over timed rounds of about a given
 length, so that other load on the machine hits both alike; each figure is the median round's."""
-import datetime
 import os
-import platform
 import statistics
 import tempfile
 import time
 
 import torch
 
-from ..utils.records import commit, cpu_model
+from ..utils.records import run_record
 from . import onnx_export
 
 
@@ -30,10 +28,11 @@ def environment(threads):
     """Date, commit, machine and versions of this measurement."""
     import onnxruntime
 
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": commit(os.path.dirname(os.path.abspath(__file__)), "+changes"), "cpu": cpu_model(),
-            "cpus": os.cpu_count(), "threads": threads, "load_average": os.getloadavg()[0], "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+    record = run_record(None, "+changes")
+    return {"date": f"{record['date']} {record['time']}", "commit": record["commit"], "cpu": record["machine"]["cpu"],
+            "cpus": record["machine"]["cpus"], "threads": threads, "load_average": os.getloadavg()[0],
+            "torch": record["machine"]["torch"], "onnxruntime": onnxruntime.__version__,
+            "python": record["machine"]["python"]}
 
 
 def timed(call, batch, seconds):

@@ -1,9 +1,15 @@
-"""How the measuring tools record a result: named by date, commit and machine, written as JSON
-(every figure) and Markdown (the table a README quotes), never half-written."""
+"""How the measuring tools record a result: named by date, commit and machine (``run_record``, the
+one place that record is built), written as JSON (every figure) and Markdown (the table a README
+quotes), never half-written."""
+import datetime
 import json
 import os
 import platform
 import subprocess
+
+import torch
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
 
 
 def commit(directory, changes=""):
@@ -29,6 +35,35 @@ def cpu_model():
     except OSError:
         pass
     return model
+
+
+def machine():
+    """The machine of a measurement: platform, CPU model and cores, torch's threads and version, and
+    the GPU when there is one."""
+    info = {"platform": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_record(command, changes=""):
+    """The record of one measurement: ``date`` and ``time`` (UTC), ``commit`` of this checkout
+    (``changes`` appended when tracked files differ from it), ``machine`` and ``command``."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {"date": now.strftime("%Y-%m-%d"), "time": now.strftime("%H:%M UTC"),
+            "commit": commit(REPOSITORY, changes), "machine": machine(), "command": command}
+
+
+def tool_command(script, argv):
+    """How a tool was run: ``python <script relative to the repository> <argv>``."""
+    return " ".join(["python", os.path.relpath(os.path.abspath(script), REPOSITORY), *argv])
+
+
+def machine_words(record):
+    """The record's machine in words: "2-CPU x86_64 machine (Intel Xeon ...)"."""
+    m = record["machine"]
+    return f"{m['cpus']}-CPU {platform.machine()} machine ({m['cpu']})" + (f", {m['gpu']}" if "gpu" in m else "")
 
 
 def write_record(stem, results, text):
