@@ -6,8 +6,9 @@ list; ``tests/test_layout.py`` checks it):
     utils/      global-batch operations, loss logging without host reads, records, InputError
     modeling/   the paper: CLIP towers, f_theta, prompt, SupCon, MIM, head, meta-architecture;
     config.py   beside it, PromptSG's config keys (``add_promptsg_config``)
-    engine/     FastReID glue: compat patches, checkpoints, start-up checks, output-folder lock,
-                launching under torchrun or srun
+    engine/     FastReID glue: the Trainer (trainer.py) and the evaluator, checkpointer and
+                optimizer it builds; compat patches for the wheel; start-up checks, output-folder
+                lock, launching under torchrun or srun
     data/       the synthetic dataset (Market-1501 layout, or any real layout) and its caption
                 pool; the real datasets' start-up checks and variants (real_datasets.py)
     analysis/   attention maps, text-aware search

@@ -2,9 +2,11 @@
 
 The wheel targets Python <= 3.9 and torch 1.13. This package applies one small, named patch per
 known breakage of the wheel that affects this project (docs/FASTREID_COMPAT.md lists them), two
-GPU stream races found here (sections 12-13), the patches that turn FastReID's silent wrong
-results into errors (partial checkpoint loads, NaN checkpoints, image modes read as grey), those
-that let several processes train what one process trains, and nothing else.
+GPU stream races found here (sections 12-13), and the silent wrong results inside FastReID's own
+functions that no extension point reaches (image modes read as grey, other batches for each
+number of processes), and nothing else. What the project adds to FastReID (the evaluator in query
+chunks, whole and atomic checkpoints, the resume position, merged optimizer groups) is not here:
+it extends FastReID's classes at their extension points (``engine/trainer.py``).
 ``import promptsg`` applies them before any FastReID module is imported; every patch is idempotent
 and has a regression test that fails without it (``tests/test_compat.py``, ``tests/test_faults.py``,
 ``tests/test_distributed.py``).
@@ -14,10 +16,10 @@ One module per area of FastReID (the numbers are those of the patches' section c
     imports.py      the names FastReID imports that are gone (1-2)
     solver.py       the optimizer it builds (4)
     data.py         transforms, read_image, the loaders, the samplers and MSMT17's lists (5, 8a, 13)
-    evaluation.py   the Cython ranker, re-ranking, the evaluator and its ranking in query chunks (6, 7)
+    evaluation.py   the Cython ranker and re-ranking (6, 7)
     training.py     the AMP trainer and the trainer's loss log (8b, 12)
     launch.py       launch() and DDP without CUDA (8c)
-    checkpoint.py   loading and saving checkpoints (9)
+    checkpoint.py   reading checkpoint files (9)
 
 A patch is a function marked ``@_patch`` (``patch.py``) in the module of its area, and one line
 in ``_PATCHES`` below, which applies them in one order across the modules.
