@@ -24,7 +24,7 @@ from ..config import add_promptsg_config
 from ..engine.preflight import InputError, load_config
 from .peak_memory import PeakMemory
 from ..engine.trainer import Trainer
-from ..utils.records import run_record
+from ..utils import records
 
 # The CLIP baseline of configs/Market1501/clip_baseline.yml: ID + triplet losses, no prompt, no MIM.
 BASELINE_OVERRIDES = [
@@ -192,7 +192,7 @@ def resolve_device(name):
 
 def environment(device):
     """The device, the machine (``utils.records.machine``) and the Python version of a measurement."""
-    machine = run_record(None)["machine"]
+    machine = records.machine()
     info = {"device": str(device), "torch": machine["torch"], "threads": machine["torch_threads"],
             "python": machine["python"]}
     if device.type == "cuda":

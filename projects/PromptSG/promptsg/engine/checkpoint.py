@@ -27,7 +27,7 @@ import torch
 from fastreid.engine.hooks import PeriodicCheckpointer
 from fastreid.engine.train_loop import HookBase
 from fastreid.utils import comm
-from fastreid.utils.checkpoint import Checkpointer, _IncompatibleKeys
+from fastreid.utils.checkpoint import Checkpointer, _IncompatibleKeys, _strip_prefix_if_present
 
 from ..modeling.interaction import FUSION_HISTORY, FUSIONS, REMOVED_FUSIONS
 from .preflight import InputError, zip_directory_intact
@@ -314,13 +314,14 @@ class AtomicCheckpointer(Checkpointer):
         path = getattr(self, "_loading", None) or "checkpoint"
         state = checkpoint.pop("model")
         self._convert_ndarray_to_tensor(state)
-        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        _strip_prefix_if_present(state, "module.")
         bad = first_non_finite(state.items())
         if bad is not None:
             raise CheckpointError(f"{path}: {bad} holds NaN or infinity; a model with non-finite weights "
                                   f"gives no meaningful result")
-        check_mim_fusion(path, self.model.state_dict(), state)
-        skipped = check_compatible(path, self.model.state_dict(), state, self.skip_classifier)
+        own = self.model.state_dict()
+        check_mim_fusion(path, own, state)
+        skipped = check_compatible(path, own, state, self.skip_classifier)
         for key in skipped:
             state.pop(key, None)
         if skipped:

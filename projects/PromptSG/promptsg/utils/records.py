@@ -9,7 +9,8 @@ import subprocess
 
 import torch
 
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+# the repository: promptsg/utils/records.py lies in projects/PromptSG/ under it
+REPOSITORY = os.path.abspath(os.path.join(os.path.dirname(__file__), *[os.pardir] * 4))
 
 
 def commit(directory, changes=""):
@@ -40,7 +41,7 @@ def cpu_model():
 def machine():
     """The machine of a measurement: platform, CPU model and cores, torch's threads and version, and
     the GPU when there is one."""
-    info = {"platform": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+    info = {"platform": platform.platform(), "arch": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -63,7 +64,7 @@ def tool_command(script, argv):
 def machine_words(record):
     """The record's machine in words: "2-CPU x86_64 machine (Intel Xeon ...)"."""
     m = record["machine"]
-    return f"{m['cpus']}-CPU {platform.machine()} machine ({m['cpu']})" + (f", {m['gpu']}" if "gpu" in m else "")
+    return f"{m['cpus']}-CPU {m['arch']} machine ({m['cpu']})" + (f", {m['gpu']}" if "gpu" in m else "")
 
 
 def write_record(stem, results, text):
