@@ -548,6 +548,7 @@ def test_a_resumed_seeded_run_ends_exactly_as_the_uninterrupted_run(tmp_path, da
     import json
 
     expected, resumed = (json.loads((d / "results.json").read_text()) for d in (whole, cut))
+    assert set(resumed.pop("timing")) == set(expected.pop("timing")) == {"train_seconds", "evaluation_seconds"}
     assert resumed == expected
     assert "resume: epoch 1, iteration" in result.stdout + result.stderr
     a, b = (torch.load(d / "model_final.pth", map_location="cpu", weights_only=True)["model"] for d in (whole, cut))

@@ -95,7 +95,7 @@ def main(argv=None):
     rows = [{"run": os.path.basename(os.path.normpath(run.directory)), "directory": run.directory,
              "model": describe(run.cfg, model), "input": "x".join(map(str, run.cfg.INPUT.SIZE_TEST)),
              **run.results, "parameters": sum(p.numel() for p in model.parameters()),
-             "flops_per_image": f, "images_per_s": s, "speed_vs_first": v}
+             "flops_per_image": f, "images_per_s": s, "speed_vs_first": v, "timing": run.timing}
             for run, model, f, s, v in zip(runs, models, flops, speeds, relative)]
 
     table = markdown(rows, settings)

@@ -21,7 +21,9 @@ registers PromptSG's components in FastReID's registries:
 
     BACKBONE_REGISTRY   build_clip_backbone   modeling/clip_backbone.py
     REID_HEADS_REGISTRY PromptSGHead          modeling/heads.py
+                        CLIPReIDHead          modeling/clip_reid.py
     META_ARCH_REGISTRY  PromptSG              modeling/meta_arch.py
+                        CLIPReID              modeling/clip_reid.py (its stage 1: engine/prompt_stage.py)
     DATASET_REGISTRY    SyntheticMarket       data/synthetic/registration.py
                         CUHK03Detected        data/real_datasets.py
 
@@ -30,7 +32,7 @@ and offers a small Python API (``api.py``): ``promptsg.load(run_dir)`` gives a t
 whose ``build_index(images)`` and ``load_index(path)`` give a ``GalleryIndex`` to search many times.
 """
 from .engine import compat  # noqa: F401  (first: FastReID does not import without it)
-from .modeling import clip_backbone, heads, meta_arch  # noqa: F401  (registration)
+from .modeling import clip_backbone, clip_reid, heads, meta_arch  # noqa: F401  (registration)
 from . import data  # noqa: F401  (registration: SyntheticMarket)
 from .api import GalleryIndex, Run, load
 from .config import add_promptsg_config

@@ -106,6 +106,29 @@ def add_promptsg_config(cfg):
     # Use the text-to-image term L_t2i (Table 3 row c turns it off).
     cfg.MODEL.LOSSES.SUPCON.T2I = True
 
+    # ---- CLIP-ReID (promptsg/modeling/clip_reid.py, MODEL.META_ARCHITECTURE CLIPReID) ----
+    cfg.MODEL.CLIPREID = CN()
+    # Stage 1's prompt: each training identity's learnable context tokens replace the X's.
+    cfg.MODEL.CLIPREID.PROMPT = "A photo of a X X X X person."
+    # A stage-1 file (clip_reid_stage1.pth, written into OUTPUT_DIR by stage 1) to start stage 2
+    # from instead of running stage 1; "" runs stage 1 (or, with --resume, reuses OUTPUT_DIR's).
+    cfg.MODEL.CLIPREID.STAGE1_WEIGHTS = ""
+    # Weight of stage 2's image-to-text cross-entropy, selected by "ImageToTextLoss" in
+    # MODEL.LOSSES.NAME (the ID and triplet weights are MODEL.LOSSES.CE.SCALE and TRI.SCALE).
+    cfg.MODEL.LOSSES.I2T = CN()
+    cfg.MODEL.LOSSES.I2T.SCALE = 1.0
+    # Stage 1's own schedule (CLIP-ReID's SOLVER.STAGE1); stage 2 is trained by FastReID's SOLVER.
+    cfg.SOLVER.STAGE1 = CN()
+    cfg.SOLVER.STAGE1.MAX_EPOCH = 120
+    cfg.SOLVER.STAGE1.IMS_PER_BATCH = 64
+    cfg.SOLVER.STAGE1.BASE_LR = 0.00035          # Adam
+    cfg.SOLVER.STAGE1.WEIGHT_DECAY = 0.0001
+    cfg.SOLVER.STAGE1.WARMUP_EPOCHS = 5          # linear from WARMUP_LR, then a cosine to MIN_LR
+    cfg.SOLVER.STAGE1.WARMUP_LR = 0.00001
+    cfg.SOLVER.STAGE1.MIN_LR = 0.000001
+    # Temperature of stage 1's SupCon on the raw features.
+    cfg.SOLVER.STAGE1.TEMPERATURE = 1.0
+
     # ---- Evaluation (promptsg/engine/evaluation.py) ----
     # Queries ranked at a time by the bounded-memory evaluation (distances, re-ranking, AP / CMC /
     # mINP for one chunk of queries against the gallery; FastReID's metrics, equal to its dense
@@ -120,6 +143,9 @@ def add_promptsg_config(cfg):
 
 
 _LOSSES = ("CrossEntropyLoss", "TripletLoss", "SupConLoss")
+CLIPREID_LOSSES = ("CrossEntropyLoss", "TripletLoss", "ImageToTextLoss")
+# The meta-architectures built on CLIP's towers (MODEL.CLIP.*).
+CLIP_ARCHITECTURES = ("PromptSG", "CLIPReID")
 COMPILE_MODES = ("", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -182,8 +208,35 @@ def validate_promptsg_config(cfg):
         fail("MODEL.PROMPTSG.INFERENCE_PROMPT composed needs COMPOSE_TRAIN True (f_theta is never trained)")
     if p.COMPOSE_TRAIN and p.MIM.CROSS_LAYERS == 0 and "SupConLoss" not in names:
         fail("MODEL.PROMPTSG.COMPOSE_TRAIN with no MIM and no SupConLoss: f_theta would get no gradient")
+    validate_clip_towers(cfg)
+
+
+def validate_clipreid_config(cfg):
+    """Reject inconsistent CLIP-ReID settings with one line naming the key (before training)."""
+    names, s1 = tuple(cfg.MODEL.LOSSES.NAME), cfg.SOLVER.STAGE1
+    if sorted(names) != sorted(CLIPREID_LOSSES):
+        raise ValueError(f"MODEL.LOSSES.NAME must be {list(CLIPREID_LOSSES)} for CLIPReID (the weights are "
+                         f"MODEL.LOSSES.CE.SCALE, TRI.SCALE and I2T.SCALE), got {list(names)}")
+    if cfg.MODEL.HEADS.NAME != "CLIPReIDHead":
+        raise ValueError(f"MODEL.HEADS.NAME must be CLIPReIDHead for CLIPReID, got {cfg.MODEL.HEADS.NAME!r}")
+    if cfg.MODEL.HEADS.NECK_FEAT not in ("before", "after"):
+        raise ValueError(f"MODEL.HEADS.NECK_FEAT must be 'before' or 'after', got {cfg.MODEL.HEADS.NECK_FEAT!r}")
+    for key in ("MAX_EPOCH", "IMS_PER_BATCH"):
+        if not (isinstance(s1[key], int) and s1[key] >= 1):
+            raise ValueError(f"SOLVER.STAGE1.{key} must be an integer >= 1, got {s1[key]!r}")
+    for key in ("BASE_LR", "TEMPERATURE"):
+        if not s1[key] > 0:
+            raise ValueError(f"SOLVER.STAGE1.{key} must be > 0, got {s1[key]!r}")
+    for key in ("WARMUP_LR", "MIN_LR", "WEIGHT_DECAY", "WARMUP_EPOCHS"):
+        if s1[key] < 0:
+            raise ValueError(f"SOLVER.STAGE1.{key} must be >= 0, got {s1[key]!r}")
+    validate_clip_towers(cfg)
+
+
+def validate_clip_towers(cfg):
+    """What every model on CLIP's towers needs of the input and MODEL.CLIP."""
     if list(cfg.INPUT.SIZE_TRAIN) != list(cfg.INPUT.SIZE_TEST):
-        fail(f"INPUT.SIZE_TEST {list(cfg.INPUT.SIZE_TEST)} must equal INPUT.SIZE_TRAIN "
-             f"{list(cfg.INPUT.SIZE_TRAIN)}: CLIP's position embeddings are sized for one grid")
+        raise ValueError(f"INPUT.SIZE_TEST {list(cfg.INPUT.SIZE_TEST)} must equal INPUT.SIZE_TRAIN "
+                         f"{list(cfg.INPUT.SIZE_TRAIN)}: CLIP's position embeddings are sized for one grid")
     if cfg.MODEL.CLIP.SIE_CAMERA and cfg.MODEL.CLIP.NUM_CAMERAS <= 0:
-        fail("MODEL.CLIP.SIE_CAMERA needs MODEL.CLIP.NUM_CAMERAS > 0 (the dataset's camera count)")
+        raise ValueError("MODEL.CLIP.SIE_CAMERA needs MODEL.CLIP.NUM_CAMERAS > 0 (the dataset's camera count)")

@@ -21,6 +21,7 @@ TRAIN_NET = os.path.join(os.path.dirname(os.path.dirname(PROJECT)), "tools", "tr
 SYNTHETIC = os.path.join(PROJECT, "configs", "Synthetic")
 PROMPTSG = os.path.join(SYNTHETIC, "promptsg_small_vit.yml")
 BASELINE = os.path.join(SYNTHETIC, "clip_baseline_small_vit.yml")
+CLIPREID = os.path.join(SYNTHETIC, "clipreid_small_vit.yml")
 NO_MIM = ["MODEL.PROMPTSG.MIM.CROSS_LAYERS", "0", "MODEL.PROMPTSG.MIM.SELF_LAYERS", "0"]
 ID_AND_TRIPLET = ["MODEL.LOSSES.NAME", '("CrossEntropyLoss", "TripletLoss")']
 REA = ["INPUT.REA.ENABLED", "True"]
@@ -60,6 +61,12 @@ TABLES = {
          fusion("learned_map")),
         ("clip_map", "clip_map: the same with CLIP's cosine map, contrast 4", PROMPTSG,
          fusion("clip_map") + ["MODEL.PROMPTSG.MIM.MAP_CONTRAST", "4.0"]),
+    ],
+    # PromptSG beside the paper's main competitor, CLIP-ReID (two stages), and the CLIP baseline.
+    "methods": [
+        ("clip_baseline", "CLIP baseline (ID + triplet, no text)", BASELINE, []),
+        ("clip_reid", "CLIP-ReID (stage 1: identity prompts; stage 2: ID + triplet + image-to-text)", CLIPREID, []),
+        ("full", "PromptSG (default: MIM.FUSION learned_map), simplified prompt at test", PROMPTSG, []),
     ],
     # The schedule search (``schedule_rows``) is filled in below.
     "schedule": [],
@@ -114,7 +121,7 @@ def row_prompts(config, overrides):
     """The test-time prompts of a row: ("visual",) without a MIM (the feature is v), else the
     simplified prompt and, where f_theta is trained, the composed one."""
     pairs = dict(zip(overrides[::2], overrides[1::2]))
-    if config == BASELINE or pairs.get("MODEL.PROMPTSG.MIM.CROSS_LAYERS") == "0":
+    if config in (BASELINE, CLIPREID) or pairs.get("MODEL.PROMPTSG.MIM.CROSS_LAYERS") == "0":
         return ("visual",)
     if pairs.get("MODEL.PROMPTSG.COMPOSE_TRAIN") == "False":
         return ("simplified",)
@@ -158,7 +165,10 @@ def run_one(row, seed, common, work_dir, threads=None):
     else:   # reused: from the run's first file (its config) to its last (the results)
         record["train_seconds"] = os.path.getmtime(results_path) - os.path.getmtime(os.path.join(out_dir, "config.yaml"))
     prompts = row_prompts(config, overrides)
-    record["results"] = {prompts[0]: {m: read_json(results_path)[m] for m in METRICS}}   # train_net's own
+    results = read_json(results_path)
+    record["results"] = {prompts[0]: {m: results[m] for m in METRICS}}   # train_net's own
+    if "timing" in results:      # the training's own seconds: stage 1 apart, the evaluations left out
+        record["timing"] = results["timing"]
     if "composed" in prompts:
         composed_dir = os.path.join(out_dir, "composed")
         composed_path = os.path.join(composed_dir, "eval_results.json")
@@ -188,21 +198,28 @@ def summarise(records):
                 values.setdefault(f"{prompt}/{m}", []).append(v)
         for k, v in r["alignment"].items():
             values.setdefault(f"alignment/{k}", []).append(v)
+        for k, v in r.get("timing", {}).items():
+            values.setdefault(f"timing/{k}", []).append(v / 60)     # minutes
         for k, v in guidance_figures(r["guidance"]).items() if "guidance" in r else ():
             values.setdefault(f"guidance/{k}", []).append(v)
     return {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "runs": v}
             for k, v in values.items()}
 
 
+def cell(summary, key, scale=1.0, digits=1):
+    """mean ± std of ``summary[key]`` over the seeds ("-" if absent)."""
+    if key not in summary:
+        return "-"
+    s = summary[key]
+    if len(s["runs"]) == 1:
+        return f"{scale * s['mean']:.{digits}f}"
+    return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
+
+
 def markdown(table, summaries, seeds):
     """The summary as a markdown table (mean +- std over the seeds)."""
-    def cell(summary, key, scale=1.0, digits=1):
-        if key not in summary:
-            return "-"
-        s = summary[key]
-        if len(s["runs"]) == 1:
-            return f"{scale * s['mean']:.{digits}f}"
-        return f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
+    if table == "methods":
+        return methods_markdown(summaries, seeds)
 
     lines = [f"| Row ({'seed' if len(seeds) == 1 else f'{len(seeds)} seeds:'} {', '.join(map(str, seeds))}) | mAP, simplified / visual-only | "
              f"mAP, composed | Rank-1, simplified / visual-only | Rank-1, composed | "
@@ -217,6 +234,19 @@ def markdown(table, summaries, seeds):
                      f"{cell(s, first + '/Rank-1')} | {cell(s, 'composed/Rank-1')} | "
                      f"{cell(s, 'alignment/supcon_over_chance', digits=2)} | "
                      f"{cell(s, 'alignment/align_i2t_top1', digits=2)} | {cell(s, 'alignment/collapse_v_cos', digits=2)} |")
+    return "\n".join(lines)
+
+
+def methods_markdown(summaries, seeds):
+    """The methods table: accuracy and each stage's training minutes (results.json's timing)."""
+    lines = [f"| Model ({len(seeds)} seeds: {', '.join(map(str, seeds))}) | mAP | Rank-1 | "
+             "Training, stage 1 (min) | Training, stage 2 / the one stage (min) |", "|:--|--:|--:|--:|--:|"]
+    for key, label, _, _ in TABLES["methods"]:
+        if key in summaries:
+            s = summaries[key]
+            first = "simplified" if "simplified/mAP" in s else "visual"
+            lines.append(f"| {label} | {cell(s, first + '/mAP')} | {cell(s, first + '/Rank-1')} | "
+                         f"{cell(s, 'timing/stage1_seconds')} | {cell(s, 'timing/train_seconds')} |")
     return "\n".join(lines)
 
 

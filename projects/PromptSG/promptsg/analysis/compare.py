@@ -25,11 +25,14 @@ COMPOSED_SUFFIX = "_composed"
 
 
 class Run(NamedTuple):
-    """One row: a run folder, its config (for inference, on the CPU), checkpoint and metrics."""
+    """One row: a run folder, its config (for inference, on the CPU), checkpoint and metrics, and
+    its training's seconds where results.json has them (``timing``: stage1_seconds for CLIP-ReID,
+    train_seconds, evaluation_seconds)."""
     directory: str
     cfg: object
     weights: str
     results: dict
+    timing: dict = {}
 
 
 def read_json(path):
@@ -41,7 +44,8 @@ def read_json(path):
 
 
 def read_results(directory):
-    """The metrics of a run folder: results.json (training), else eval_results.json (--eval-only)."""
+    """The metrics of a run folder, results.json (training) or else eval_results.json
+    (--eval-only), and the training's timing (empty for an --eval-only run or an older one)."""
     for name in ("results.json", "eval_results.json"):
         path = os.path.join(directory, name)
         if os.path.isfile(path):
@@ -49,7 +53,8 @@ def read_results(directory):
             missing = [k for k in METRICS if not isinstance(results, dict) or k not in results]
             if missing:
                 raise InputError(f"{path} has no {', '.join(missing)} (not written by tools/train_net.py?)")
-            return name, {k: float(results[k]) for k in METRICS}
+            timing = results.get("timing") if isinstance(results.get("timing"), dict) else {}
+            return name, {k: float(results[k]) for k in METRICS}, timing
     raise InputError(f"{directory}: no results.json (nor eval_results.json): not a finished run of tools/train_net.py")
 
 
@@ -81,7 +86,7 @@ def read_run(directory):
     config = os.path.join(directory, "config.yaml")
     if not os.path.isfile(config):
         raise InputError(f"{directory}: no config.yaml (not an OUTPUT_DIR of tools/train_net.py)")
-    results_name, results = read_results(directory)
+    results_name, results, timing = read_results(directory)
     cfg = load_config(add_promptsg_config(get_cfg()), config, [])
     weights = (os.path.join(directory, "model_final.pth") if results_name == "results.json"
                else resolve_weights(directory, cfg))
@@ -98,7 +103,7 @@ def read_run(directory):
         cfg.MODEL.CLIP.PRETRAINED = ""
         cfg.MODEL.PROMPTSG.COMPILE = ""
     cfg.freeze()
-    return Run(directory, cfg, weights, results)
+    return Run(directory, cfg, weights, results, timing)
 
 
 def find_runs(directories):
@@ -136,6 +141,8 @@ def build(run):
 def describe(cfg, model):
     """What the model is: PromptSG and its test prompt, the CLIP baseline, or a FastReID backbone
     with the parts its built modules show (WITH_NL adds no block to a ResNet-18, for one)."""
+    if cfg.MODEL.META_ARCHITECTURE == "CLIPReID":
+        return f"CLIP-ReID ({cfg.MODEL.CLIP.NAME})"
     if cfg.MODEL.META_ARCHITECTURE == "PromptSG":
         if model.text is None:
             return f"CLIP baseline ({cfg.MODEL.CLIP.NAME})"
@@ -165,14 +172,14 @@ def markdown(rows, settings):
         f"torch {settings['torch']}, {threads(settings)}.",
         "",
         "| Run | Model | Test input | mAP | Rank-1 | Rank-5 | Rank-10 | mINP | Parameters (M) | GFLOPs / image "
-        "| Images/s | Speed / first row |",
-        "|:--|:--|:-:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| Images/s | Speed / first row | Training (min) |",
+        "|:--|:--|:-:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         lines.append(f"| {r['run']} | {r['model']} | {r['input']} | {r['mAP']:.1f} | {r['Rank-1']:.1f} | "
                      f"{r['Rank-5']:.1f} | {r['Rank-10']:.1f} | {r['mINP']:.1f} | {r['parameters'] / 1e6:.2f} | "
                      f"{r['flops_per_image'] / 1e9:.3f} | {r['images_per_s']:.0f} | "
-                     f"{r['speed_vs_first']:.2f}x |")
+                     f"{r['speed_vs_first']:.2f}x | {training_minutes(r.get('timing', {}))} |")
     lines += [
         "",
         "Metrics: each run's own final evaluation (results.json, or eval_results.json for an --eval-only "
@@ -184,9 +191,19 @@ def markdown(rows, settings):
         f"{settings['warmup']} warm-up then {settings['rounds']} timed batches per model, the models taking "
         "turns in one process (median); speed / first row: the median over the rounds of the two models' "
         "ratio in the same round. Absolute figures move with the machine's load, the ratios much less. "
-        "Model forward only: no data loading, no flip test.",
+        "Model forward only: no data loading, no flip test. Training: the run's own results.json, minutes of "
+        "training steps without the evaluations, as stage 1 + stage 2 for CLIP-ReID (its stage 1 includes "
+        "computing the training images' features once); '-' where the run did not record it.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def training_minutes(timing):
+    """"stage 1 + stage 2" minutes for CLIP-ReID, the training's minutes otherwise, "-" if not recorded."""
+    if "train_seconds" not in timing:
+        return "-"
+    stage2 = f"{timing['train_seconds'] / 60:.1f}"
+    return f"{timing['stage1_seconds'] / 60:.1f} + {stage2}" if "stage1_seconds" in timing else stage2
 
 
 def plot_label(row):

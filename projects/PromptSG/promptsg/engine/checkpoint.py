@@ -34,8 +34,11 @@ from .preflight import InputError, zip_directory_intact
 
 logger = logging.getLogger(__name__)
 
-# The ID classifier's weight: FastReID's EmbeddingHead, and PromptSG's head.
-CLASSIFIER_KEYS = ("heads.weight", "heads.classifier.weight")
+# The tensors with one row per training identity: the ID classifier's weight (FastReID's
+# EmbeddingHead, PromptSG's head, CLIP-ReID's two) and CLIP-ReID's identity prompts and their text
+# features. None is used at test time.
+CLASSIFIER_KEYS = ("heads.weight", "heads.classifier.weight", "heads.classifier_proj.weight", "prompts.context",
+                   "identity_text")
 
 
 class CheckpointError(InputError):

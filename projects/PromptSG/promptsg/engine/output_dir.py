@@ -33,9 +33,10 @@ logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".promptsg-run.lock"
 # What makes a folder hold a run: FastReID's checkpoints and the final results.
-TRAINED = ("last_checkpoint", "model_*.pth", "results.json")
+TRAINED = ("last_checkpoint", "model_*.pth", "results.json", "clip_reid_stage1.pth")
 # Every file tools/train_net.py writes into OUTPUT_DIR (removed by --overwrite).
-RUN_FILES = TRAINED + ("model_*.pth.tmp", "eval_results.json", "metrics.json", "config.yaml", "log.txt",
+RUN_FILES = TRAINED + ("model_*.pth.tmp", "clip_reid_stage1.pth.tmp", "eval_results.json", "metrics.json",
+                       "config.yaml", "log.txt",
                        "log.txt.rank*", "events.out.tfevents.*")
 
 

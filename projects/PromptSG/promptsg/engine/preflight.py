@@ -13,6 +13,7 @@ import os
 
 from PIL import Image
 
+from ..config import CLIP_ARCHITECTURES, validate_clipreid_config, validate_promptsg_config
 from ..data.real_datasets import check_real_dataset
 from ..utils.errors import InputError  # noqa: F401  (raised here; imported from here by the tools)
 
@@ -161,12 +162,12 @@ def check_config(cfg, processes=1):
     check_ranges(cfg, processes)
     if cfg.TEST.METRIC not in METRICS:
         raise InputError(f"TEST.METRIC must be one of {list(METRICS)}, got {cfg.TEST.METRIC!r}")
-    if cfg.MODEL.META_ARCHITECTURE == "PromptSG":
+    if cfg.MODEL.META_ARCHITECTURE in CLIP_ARCHITECTURES:
         from ..modeling.clip_weights import ACTIVATIONS, _model_config
-        from ..config import validate_promptsg_config
 
+        validate = validate_promptsg_config if cfg.MODEL.META_ARCHITECTURE == "PromptSG" else validate_clipreid_config
         try:
-            validate_promptsg_config(cfg)
+            validate(cfg)
             _model_config(cfg.MODEL.CLIP.NAME)
         except ValueError as exc:
             raise InputError(str(exc)) from None
@@ -222,6 +223,11 @@ def check_weights(cfg, eval_only):
         raise InputError(f"MODEL.WEIGHTS file not found: {weights}")
     if weights:
         check_torch_file(weights, "MODEL.WEIGHTS")
+    stage1 = cfg.MODEL.CLIPREID.STAGE1_WEIGHTS if cfg.MODEL.META_ARCHITECTURE == "CLIPReID" else ""
+    if stage1 and not os.path.isfile(stage1):
+        raise InputError(f"MODEL.CLIPREID.STAGE1_WEIGHTS file not found: {stage1}")
+    if stage1:
+        check_torch_file(stage1, "MODEL.CLIPREID.STAGE1_WEIGHTS")
     if "CLIP" in cfg.MODEL:
         pretrained = cfg.MODEL.CLIP.PRETRAINED
         if pretrained and _looks_like_path(pretrained):

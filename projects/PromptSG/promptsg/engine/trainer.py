@@ -11,7 +11,9 @@ alike, so comparisons stay like for like; ``promptsg.load`` and the tools evalua
     build_optimizer   FastReID's optimizer over the real parameters, in merged parameter groups,
                       fused with SOLVER.FUSED (``solver``)
     build_hooks       ``checkpoint.AtomicCheckpointer`` (whole loads, atomic saves, RNG states),
-                      ``model_final`` written once and before the final evaluation
+                      ``model_final`` written once and before the final evaluation; for CLIP-ReID,
+                      its stage 1 before stage 2's first step (``prompt_stage.PromptLearningStage``);
+                      the evaluations timed apart from the training (``timing``)
     build_writers     the training accuracy and PromptSG's alignment in the log
                       (``modeling.diagnostics.AlignmentPrinter``)
     resume_or_load    ``--resume`` continues the sampler and the RNG streams where the run stopped;
@@ -24,10 +26,11 @@ then this trainer) are the steps of ``tools/train_net.py``.
 import json
 import logging
 import os
+import time
 
 from fastreid.config import get_cfg
 from fastreid.engine import DefaultTrainer, default_setup
-from fastreid.engine.hooks import PeriodicCheckpointer
+from fastreid.engine.hooks import EvalHook, IterationTimer, PeriodicCheckpointer
 from fastreid.solver.build import build_optimizer
 from fastreid.utils import comm
 from fastreid.utils.env import seed_all_rng
@@ -41,6 +44,7 @@ from .checkpoint import (AtomicCheckpointer, PeriodicCheckpointerFinalOnce, Save
 from .evaluation import ChunkedReidEvaluator
 from .output_dir import OutputDirLock, check_new_run, remove_previous_run
 from .preflight import check_config, check_datasets, check_output_dir, check_weights, load_config
+from .prompt_stage import PromptLearningStage
 from .solver import with_fused_kernels, with_merged_groups
 
 logger = logging.getLogger("promptsg")
@@ -48,7 +52,17 @@ logger = logging.getLogger("promptsg")
 
 class Trainer(DefaultTrainer):
     """FastReID's ``DefaultTrainer`` with the project's evaluator, optimizer, checkpointer, hooks
-    and log (the module docstring lists what each override adds)."""
+    and log (the module docstring lists what each override adds).
+
+    ``timing``: this invocation's seconds of ``train_seconds`` (the training steps and their
+    hooks, the evaluations and CLIP-ReID's stage 1 not counted), ``evaluation_seconds`` and, where
+    it ran, ``stage1_seconds``; written into results.json.
+    """
+
+    def __init__(self, cfg):
+        self.timing = {"train_seconds": 0.0, "evaluation_seconds": 0.0}
+        self.resuming = self.resumed = False    # --resume asked for; a checkpoint was resumed
+        super().__init__(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_dir=None):
@@ -71,12 +85,33 @@ class Trainer(DefaultTrainer):
         # the first point at which the trainer's checkpointer can be the project's.
         self.checkpointer = AtomicCheckpointer.replacing(self.checkpointer)
         self.write_failures = []              # final checkpoints a full disk refused (raised after the results)
-        hooks = [PeriodicCheckpointerFinalOnce(self.checkpointer, h.period) if type(h) is PeriodicCheckpointer
-                 else h for h in super().build_hooks()]
+        replace = {PeriodicCheckpointer: lambda h: PeriodicCheckpointerFinalOnce(self.checkpointer, h.period),
+                   EvalHook: lambda h: EvalHook(self.cfg.TEST.EVAL_PERIOD, self.timed_test)}
+        hooks = [replace[type(h)](h) if type(h) in replace else h for h in super().build_hooks()]
+        if self.cfg.MODEL.META_ARCHITECTURE == "CLIPReID":
+            # after FastReID's IterationTimer, whose after_train (run even when a hook fails) needs its before_train
+            first = next(i for i, h in enumerate(hooks) if isinstance(h, IterationTimer)) + 1
+            hooks.insert(first, PromptLearningStage())
         return [SaveFinalBeforeEvaluation(self.checkpointer)] + hooks
+
+    def timed_test(self):
+        """FastReID's periodic and final evaluation (its EvalHook's function), timed."""
+        start = time.perf_counter()
+        self._last_eval_results = self.test(self.cfg, self.model)
+        self.timing["evaluation_seconds"] += time.perf_counter() - start
+        return self._last_eval_results
+
+    def train(self):
+        start = time.perf_counter()
+        try:
+            return super().train()
+        finally:
+            self.timing["train_seconds"] = (time.perf_counter() - start - self.timing["evaluation_seconds"]
+                                            - self.timing.get("stage1_seconds", 0.0))
 
     def resume_or_load(self, resume=True):
         resuming = resume and self.checkpointer.has_checkpoint()
+        self.resuming, self.resumed = resume, resuming
         self.checkpointer.skip_classifier = bool(self.cfg.MODEL.WEIGHTS_NEW_CLASSIFIER) and not resuming
         try:
             checkpoint = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
@@ -111,12 +146,14 @@ def dataset_variants(cfg):
     return {name: describe_dataset(name, root) for name in names}
 
 
-def save_results(cfg, results, name):
-    """Write the final metrics to OUTPUT_DIR/name (atomically) for scripts and comparisons."""
+def save_results(cfg, results, name, timing=None):
+    """Write the final metrics to OUTPUT_DIR/name (atomically) for scripts and comparisons, with
+    the datasets' variants and the trainer's ``timing`` (seconds) where given."""
     if not (comm.is_main_process() and cfg.OUTPUT_DIR and results):
         return
     path = os.path.join(cfg.OUTPUT_DIR, name)
-    text = json.dumps({**results, "datasets": dataset_variants(cfg)}, indent=2, default=float)
+    extra = {"datasets": dataset_variants(cfg), **({"timing": timing} if timing else {})}
+    text = json.dumps({**results, **extra}, indent=2, default=float)
 
     def write(tmp):
         with open(tmp, "w") as f:
@@ -149,7 +186,7 @@ def train_and_evaluate(args):
                     + os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
         return {}
     results = trainer.train()
-    save_results(cfg, results, "results.json")
+    save_results(cfg, results, "results.json", trainer.timing)
     if trainer.write_failures:                # the results are written; now say what was not
         raise trainer.write_failures[0]
     return results

@@ -84,22 +84,24 @@ class CLIPVisualBackbone(nn.Module):
         self.sie_coe = sie_coe
 
     def forward(
-        self, images: torch.Tensor, camids: Optional[torch.Tensor] = None, with_tokens: bool = True
+        self, images: torch.Tensor, camids: Optional[torch.Tensor] = None, with_tokens: bool = True,
+        sie: bool = True,
     ) -> CLIPVisualOutput:
-        """images: (B, 3, H, W) normalized; camids: (B,) long, needed with SIE."""
+        """images: (B, 3, H, W) normalized; camids: (B,) long, needed with SIE; ``sie=False`` runs
+        the tower without its camera embedding (CLIP-ReID's stage-1 image features)."""
         if self.is_vit:
-            return self._forward_vit(images, camids, with_tokens)
+            return self._forward_vit(images, camids, with_tokens, sie)
         return self._forward_resnet(images, with_tokens)
 
     def _forward_vit(
-        self, images: torch.Tensor, camids: Optional[torch.Tensor], with_tokens: bool
+        self, images: torch.Tensor, camids: Optional[torch.Tensor], with_tokens: bool, sie: bool = True
     ) -> CLIPVisualOutput:
         visual = self.visual
         x = visual.conv1(images)  # (B, C, gh, gw)
         x = x.flatten(2).transpose(1, 2)  # (B, M, C)
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, C)
         x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # (B, 1 + M, C)
-        if self.sie_embed is not None:
+        if self.sie_embed is not None and sie:
             if camids is None:
                 raise ValueError("SIE is on: CLIPVisualBackbone.forward needs camids")
             camera = self.sie_coe * self.sie_embed[camids].to(x.dtype)  # (B, C)
