@@ -1,4 +1,4 @@
-"""Every shipped config merges; every PromptSG config (ablations included) trains a step and
+"""Every shipped config merges; every PromptSG and CLIP-ReID config (ablations included) trains a step and
 evaluates on CPU with a tiny CLIP on the synthetic dataset, with every trainable parameter
 receiving a gradient (FastReID builds DistributedDataParallel without find_unused_parameters)."""
 import glob
@@ -58,6 +58,34 @@ def test_there_is_a_config_per_dataset_backbone_and_ablation():
             assert f"projects/PromptSG/configs/{ds}/ablations/{row}.yml" in names
 
 
+# Training images // 64 per epoch: CLIP-ReID's 10 warm-up epochs in FastReID's iterations.
+ITERATIONS_PER_EPOCH = {"Market1501": 12936 // 64, "MSMT17": 32621 // 64, "DukeMTMC": 16522 // 64, "CUHK03": 7368 // 64}
+
+
+def test_clip_reid_configs_hold_the_published_recipe():
+    """The values issue 31 lists from CLIP-ReID's vit_clipreid.yml and cnn_clipreid.yml."""
+    for ds, iterations in ITERATIONS_PER_EPOCH.items():
+        vit, olp, rn = (load(os.path.join(ROOT, f"projects/PromptSG/configs/{ds}/clipreid_{k}.yml"))
+                        for k in ("vit", "vit_sie_olp", "rn50"))
+        for cfg in (vit, olp, rn):
+            assert cfg.MODEL.META_ARCHITECTURE == "CLIPReID" and cfg.DATASETS.NAMES == (ds,)
+            s1 = cfg.SOLVER.STAGE1
+            assert (s1.IMS_PER_BATCH, s1.BASE_LR, s1.WARMUP_EPOCHS, s1.WARMUP_LR, s1.MIN_LR, s1.WEIGHT_DECAY) == (
+                64, 3.5e-4, 5, 1e-5, 1e-6, 1e-4)
+            assert (cfg.SOLVER.IMS_PER_BATCH, cfg.DATALOADER.NUM_INSTANCE, cfg.SOLVER.OPT) == (64, 4, "Adam")
+            assert (cfg.MODEL.LOSSES.TRI.SCALE, cfg.MODEL.LOSSES.TRI.MARGIN, cfg.MODEL.LOSSES.I2T.SCALE) == (1.0, 0.3, 1.0)
+            assert cfg.SOLVER.WARMUP_ITERS == 10 * iterations and cfg.MODEL.HEADS.NECK_FEAT == "before"
+        for cfg in (vit, olp):
+            assert (cfg.SOLVER.STAGE1.MAX_EPOCH, cfg.SOLVER.MAX_EPOCH, cfg.SOLVER.BASE_LR, cfg.SOLVER.WARMUP_FACTOR,
+                    list(cfg.SOLVER.STEPS), cfg.SOLVER.BIAS_LR_FACTOR, cfg.SOLVER.WEIGHT_DECAY,
+                    cfg.MODEL.LOSSES.CE.SCALE) == (120, 60, 5e-6, 0.1, [30, 50], 2.0, 1e-4, 0.25)
+        assert (vit.MODEL.CLIP.STRIDE, vit.MODEL.CLIP.SIE_CAMERA) == (16, False)
+        assert (olp.MODEL.CLIP.STRIDE, olp.MODEL.CLIP.SIE_CAMERA, olp.MODEL.CLIP.SIE_COE) == (12, True, 1.0)
+        assert (rn.MODEL.CLIP.NAME, rn.SOLVER.STAGE1.MAX_EPOCH, rn.SOLVER.MAX_EPOCH, rn.SOLVER.BASE_LR,
+                rn.SOLVER.WARMUP_FACTOR, rn.SOLVER.WEIGHT_DECAY, list(rn.SOLVER.STEPS), rn.MODEL.LOSSES.CE.SCALE) == (
+            "RN50", 60, 120, 3.5e-4, 0.01, 5e-4, [40, 70], 1.0)
+
+
 @pytest.mark.parametrize("path", BASELINE_CONFIGS, ids=_id)
 def test_fastreid_baseline_configs_merge(path):
     from fastreid.data.datasets import DATASET_REGISTRY
@@ -95,9 +123,11 @@ def tiny_overrides(cfg, num_classes):
 @pytest.mark.parametrize("path", PROMPTSG_CONFIGS, ids=_id)
 def test_promptsg_config_trains_a_step_and_evaluates(path, tiny_data):
     cfg = load(path)
-    assert cfg.MODEL.META_ARCHITECTURE == "PromptSG"
+    assert cfg.MODEL.META_ARCHITECTURE in ("PromptSG", "CLIPReID")
     train_set = CommDataset(tiny_data.train, build_transforms(cfg, is_train=True), relabel=True)
     cfg = tiny_overrides(cfg, train_set.num_classes)
+    if cfg.MODEL.CLIP.SIE_CAMERA:          # the tiny split's cameras, not the real dataset's
+        cfg.MODEL.CLIP.NUM_CAMERAS = len({c for _, _, c in tiny_data.train + tiny_data.query + tiny_data.gallery})
     train_set.transform = build_transforms(cfg, is_train=True)
     sampler = samplers.NaiveIdentitySampler(train_set.img_items, 16, cfg.DATALOADER.NUM_INSTANCE)
     loader = build_reid_train_loader(train_set=train_set, sampler=sampler, total_batch_size=16, num_workers=0)

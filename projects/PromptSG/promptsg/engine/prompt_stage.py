@@ -1,7 +1,8 @@
 """CLIP-ReID's stage 1 inside FastReID's trainer (the model: ``modeling/clip_reid.py``).
 
-``PromptLearningStage`` is a trainer hook: before stage 2's first step it gives the model its
-identity prompts and their frozen text features T, in one of three ways, logged:
+``prepare_identity_prompts`` runs in ``Trainer.train`` before stage 2's first step (before
+FastReID's training loop, so a stage-1 file that does not fit fails in one line): it gives the
+model its identity prompts and their frozen text features T, in one of three ways, logged:
 
     the resumed checkpoint     a ``--resume`` from a stage-2 checkpoint: the prompts and T are in it
     a stage-1 file             MODEL.CLIPREID.STAGE1_WEIGHTS, or with ``--resume`` OUTPUT_DIR's own
@@ -20,7 +21,6 @@ import time
 import torch
 from fastreid.data.common import CommDataset
 from fastreid.data.transforms import build_transforms
-from fastreid.engine.train_loop import HookBase
 from fastreid.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
@@ -32,34 +32,32 @@ logger = logging.getLogger(__name__)
 STAGE1_FILE = "clip_reid_stage1.pth"
 
 
-class PromptLearningStage(HookBase):
-    """Stage 1 before stage 2 (the module docstring); its time goes to ``trainer.timing``."""
-
-    def before_train(self):
-        trainer = self.trainer
-        cfg, model = trainer.cfg, unwrap(trainer.model)
-        if trainer.resumed:
-            logger.info("CLIP-ReID stage 1: the identity prompts and their text features come with the resumed "
-                        "checkpoint")
-            return
-        path = cfg.MODEL.CLIPREID.STAGE1_WEIGHTS
-        own = os.path.join(cfg.OUTPUT_DIR, STAGE1_FILE)
-        if not path and trainer.resuming and os.path.isfile(own):
-            path = own
-        start = time.perf_counter()
-        if path:
-            record = load_stage1(model, path)
-            logger.info("CLIP-ReID stage 1: read from %s (%d epochs, final loss %.4f)", path, record["epochs"],
-                        record["loss"][-1] if record["loss"] else float("nan"))
-        else:
-            if comm.is_main_process():
-                record = train_stage1(cfg, model, trainer.data_loader.dataset.img_items)
-                save_stage1(own, model, record)
-            comm.synchronize()
-            if not comm.is_main_process():
-                load_stage1(model, own)
-            trainer.timing["stage1_seconds"] = time.perf_counter() - start
-        model.refresh_identity_text()
+def prepare_identity_prompts(trainer):
+    """Stage 1 before stage 2 (the module docstring), called by ``Trainer.train`` before FastReID's
+    training loop starts; its time goes to ``trainer.timing``."""
+    cfg, model = trainer.cfg, unwrap(trainer.model)
+    if trainer.resumed:
+        logger.info("CLIP-ReID stage 1: the identity prompts and their text features come with the resumed "
+                    "checkpoint")
+        return
+    path = cfg.MODEL.CLIPREID.STAGE1_WEIGHTS
+    own = os.path.join(cfg.OUTPUT_DIR, STAGE1_FILE)
+    if not path and trainer.resuming and os.path.isfile(own):
+        path = own
+    start = time.perf_counter()
+    if path:
+        record = load_stage1(model, path)
+        logger.info("CLIP-ReID stage 1: read from %s (%d epochs, final loss %.4f)", path, record["epochs"],
+                    record["loss"][-1] if record["loss"] else float("nan"))
+    else:
+        if comm.is_main_process():
+            record = train_stage1(cfg, model, trainer.data_loader.dataset.img_items)
+            save_stage1(own, model, record)
+        comm.synchronize()
+        if not comm.is_main_process():
+            load_stage1(model, own)
+        trainer.timing["stage1_seconds"] = time.perf_counter() - start
+    model.refresh_identity_text()
 
 
 def unwrap(model):

@@ -11,9 +11,9 @@ alike, so comparisons stay like for like; ``promptsg.load`` and the tools evalua
     build_optimizer   FastReID's optimizer over the real parameters, in merged parameter groups,
                       fused with SOLVER.FUSED (``solver``)
     build_hooks       ``checkpoint.AtomicCheckpointer`` (whole loads, atomic saves, RNG states),
-                      ``model_final`` written once and before the final evaluation; for CLIP-ReID,
-                      its stage 1 before stage 2's first step (``prompt_stage.PromptLearningStage``);
-                      the evaluations timed apart from the training (``timing``)
+                      ``model_final`` written once and before the final evaluation; the
+                      evaluations timed apart from the training (``timing``)
+    train             for CLIP-ReID, its stage 1 first (``prompt_stage.prepare_identity_prompts``)
     build_writers     the training accuracy and PromptSG's alignment in the log
                       (``modeling.diagnostics.AlignmentPrinter``)
     resume_or_load    ``--resume`` continues the sampler and the RNG streams where the run stopped;
@@ -30,7 +30,7 @@ import time
 
 from fastreid.config import get_cfg
 from fastreid.engine import DefaultTrainer, default_setup
-from fastreid.engine.hooks import EvalHook, IterationTimer, PeriodicCheckpointer
+from fastreid.engine.hooks import EvalHook, PeriodicCheckpointer
 from fastreid.solver.build import build_optimizer
 from fastreid.utils import comm
 from fastreid.utils.env import seed_all_rng
@@ -44,7 +44,7 @@ from .checkpoint import (AtomicCheckpointer, PeriodicCheckpointerFinalOnce, Save
 from .evaluation import ChunkedReidEvaluator
 from .output_dir import OutputDirLock, check_new_run, remove_previous_run
 from .preflight import check_config, check_datasets, check_output_dir, check_weights, load_config
-from .prompt_stage import PromptLearningStage
+from .prompt_stage import prepare_identity_prompts
 from .solver import with_fused_kernels, with_merged_groups
 
 logger = logging.getLogger("promptsg")
@@ -88,10 +88,6 @@ class Trainer(DefaultTrainer):
         replace = {PeriodicCheckpointer: lambda h: PeriodicCheckpointerFinalOnce(self.checkpointer, h.period),
                    EvalHook: lambda h: EvalHook(self.cfg.TEST.EVAL_PERIOD, self.timed_test)}
         hooks = [replace[type(h)](h) if type(h) in replace else h for h in super().build_hooks()]
-        if self.cfg.MODEL.META_ARCHITECTURE == "CLIPReID":
-            # after FastReID's IterationTimer, whose after_train (run even when a hook fails) needs its before_train
-            first = next(i for i, h in enumerate(hooks) if isinstance(h, IterationTimer)) + 1
-            hooks.insert(first, PromptLearningStage())
         return [SaveFinalBeforeEvaluation(self.checkpointer)] + hooks
 
     def timed_test(self):
@@ -104,6 +100,8 @@ class Trainer(DefaultTrainer):
     def train(self):
         start = time.perf_counter()
         try:
+            if self.cfg.MODEL.META_ARCHITECTURE == "CLIPReID":
+                prepare_identity_prompts(self)          # CLIP-ReID's stage 1, before stage 2's loop
             return super().train()
         finally:
             self.timing["train_seconds"] = (time.perf_counter() - start - self.timing["evaluation_seconds"]
