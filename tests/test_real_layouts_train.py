@@ -27,8 +27,11 @@ SMALL = ["INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]", "SOLVER.
          "SEED", "0"]
 TINY_VIT = ["MODEL.CLIP.NAME", "tiny-ViT", "MODEL.CLIP.PRETRAINED", "", "MODEL.CLIP.STRIDE", "16",
             "MODEL.PROMPTSG.MIM.HEADS", "2"]
-SHRINK = {"vit.yml": TINY_VIT, "clip_baseline.yml": TINY_VIT,
-          "rn50.yml": ["MODEL.CLIP.NAME", "tiny-RN", "MODEL.CLIP.PRETRAINED", "", "MODEL.PROMPTSG.MIM.HEADS", "2"],
+TINY_RN = ["MODEL.CLIP.NAME", "tiny-RN", "MODEL.CLIP.PRETRAINED", "", "MODEL.PROMPTSG.MIM.HEADS", "2"]
+STAGE1 = ["SOLVER.STAGE1.MAX_EPOCH", "1", "SOLVER.STAGE1.IMS_PER_BATCH", "16"]     # CLIP-ReID's stage 1, shortened
+SHRINK = {"vit.yml": TINY_VIT, "clip_baseline.yml": TINY_VIT, "rn50.yml": TINY_RN,
+          "clipreid_vit.yml": TINY_VIT + STAGE1, "clipreid_vit_sie_olp.yml": TINY_VIT + STAGE1,
+          "clipreid_rn50.yml": TINY_RN + STAGE1,
           "bagtricks_vit.yml": ["MODEL.BACKBONE.DEPTH", "small", "MODEL.BACKBONE.PRETRAIN", "False",
                                 "SOLVER.FREEZE_ITERS", "0"],
           "R50": ["MODEL.BACKBONE.DEPTH", "18x", "MODEL.BACKBONE.FEAT_DIM", "512", "MODEL.BACKBONE.PRETRAIN", "False",

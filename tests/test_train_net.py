@@ -313,6 +313,7 @@ def test_seed_reproduces_a_training_run(datasets_root, tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"SEED {seed}: RNGs seeded with {seed}" in (out_dir / "log.txt").read_text()
         results[tag] = read(out_dir / "results.json")
+        assert set(results[tag].pop("timing")) == {"train_seconds", "evaluation_seconds"}   # seconds: not seeded
         weights[tag] = torch.load(out_dir / "model_final.pth", weights_only=False)["model"]
     assert results["a"] == results["b"]
     assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
