@@ -23,14 +23,13 @@ from promptsg.modeling.prompt import build_prompt_composer
 from tiny_runs import ROOT, TINY, load_tool, one_line_error, run
 
 CLIPREID_CFG = f"{ROOT}/projects/PromptSG/configs/Synthetic/clipreid_small_vit.yml"
-CLIPREID_TINY = TINY      # (its MODEL.PROMPTSG key is PromptSG's, unread by CLIPReID)
 PROMPT = "A photo of a X X X X person."
 
 
 def build(*opts, num_classes=5):
     cfg = promptsg.add_promptsg_config(get_cfg())
     cfg.merge_from_file(CLIPREID_CFG)
-    cfg.merge_from_list([*CLIPREID_TINY, "MODEL.HEADS.NUM_CLASSES", str(num_classes), *opts])
+    cfg.merge_from_list([*TINY, "MODEL.HEADS.NUM_CLASSES", str(num_classes), *opts])
     torch.manual_seed(0)
     return cfg, Trainer.build_model(cfg)
 
@@ -169,7 +168,7 @@ def test_stage1_learning_rate_warms_up_linearly_then_follows_the_cosine():
 
 STAGE1_SHORT = ["SOLVER.STAGE1.MAX_EPOCH", "30", "SOLVER.STAGE1.IMS_PER_BATCH", "16",
                 "SOLVER.STAGE1.BASE_LR", "0.01", "SOLVER.STAGE1.WARMUP_EPOCHS", "2"]
-WHOLE = ["--config-file", CLIPREID_CFG, *CLIPREID_TINY, *STAGE1_SHORT, "SOLVER.MAX_EPOCH", "3",
+WHOLE = ["--config-file", CLIPREID_CFG, *TINY, *STAGE1_SHORT, "SOLVER.MAX_EPOCH", "3",
          "TEST.EVAL_PERIOD", "3", "SOLVER.CHECKPOINT_PERIOD", "1", "SEED", "3"]
 
 

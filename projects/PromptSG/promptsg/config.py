@@ -182,8 +182,6 @@ def validate_promptsg_config(cfg):
         fail(f"MODEL.PROMPTSG.MIM.MAP_CONTRAST must be a positive number, got {p.MIM.MAP_CONTRAST!r}")
     if p.FEATURE not in ("mim", "concat"):
         fail(f"MODEL.PROMPTSG.FEATURE must be 'mim' or 'concat', got {p.FEATURE!r}")
-    if cfg.MODEL.HEADS.NECK_FEAT not in ("before", "after"):
-        fail(f"MODEL.HEADS.NECK_FEAT must be 'before' or 'after', got {cfg.MODEL.HEADS.NECK_FEAT!r}")
     if not 0.0 <= p.SIMPLIFIED_QUERY_SHARE <= 1.0:
         fail(f"MODEL.PROMPTSG.SIMPLIFIED_QUERY_SHARE must be in [0, 1], got {p.SIMPLIFIED_QUERY_SHARE}")
     if p.SIMPLIFIED_QUERY_SHARE > 0 and not (p.COMPOSE_TRAIN and p.MIM.CROSS_LAYERS > 0 and p.MIM.QUERY == "pooled"):
@@ -219,8 +217,6 @@ def validate_clipreid_config(cfg):
                          f"MODEL.LOSSES.CE.SCALE, TRI.SCALE and I2T.SCALE), got {list(names)}")
     if cfg.MODEL.HEADS.NAME != "CLIPReIDHead":
         raise ValueError(f"MODEL.HEADS.NAME must be CLIPReIDHead for CLIPReID, got {cfg.MODEL.HEADS.NAME!r}")
-    if cfg.MODEL.HEADS.NECK_FEAT not in ("before", "after"):
-        raise ValueError(f"MODEL.HEADS.NECK_FEAT must be 'before' or 'after', got {cfg.MODEL.HEADS.NECK_FEAT!r}")
     for key in ("MAX_EPOCH", "IMS_PER_BATCH"):
         if not (isinstance(s1[key], int) and s1[key] >= 1):
             raise ValueError(f"SOLVER.STAGE1.{key} must be an integer >= 1, got {s1[key]!r}")
@@ -235,6 +231,8 @@ def validate_clipreid_config(cfg):
 
 def validate_clip_towers(cfg):
     """What every model on CLIP's towers needs of the input and MODEL.CLIP."""
+    if cfg.MODEL.HEADS.NECK_FEAT not in ("before", "after"):
+        raise ValueError(f"MODEL.HEADS.NECK_FEAT must be 'before' or 'after', got {cfg.MODEL.HEADS.NECK_FEAT!r}")
     if list(cfg.INPUT.SIZE_TRAIN) != list(cfg.INPUT.SIZE_TEST):
         raise ValueError(f"INPUT.SIZE_TEST {list(cfg.INPUT.SIZE_TEST)} must equal INPUT.SIZE_TRAIN "
                          f"{list(cfg.INPUT.SIZE_TRAIN)}: CLIP's position embeddings are sized for one grid")

@@ -15,6 +15,7 @@ Stage 1 draws its batches from its own generator (seeded by SEED), so stage 2 st
 RNG state whether stage 1 ran here or came from a file.
 """
 import logging
+import math
 import os
 import time
 
@@ -122,7 +123,7 @@ def train_stage1(cfg, model, img_items):
                 optimizer.step()
                 total += loss.detach()
             losses.append(float(total) / steps)
-            if not torch.isfinite(torch.tensor(losses[-1])):
+            if not math.isfinite(losses[-1]):
                 raise FloatingPointError(f"CLIP-ReID stage 1: the loss is {losses[-1]} in epoch {epoch + 1}; "
                                          f"lower SOLVER.STAGE1.BASE_LR ({s1.BASE_LR})")
             if epoch == 0 or (epoch + 1) % 10 == 0 or epoch + 1 == s1.MAX_EPOCH:

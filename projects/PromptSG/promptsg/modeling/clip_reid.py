@@ -35,6 +35,7 @@ from ..utils.deferred_log import DeferredScalars
 from ..utils.distributed import GlobalBatchNorm1d, gather_batch, world_size
 from .clip_weights import create_clip_model
 from .losses import cross_entropy_loss, top1_accuracy, triplet_loss
+from .meta_arch import PromptSG
 from .prompt import build_prompt_composer
 from .supcon import symmetric_supcon_loss
 
@@ -155,9 +156,7 @@ class CLIPReID(nn.Module):
     def device(self):
         return self.pixel_mean.device
 
-    def preprocess_image(self, batched_inputs):
-        images = batched_inputs["images"] if isinstance(batched_inputs, dict) else batched_inputs
-        return (images.to(self.device) - self.pixel_mean) / self.pixel_std
+    preprocess_image = PromptSG.preprocess_image      # the same normalisation by pixel_mean / pixel_std
 
     def forward(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
