@@ -156,12 +156,14 @@ def test_stage1_loss_equals_a_hand_computation_on_raw_features():
 
 
 def test_stage1_learning_rate_warms_up_linearly_then_follows_the_cosine():
-    lr = [stage1_learning_rate(e, 3.5e-4, 1e-5, 5, 1e-6, 120) for e in range(120)]
-    assert lr[0] == pytest.approx(1e-5)
-    assert lr[4] == pytest.approx(1e-5 + 4 * (3.5e-4 - 1e-5) / 5)
-    assert lr[5] == pytest.approx(1e-6 + 0.5 * (3.5e-4 - 1e-6) * (1 + math.cos(math.pi * 5 / 120)))
-    assert all(a < b for a, b in zip(lr[:5], lr[1:6])) and all(a > b for a, b in zip(lr[5:], lr[6:]))
-    assert lr[-1] == pytest.approx(1e-6, abs=1e-7)
+    """Epochs 1 .. 120, as CLIP-ReID's loop steps timm's scheduler: the first epoch one warm-up step
+    above WARMUP_LR, the last exactly at MIN_LR."""
+    lr = [stage1_learning_rate(e, 3.5e-4, 1e-5, 5, 1e-6, 120) for e in range(1, 121)]
+    assert lr[0] == pytest.approx(1e-5 + (3.5e-4 - 1e-5) / 5)
+    assert lr[3] == pytest.approx(1e-5 + 4 * (3.5e-4 - 1e-5) / 5)
+    assert lr[4] == pytest.approx(1e-6 + 0.5 * (3.5e-4 - 1e-6) * (1 + math.cos(math.pi * 5 / 120)))
+    assert all(a < b for a, b in zip(lr[:4], lr[1:5])) and all(a > b for a, b in zip(lr[4:], lr[5:]))
+    assert lr[-1] == pytest.approx(1e-6, rel=1e-9)
 
 
 # ---- both stages through tools/train_net.py ----
@@ -191,18 +193,21 @@ def assert_same_weights(a, b):
 
 
 def test_one_command_trains_both_stages_and_stage1_falls_well_below_chance(whole_run):
-    """Stage 1's loss on the tiny split ends at 0.67 of chance (3.74 against 2 log 16 = 5.55, from
-    14.1 in its first epoch; measured 2026-12-07). Half of chance is out of reach on the synthetic
-    data: with the frozen encoder's raw features even each identity's mean image feature as its text
-    feature scores above chance (docs/EXPERIMENTS.md, "CLIP-ReID beside PromptSG")."""
+    """Stage 1's loss on the tiny split (83 images: five batches of 16 and one of 3 an epoch) ends at
+    0.58 of chance (2.89 against 4.99, from 9.19 in its first epoch; measured 2026-12-07). Half of
+    chance is out of reach through the frozen text tower: free per-identity text vectors fit the
+    same features far better (docs/EXPERIMENTS.md, "CLIP-ReID beside PromptSG")."""
     out, log = whole_run
     results = json.loads((out / "results.json").read_text())
     assert 0 <= results["mAP"] <= 100
     assert set(results["timing"]) == {"stage1_seconds", "train_seconds", "evaluation_seconds"}
     stage1 = torch.load(out / STAGE1_FILE, map_location="cpu", weights_only=True)
-    chance = 2 * math.log(16)            # each direction: log of the batch, every similarity equal
+    # chance, every similarity equal: 2 log(batch) a batch (each direction), averaged over the epoch
+    sizes = [min(16, stage1["images"] - start) for start in range(0, stage1["images"], 16)]
+    chance = sum(2 * math.log(size) for size in sizes) / len(sizes)
     loss = stage1["loss"]
-    assert stage1["epochs"] == 30 and loss[-1] <= 0.75 * chance and loss[-1] <= 0.3 * loss[0], loss
+    assert stage1["images"] == 83 and stage1["epochs"] == 30
+    assert loss[-1] <= 0.65 * chance and loss[-1] <= 0.35 * loss[0], loss
     # stage 2 read the learned prompts: its T is their text features
     model_state = final_weights(out)
     assert torch.equal(model_state["prompts.context"], stage1["context"])

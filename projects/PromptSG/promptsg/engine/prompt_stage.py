@@ -90,8 +90,8 @@ def image_features(cfg, model, img_items):
 
 def train_stage1(cfg, model, img_items):
     """Stage 1: the context tokens trained alone, for SOLVER.STAGE1.MAX_EPOCH epochs of shuffled
-    batches of SOLVER.STAGE1.IMS_PER_BATCH images (the last partial batch dropped, as CLIP-ReID
-    does). Returns the record ``save_stage1`` writes: the loss of each epoch, its seconds."""
+    batches of SOLVER.STAGE1.IMS_PER_BATCH images (the remainder a smaller last batch, as in
+    CLIP-ReID's loop). Returns the record ``save_stage1`` writes: the loss of each epoch, its seconds."""
     s1 = cfg.SOLVER.STAGE1
     start = time.perf_counter()
     feats, labels = image_features(cfg, model, img_items)
@@ -107,12 +107,12 @@ def train_stage1(cfg, model, img_items):
     losses = []
     try:
         for epoch in range(s1.MAX_EPOCH):
-            lr = stage1_learning_rate(epoch, s1.BASE_LR, s1.WARMUP_LR, s1.WARMUP_EPOCHS, s1.MIN_LR, s1.MAX_EPOCH)
+            lr = stage1_learning_rate(epoch + 1, s1.BASE_LR, s1.WARMUP_LR, s1.WARMUP_EPOCHS, s1.MIN_LR, s1.MAX_EPOCH)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             order = torch.randperm(len(feats), generator=generator).to(feats.device)
             total = feats.new_zeros(())
-            steps = len(feats) // batch
+            steps = math.ceil(len(feats) / batch)
             for step in range(steps):
                 rows = order[step * batch:(step + 1) * batch]
                 with torch.autocast(model.device.type, enabled=amp):

@@ -213,9 +213,10 @@ def stage1_loss(image_features, text_features, labels, temperature=1.0):
 
 
 def stage1_learning_rate(epoch, base_lr, warmup_lr, warmup_epochs, min_lr, epochs):
-    """Stage 1's learning rate in ``epoch`` (0-based), as CLIP-ReID sets it once per epoch: linear
-    from ``warmup_lr`` over ``warmup_epochs``, then a cosine from ``base_lr`` (at epoch 0 of the
-    cosine's span, ``epochs`` long) to ``min_lr``."""
+    """Stage 1's learning rate in ``epoch``, counted from 1 as CLIP-ReID's loop passes it to timm's
+    cosine scheduler (``scheduler.step(epoch)`` for epoch 1 .. ``epochs``): linear from ``warmup_lr``
+    (epoch 0, never used) over ``warmup_epochs``, then a cosine from ``base_lr`` (at epoch 0 of the
+    cosine's span, ``epochs`` long) down to ``min_lr`` at epoch ``epochs``."""
     if epoch < warmup_epochs:
         return warmup_lr + epoch * (base_lr - warmup_lr) / warmup_epochs
     return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * epoch / epochs))
