@@ -263,3 +263,53 @@ def test_a_clip_reid_run_compares_and_embeds_as_the_evaluation_does(whole_run, t
     width = run_.model.backbone.width + run_.model.backbone.out_dim         # [x12; v]
     images = sorted(str(p) for p in datasets_root.glob("**/query/*.jpg"))[:3]
     assert len(images) == 3 and run_.embed(images).shape == (3, width)
+
+
+# ---- tools/probe_stage1.py: stage 1 against chance and against free text vectors ----
+
+def test_stage1_reference_points_against_hand_values():
+    from promptsg.analysis.stage1 import class_means, epoch_chance, epoch_loss, fit_free_text
+    # 83 images in batches of 16: five of 16 and one of 3
+    assert epoch_chance(83, 16) == pytest.approx((5 * 2 * math.log(16) + 2 * math.log(3)) / 6)
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(6), 7)
+    feats = rng.normal(size=(42, 5)).astype(np.float32)
+    expected = np.stack([feats[labels == c].mean(0) for c in range(6)])
+    got = class_means(torch.tensor(feats), torch.tensor(labels))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-6)
+    # all-zero text: every logit 0, so the loss is chance exactly, batch by batch
+    zero = torch.zeros(6, 5)
+    assert epoch_loss(torch.tensor(feats), torch.tensor(labels), zero, 16) == pytest.approx(epoch_chance(42, 16))
+    # separable identities: free vectors fit them far below chance
+    centres = torch.eye(6, 8) * 6
+    separable = centres[torch.tensor(labels)] + 0.1 * torch.randn(42, 8, generator=torch.Generator().manual_seed(0))
+    _, losses = fit_free_text(separable, torch.tensor(labels), 16, norm=6.0, epochs=30, lr=0.05)
+    assert losses[-1] < 0.5 * epoch_chance(42, 16) and losses[-1] < losses[0]
+
+
+def test_probe_stage1_reads_a_run_and_refuses_a_promptsg_config(tmp_path, datasets_root, monkeypatch, capsys):
+    """A run from a CLIP checkpoint file (the probe's features are then the run's own), one stage-2
+    epoch: the probe's loss of the learned prompts is the last stage-1 epoch's, to batch order."""
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny-ViT.pt"
+    torch.save(open_clip.create_model("tiny-ViT").state_dict(), weights)
+    clip = ["MODEL.CLIP.PRETRAINED", str(weights), "MODEL.CLIP.ACTIVATION", "gelu"]
+    out = tmp_path / "run"
+    result = run(["--config-file", CLIPREID_CFG, *TINY, *STAGE1_SHORT, *clip, "SOLVER.MAX_EPOCH", "1",
+                  "TEST.EVAL_PERIOD", "1", "OUTPUT_DIR", str(out)], datasets_root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.setenv("FASTREID_DATASETS", str(datasets_root))
+    tool = load_tool("probe_stage1")
+    result = tool.main(["--config-file", CLIPREID_CFG, "--stage1", str(out / STAGE1_FILE), "--free-epochs", "30",
+                        "--json", *TINY, *STAGE1_SHORT, *clip])
+    stage1 = torch.load(out / STAGE1_FILE, map_location="cpu", weights_only=True)
+    assert result["images"] == stage1["images"] == 83 and result["batch"] == 16
+    assert result["chance"] == pytest.approx((5 * 2 * math.log(16) + 2 * math.log(3)) / 6)
+    assert result["learned_prompts"] == pytest.approx(stage1["loss"][-1], rel=0.15)
+    assert result["learned_prompts"] < result["chance"]
+    assert result["free_vectors"] < result["learned_prompts"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["learned_prompts"] == result["learned_prompts"]
+    with pytest.raises(SystemExit, match="not CLIPReID"):
+        tool.main(["--config-file", f"{ROOT}/projects/PromptSG/configs/Synthetic/promptsg_small_vit.yml", *TINY])
+    with pytest.raises(SystemExit, match="stage-1 file not found: .*missing.pth"):
+        tool.main(["--config-file", CLIPREID_CFG, "--stage1", str(out / "missing.pth"), *TINY])
