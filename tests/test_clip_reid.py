@@ -168,7 +168,8 @@ def test_stage1_learning_rate_warms_up_linearly_then_follows_the_cosine():
 
 # ---- both stages through tools/train_net.py ----
 
-STAGE1_SHORT = ["SOLVER.STAGE1.MAX_EPOCH", "30", "SOLVER.STAGE1.IMS_PER_BATCH", "16",
+# CLIP-ReID's 120 epochs; batches of 8 on the 8 identities, so that few batches hold an identity twice
+STAGE1_SHORT = ["SOLVER.STAGE1.MAX_EPOCH", "120", "SOLVER.STAGE1.IMS_PER_BATCH", "8",
                 "SOLVER.STAGE1.BASE_LR", "0.01", "SOLVER.STAGE1.WARMUP_EPOCHS", "2"]
 WHOLE = ["--config-file", CLIPREID_CFG, *TINY, *STAGE1_SHORT, "SOLVER.MAX_EPOCH", "3",
          "TEST.EVAL_PERIOD", "3", "SOLVER.CHECKPOINT_PERIOD", "1", "SEED", "3"]
@@ -192,27 +193,28 @@ def assert_same_weights(a, b):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_one_command_trains_both_stages_and_stage1_falls_well_below_chance(whole_run):
-    """Stage 1's loss on the tiny split (83 images: five batches of 16 and one of 3 an epoch) ends at
-    0.58 of chance (2.89 against 4.99, from 9.19 in its first epoch; measured 2026-12-07). Half of
-    chance is out of reach through the frozen text tower: free per-identity text vectors fit the
-    same features far better (docs/EXPERIMENTS.md, "CLIP-ReID beside PromptSG")."""
+def test_one_command_trains_both_stages_and_stage1_falls_to_half_of_chance(whole_run):
+    """Stage 1 on the tiny split (83 images: ten batches of 8 and one of 3 an epoch), CLIP-ReID's 120
+    epochs: its last five epochs average at most half of chance. Measured 2026-12-07: 0.43 of chance
+    at this seed, 0.43 +- 0.05 over the tiny CLIPs of seeds 0-4 (0.52 at seed 0). Batches of 8 on 8
+    identities keep the floor low (an identity k times in a batch costs at least 2 log k: 0.24 of
+    chance here, 0.32 with batches of 16, which ended at 0.58 after 30 epochs)."""
     out, log = whole_run
     results = json.loads((out / "results.json").read_text())
     assert 0 <= results["mAP"] <= 100
     assert set(results["timing"]) == {"stage1_seconds", "train_seconds", "evaluation_seconds"}
     stage1 = torch.load(out / STAGE1_FILE, map_location="cpu", weights_only=True)
     # chance, every similarity equal: 2 log(batch) a batch (each direction), averaged over the epoch
-    sizes = [min(16, stage1["images"] - start) for start in range(0, stage1["images"], 16)]
+    sizes = [min(8, stage1["images"] - start) for start in range(0, stage1["images"], 8)]
     chance = sum(2 * math.log(size) for size in sizes) / len(sizes)
     loss = stage1["loss"]
-    assert stage1["images"] == 83 and stage1["epochs"] == 30
-    assert loss[-1] <= 0.65 * chance and loss[-1] <= 0.35 * loss[0], loss
+    assert stage1["images"] == 83 and stage1["epochs"] == 120 and len(sizes) == 11
+    assert sum(loss[-5:]) / 5 <= 0.5 * chance and loss[-1] <= 0.3 * loss[0], loss
     # stage 2 read the learned prompts: its T is their text features
     model_state = final_weights(out)
     assert torch.equal(model_state["prompts.context"], stage1["context"])
     assert model_state["identity_text"].abs().sum() > 0
-    assert "CLIP-ReID stage 1: epoch 30/30" in log
+    assert "CLIP-ReID stage 1: epoch 120/120" in log
 
 
 def test_resume_in_stage2_skips_stage1_and_trains_the_uninterrupted_weights(whole_run, tmp_path, datasets_root):
@@ -268,7 +270,7 @@ def test_a_clip_reid_run_compares_and_embeds_as_the_evaluation_does(whole_run, t
 # ---- tools/probe_stage1.py: stage 1 against chance and against free text vectors ----
 
 def test_stage1_reference_points_against_hand_values():
-    from promptsg.analysis.stage1 import class_means, epoch_chance, epoch_loss, fit_free_text
+    from promptsg.analysis.stage1 import class_means, epoch_chance, epoch_floor, epoch_loss, fit_free_text
     # 83 images in batches of 16: five of 16 and one of 3
     assert epoch_chance(83, 16) == pytest.approx((5 * 2 * math.log(16) + 2 * math.log(3)) / 6)
     rng = np.random.default_rng(0)
@@ -283,8 +285,16 @@ def test_stage1_reference_points_against_hand_values():
     # separable identities: free vectors fit them far below chance
     centres = torch.eye(6, 8) * 6
     separable = centres[torch.tensor(labels)] + 0.1 * torch.randn(42, 8, generator=torch.Generator().manual_seed(0))
-    _, losses = fit_free_text(separable, torch.tensor(labels), 16, norm=6.0, epochs=30, lr=0.05)
+    free, losses = fit_free_text(separable, torch.tensor(labels), 16, norm=6.0, epochs=30, lr=0.05)
     assert losses[-1] < 0.5 * epoch_chance(42, 16) and losses[-1] < losses[0]
+    # the floor: one batch of identities 0, 0, 0, 1 gives k = 3, 3, 3, 1
+    assert epoch_floor(torch.tensor([0, 0, 0, 1]), 4) == pytest.approx(2 * 3 * math.log(3) / 4)
+    assert epoch_floor(torch.arange(10), 4) == 0
+    # no loss goes below it, and free vectors on separable identities come close
+    floor = epoch_floor(torch.tensor(labels), 16)
+    assert 0 < floor <= epoch_loss(separable, torch.tensor(labels), class_means(separable, torch.tensor(labels)), 16)
+    free_loss = epoch_loss(separable, torch.tensor(labels), free, 16)
+    assert floor <= free_loss < floor + 0.25 * (epoch_chance(42, 16) - floor), (floor, free_loss)
 
 
 def test_probe_stage1_reads_a_run_and_refuses_a_promptsg_config(tmp_path, datasets_root, monkeypatch, capsys):
@@ -303,11 +313,10 @@ def test_probe_stage1_reads_a_run_and_refuses_a_promptsg_config(tmp_path, datase
     result = tool.main(["--config-file", CLIPREID_CFG, "--stage1", str(out / STAGE1_FILE), "--free-epochs", "30",
                         "--json", *TINY, *STAGE1_SHORT, *clip])
     stage1 = torch.load(out / STAGE1_FILE, map_location="cpu", weights_only=True)
-    assert result["images"] == stage1["images"] == 83 and result["batch"] == 16
-    assert result["chance"] == pytest.approx((5 * 2 * math.log(16) + 2 * math.log(3)) / 6)
+    assert result["images"] == stage1["images"] == 83 and result["batch"] == 8
+    assert result["chance"] == pytest.approx((10 * 2 * math.log(8) + 2 * math.log(3)) / 11)
     assert result["learned_prompts"] == pytest.approx(stage1["loss"][-1], rel=0.15)
-    assert result["learned_prompts"] < result["chance"]
-    assert result["free_vectors"] < result["learned_prompts"]
+    assert result["floor"] <= result["free_vectors"] < result["learned_prompts"] < result["chance"]
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["learned_prompts"] == result["learned_prompts"]
     with pytest.raises(SystemExit, match="not CLIPReID"):
         tool.main(["--config-file", f"{ROOT}/projects/PromptSG/configs/Synthetic/promptsg_small_vit.yml", *TINY])

@@ -1,11 +1,13 @@
 """How far CLIP-ReID's stage 1 got, against chance and against what its features allow.
 
 Stage 1 ties one text feature per identity to the frozen image features (``stage1_loss``), but the
-text features can only be what the frozen text tower makes of four context tokens. Three reference
+text features can only be what the frozen text tower makes of four context tokens. Four reference
 points on the same features and the same batches tell apart a prompt learner that is held back by
 the text tower from one held back by the features themselves:
 
     chance        every similarity equal: 2 log(batch) a batch, averaged over the epoch's batches
+    floor         the least any per-identity text can reach: an item whose identity appears k times
+                  in its batch shares its probability among k equal positives, log k each direction
     class means   each identity's mean image feature as its text feature (no training)
     free vectors  one unconstrained vector per identity, trained with the same loss and batches
                   (from the class means, scaled to the learned text features' mean norm): the
@@ -31,6 +33,17 @@ def epoch_chance(num_images, batch):
     """The epoch-mean stage-1 loss when every similarity is equal."""
     sizes = [min(batch, num_images - start) for start in range(0, num_images, batch)]
     return sum(2 * math.log(size) for size in sizes) / len(sizes)
+
+
+def epoch_floor(labels, batch, seed=0):
+    """The epoch-mean stage-1 loss's lower bound on ``epoch_loss``'s batches: 2 log k for an item
+    whose identity appears k times in its batch, averaged over the batch, then over the epoch."""
+    rows = batches(len(labels), batch, torch.Generator().manual_seed(seed))
+    total = 0.0
+    for r in rows:
+        same = (labels[r][:, None] == labels[r][None, :]).sum(1).double()
+        total += float(2 * same.log().mean())
+    return total / len(rows)
 
 
 @torch.no_grad()
@@ -81,14 +94,14 @@ def stage1_reference_points(feats, labels, text, batch, free_epochs=120, free_lr
     ``labels`` (N,) and the learned text features ``text`` (C, E)."""
     feats, labels, text = feats.float().cpu(), labels.cpu(), text.float().cpu()
     norm = float(text.norm(dim=1).mean())
-    _, free_losses = fit_free_text(feats, labels, batch, norm, free_epochs, free_lr, seed)
+    free, _ = fit_free_text(feats, labels, batch, norm, free_epochs, free_lr, seed)
     return {
         "images": len(feats), "identities": len(text), "batch": batch,
         "image_norm": float(feats.norm(dim=1).mean()), "text_norm": norm,
         "image_mean_cos": mean_pairwise_cosine(feats), "text_mean_cos": mean_pairwise_cosine(text),
-        "chance": epoch_chance(len(feats), batch),
+        "chance": epoch_chance(len(feats), batch), "floor": epoch_floor(labels, batch, seed),
         "learned_prompts": epoch_loss(feats, labels, text, batch, seed),
         "class_means": epoch_loss(feats, labels, class_means(feats, labels), batch, seed),
-        "free_vectors": free_losses[-1],
+        "free_vectors": epoch_loss(feats, labels, free, batch, seed),
         "free_epochs": free_epochs, "free_lr": free_lr,
     }
