@@ -15,7 +15,6 @@ the config's pretrained CLIP with freshly initialised heads (f_theta's BatchNorm
 running statistics: s* is the MLP's output).
 """
 import argparse
-import json
 import math
 import os
 import sys
@@ -33,6 +32,7 @@ from promptsg.modeling.diagnostics import alignment_diagnostics, mean_pairwise_c
 from promptsg.engine.preflight import InputError, check_weights, load_config
 from promptsg.modeling.supcon import supcon_loss
 from promptsg.engine.trainer import Trainer
+from promptsg.utils.records import print_figures
 
 
 def parse_args(argv=None):
@@ -117,11 +117,7 @@ def main(argv=None):
     if cfg.MODEL.WEIGHTS:
         load_for_inference(model, cfg.MODEL.WEIGHTS)
     result = probe(model, images, targets)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:28s} {value:.4f}" if isinstance(value, float) else f"{key:28s} {value}")
+    print_figures(result, args.json)
     return result
 
 

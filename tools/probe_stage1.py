@@ -14,7 +14,6 @@ cosine and norm of the image and text features. Learned prompts far above the fr
 loss are held back by the frozen text tower, not by the image features.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -27,6 +26,7 @@ from promptsg.analysis.stage1 import stage1_reference_points
 from promptsg.engine.preflight import InputError, load_config
 from promptsg.engine.prompt_stage import STAGE1_FILE, image_features, load_stage1
 from promptsg.engine.trainer import Trainer
+from promptsg.utils.records import print_figures
 
 
 def parse_args(argv=None):
@@ -70,11 +70,7 @@ def main(argv=None):
     result = {"stage1_file": path, **stage1_reference_points(
         feats, labels, model.identity_text, cfg.SOLVER.STAGE1.IMS_PER_BATCH, args.free_epochs, args.free_lr,
         seed=max(cfg.SEED, 0))}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:18s} {value:.4f}" if isinstance(value, float) else f"{key:18s} {value}")
+    print_figures(result, args.json)
     return result
 
 

@@ -77,3 +77,14 @@ def write_record(stem, results, text):
             write(f)
         os.replace(path + ".tmp", path)
     return paths
+
+
+def print_figures(figures, as_json=False):
+    """A probe's figures on standard output: one JSON object, or a line per key with floats to 4
+    places, the keys in a column."""
+    if as_json:
+        print(json.dumps(figures))
+        return
+    width = max(map(len, figures), default=0) + 2
+    for key, value in figures.items():
+        print(f"{key:{width}s}{value:.4f}" if isinstance(value, float) else f"{key:{width}s}{value}")
