@@ -9,9 +9,9 @@ computes every training image's feature through the frozen visual encoder as sta
 prints the stage-1 loss (epoch mean, SOLVER.STAGE1.IMS_PER_BATCH a batch) of: the learned
 prompts' text features, each identity's mean image feature, and free per-identity vectors
 trained with the same loss (``promptsg.analysis.stage1``), beside chance and the floor that
-identities repeated within a batch set; and the mean pairwise
-cosine and norm of the image and text features. Learned prompts far above the free vectors'
-loss are held back by the frozen text tower, not by the image features.
+identities repeated within a batch set; and the mean pairwise cosine and norm of the image and
+text features. Learned prompts far above the free vectors' loss are held back by the frozen text
+tower, not by the image features.
 """
 import argparse
 import os
