@@ -105,6 +105,10 @@ def add_promptsg_config(cfg):
     cfg.MODEL.LOSSES.SUPCON.I2T = True
     # Use the text-to-image term L_t2i (Table 3 row c turns it off).
     cfg.MODEL.LOSSES.SUPCON.T2I = True
+    # Beyond the paper, for the map fusions (MIM.FUSION learned_map / clip_map): the weight of a
+    # second L_SupCon between the prompt's map pool of the patch tokens, sum_m a_m p_m, and l_p,
+    # which asks the map to pick the patches the prompt describes (0: off).
+    cfg.MODEL.LOSSES.SUPCON.MAP_SCALE = 0.0
 
     # ---- CLIP-ReID (promptsg/modeling/clip_reid.py, MODEL.META_ARCHITECTURE CLIPReID) ----
     cfg.MODEL.CLIPREID = CN()
@@ -200,6 +204,12 @@ def validate_promptsg_config(cfg):
     if cfg.MODEL.LOSSES.SUPCON.TEMPERATURE < 0:
         fail(f"MODEL.LOSSES.SUPCON.TEMPERATURE must be > 0, or 0 for CLIP's own temperature, "
              f"got {cfg.MODEL.LOSSES.SUPCON.TEMPERATURE}")
+    if cfg.MODEL.LOSSES.SUPCON.MAP_SCALE < 0:
+        fail(f"MODEL.LOSSES.SUPCON.MAP_SCALE must be >= 0, got {cfg.MODEL.LOSSES.SUPCON.MAP_SCALE}")
+    if cfg.MODEL.LOSSES.SUPCON.MAP_SCALE > 0 and not (
+            "SupConLoss" in names and cfg.MODEL.PROMPTSG.MIM.CROSS_LAYERS > 0 and cfg.MODEL.PROMPTSG.MIM.FUSION in MAP_FUSIONS):
+        fail("MODEL.LOSSES.SUPCON.MAP_SCALE > 0 needs SupConLoss in MODEL.LOSSES.NAME and a MIM whose FUSION is one of "
+             f"{list(MAP_FUSIONS)}")
     if "SupConLoss" in names and not (cfg.MODEL.LOSSES.SUPCON.I2T or cfg.MODEL.LOSSES.SUPCON.T2I):
         fail("MODEL.LOSSES.SUPCON: both I2T and T2I are off; remove SupConLoss from MODEL.LOSSES.NAME")
     if p.INFERENCE_PROMPT == "composed" and not p.COMPOSE_TRAIN:

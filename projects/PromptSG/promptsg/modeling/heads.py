@@ -25,13 +25,14 @@ class PromptSGHead(nn.Module):
     @configurable
     def __init__(self, *, embed_dim, token_dim, num_classes, use_inversion, inversion_hidden,
                  mim_cross_layers, mim_self_layers, mim_heads, feature, neck_feat,
-                 mim_fusion="learned_map", mim_map_contrast=2.0):
+                 mim_fusion="learned_map", mim_map_contrast=2.0, map_pool=False):
         super().__init__()
         self.inversion = InversionNet(embed_dim, token_dim, inversion_hidden) if use_inversion else None
         self.mim = (MultimodalInteraction(embed_dim, mim_heads, mim_cross_layers, mim_self_layers, mim_fusion,
                                           mim_map_contrast)
                     if mim_cross_layers > 0 else None)
         self.feature = feature
+        self.map_pool = map_pool   # training also returns the MIM map's pool of the patches
         self.neck_feat = neck_feat
         feat_dim = embed_dim * (2 if self.mim is not None and feature == "concat" else 1)
         self.bottleneck = GlobalBatchNorm1d(feat_dim)  # BNNeck, bias frozen (Luo et al.)
@@ -54,6 +55,7 @@ class PromptSGHead(nn.Module):
             "mim_heads": p.MIM.HEADS,
             "mim_fusion": p.MIM.FUSION,
             "mim_map_contrast": p.MIM.MAP_CONTRAST,
+            "map_pool": cfg.MODEL.LOSSES.SUPCON.MAP_SCALE > 0,
             "feature": p.FEATURE,
             "neck_feat": cfg.MODEL.HEADS.NECK_FEAT,
         }
@@ -64,15 +66,18 @@ class PromptSGHead(nn.Module):
         Training: FastReID's head dict (cls_outputs, pred_class_logits, features).
         Inference: the (B, D) retrieval feature.
         """
-        feat = visual.embedding
+        feat, extra = visual.embedding, {}
         if self.mim is not None:
-            fused = self.mim(query.to(visual.tokens.dtype), visual.tokens, out_index, visual.embedding)
+            fused = self.mim(query.to(visual.tokens.dtype), visual.tokens, out_index, visual.embedding,
+                             with_map_pool=self.map_pool and self.training)
+            if self.map_pool and self.training:
+                fused, extra["map_pool"] = fused
             feat = torch.cat([fused, visual.embedding], dim=1) if self.feature == "concat" else fused
         neck = self.bottleneck(feat)
         if not self.training:
             return feat if self.neck_feat == "before" else neck
         logits = self.classifier(neck)
-        return {"cls_outputs": logits, "pred_class_logits": logits, "features": feat}
+        return {"cls_outputs": logits, "pred_class_logits": logits, "features": feat, **extra}
 
 
 def uses_inversion(cfg):

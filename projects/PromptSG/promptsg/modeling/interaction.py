@@ -89,13 +89,17 @@ class MultimodalInteraction(nn.Module):
                 [ResidualAttentionBlock(width, heads, is_cross_attention=True) for _ in range(cross_layers)])
         self.blocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(self_layers)])
 
-    def forward(self, query, patches, out_index=0, visual=None):
+    def forward(self, query, patches, out_index=0, visual=None, with_map_pool=False):
         """query (B, Q, E), patches (B, M, E), visual v (B, E) (the map fusions) -> the output at
-        query position ``out_index`` (B, E); the map fusions read v's position."""
+        query position ``out_index`` (B, E); the map fusions read v's position. With
+        ``with_map_pool`` (map fusions only) also the map's pool of the patches, sum_m a_m p_m (B, E),
+        which MODEL.LOSSES.SUPCON.MAP_SCALE ties to the prompt."""
         if self.fusion in MAP_FUSIONS:
             if visual is None:
                 raise ValueError(f"fusion {self.fusion!r} needs the global visual embedding v")
-            return self._map_forward(query[:, out_index:out_index + 1], patches, visual)
+            return self._map_forward(query[:, out_index:out_index + 1], patches, visual, with_map_pool)
+        if with_map_pool:
+            raise ValueError(f"fusion {self.fusion!r} has no map over the patches to pool with")
         for blk in self.cross:
             # Eq. 7: softmax(QK^T / sqrt(d)) V, with no residual from the query.
             query = cross_block_forward(blk, query, patches)
@@ -107,11 +111,17 @@ class MultimodalInteraction(nn.Module):
         # Only one output row of the last block is used: compute just that row.
         return query_row_forward(self.blocks[-1], x, out_index)
 
-    def _map_forward(self, query, patches, visual):
+    def _map_forward(self, query, patches, visual, with_map_pool=False):
         """query (B, 1, E), patches (B, M, E), v (B, E) -> the feature read at v (B, E): [v; patches]
         through the blocks, v's attention logit over patch m biased by log(M a_m), the other rows
-        plain (a uniform map changes nothing)."""
+        plain (a uniform map changes nothing). With ``with_map_pool`` also sum_m a_m p_m (B, E)."""
         log_map = self.log_prompt_map(query, patches)                            # (B, M)
+        if with_map_pool:
+            pool = torch.einsum("bm,bme->be", log_map.exp(), patches)
+            return self._map_forward_biased(log_map, patches, visual), pool
+        return self._map_forward_biased(log_map, patches, visual)
+
+    def _map_forward_biased(self, log_map, patches, visual):
         zero = torch.zeros_like(log_map[:, :1])                                   # (B, 1), batch-agnostic for export
         read_bias = torch.cat([zero, log_map + math.log(log_map.shape[1])], dim=1)   # (B, 1 + M): v's own key 0
         x = torch.cat([visual[:, None].to(patches.dtype), patches], dim=1)          # (B, 1 + M, E)

@@ -107,7 +107,7 @@ class PromptSG(nn.Module):
                 "tri_visual_states": p.TRIPLET_ON_VISUAL_STATES,
                 "supcon": {"scale": losses.SUPCON.SCALE, "temperature": supcon_temperature(cfg, clip_model),
                            "i2t": losses.SUPCON.I2T, "t2i": losses.SUPCON.T2I,
-                           "positives": losses.SUPCON.POSITIVES},
+                           "positives": losses.SUPCON.POSITIVES, "map_scale": losses.SUPCON.MAP_SCALE},
             },
         }
 
@@ -234,6 +234,8 @@ class PromptSG(nn.Module):
                 visual = visual._replace(states=[gather_batch(s) for s in visual.states])
         if "SupConLoss" in names:
             visual = visual._replace(embedding=gather_batch(visual.embedding))
+            if "map_pool" in outputs:
+                outputs = dict(outputs, map_pool=gather_batch(outputs["map_pool"]))
             text = gather_batch(text)
         return outputs, visual, text, gather_batch(targets)
 
@@ -286,4 +288,8 @@ def loss_terms(kw, outputs, visual, text, targets, batch_targets, has_mim):
         sc = kw["supcon"]
         loss_dict["loss_supcon"] = sc["scale"] * symmetric_supcon_loss(
             visual.embedding, text, batch_targets, sc["temperature"], sc["i2t"], sc["t2i"], sc["positives"])
+        if "map_pool" in outputs:
+            # Beyond the paper: the prompt's map pool of the patches tied to the prompt, likewise.
+            loss_dict["loss_supcon_map"] = sc["map_scale"] * symmetric_supcon_loss(
+                outputs["map_pool"], text, batch_targets, sc["temperature"], sc["i2t"], sc["t2i"], sc["positives"])
     return loss_dict
