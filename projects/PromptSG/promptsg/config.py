@@ -1,6 +1,7 @@
 """Config keys added by the PromptSG project (paper symbols in brackets)."""
 from fastreid.config import CfgNode as CN
 
+from .modeling.clip_weights import ACTIVATIONS, RESNET_STRIDE_BEFORE_LAYER4, model_config
 from .modeling.interaction import FUSIONS, MAP_FUSIONS, REMOVED_FUSIONS
 from .modeling.supcon import POSITIVE_REDUCTIONS
 
@@ -248,3 +249,28 @@ def validate_clip_towers(cfg):
                          f"{list(cfg.INPUT.SIZE_TRAIN)}: CLIP's position embeddings are sized for one grid")
     if cfg.MODEL.CLIP.SIE_CAMERA and cfg.MODEL.CLIP.NUM_CAMERAS <= 0:
         raise ValueError("MODEL.CLIP.SIE_CAMERA needs MODEL.CLIP.NUM_CAMERAS > 0 (the dataset's camera count)")
+    if cfg.MODEL.CLIP.ACTIVATION not in ACTIVATIONS:
+        raise ValueError(f"MODEL.CLIP.ACTIVATION must be one of {list(ACTIVATIONS)}, got {cfg.MODEL.CLIP.ACTIVATION!r}")
+    validate_clip_image_size(cfg, model_config(cfg.MODEL.CLIP.NAME)["vision_cfg"])
+
+
+def validate_clip_image_size(cfg, vision):
+    """The image size against the CLIP tower (``vision``, its open_clip vision config): a ViT needs
+    at least one patch and a stride within it, a ModifiedResNet a size divisible by its output stride
+    (32, or 16 with MODEL.BACKBONE.LAST_STRIDE 1)."""
+    size, name = list(cfg.INPUT.SIZE_TRAIN), cfg.MODEL.CLIP.NAME
+    if isinstance(vision.get("layers"), (list, tuple)):   # ModifiedResNet
+        if cfg.MODEL.BACKBONE.LAST_STRIDE not in (1, 2):
+            raise ValueError(f"MODEL.BACKBONE.LAST_STRIDE must be 1 or 2 for a CLIP ModifiedResNet, "
+                             f"got {cfg.MODEL.BACKBONE.LAST_STRIDE}")
+        stride = RESNET_STRIDE_BEFORE_LAYER4 * cfg.MODEL.BACKBONE.LAST_STRIDE
+        if size[0] % stride or size[1] % stride:
+            raise ValueError(f"INPUT.SIZE_TRAIN {size} must be divisible by {stride}, the output stride of "
+                             f"{name} at MODEL.BACKBONE.LAST_STRIDE {cfg.MODEL.BACKBONE.LAST_STRIDE}")
+    else:
+        patch = vision.get("patch_size", 16)
+        if min(size) < patch:
+            raise ValueError(f"INPUT.SIZE_TRAIN {size} is smaller than the {patch}-pixel patches of {name}")
+        if not 1 <= cfg.MODEL.CLIP.STRIDE <= patch:
+            raise ValueError(f"MODEL.CLIP.STRIDE must be in [1, {patch}] (the patch size of {name}), "
+                             f"got {cfg.MODEL.CLIP.STRIDE}")

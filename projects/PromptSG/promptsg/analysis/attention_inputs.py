@@ -8,7 +8,7 @@ from fastreid.data.datasets import DATASET_REGISTRY
 
 from ..engine.checkpoint import load_for_inference
 from ..engine.preflight import InputError, check_config, load_checkpoint_config, sie_camera, verify_image
-from ..modeling.clip_weights import _model_config
+from ..modeling.clip_weights import model_config
 from ..engine.trainer import Trainer
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -41,7 +41,7 @@ def check_model(cfg, path, images=False, camera=None):
     """The config's values as train_net.py checks them; maps need a CLIP ViT (the rollout walks its
     blocks); an SIE model needs the images' camera."""
     check_config(cfg)
-    layers = _model_config(cfg.MODEL.CLIP.NAME).get("vision_cfg", {}).get("layers")
+    layers = model_config(cfg.MODEL.CLIP.NAME).get("vision_cfg", {}).get("layers")
     if not isinstance(layers, int):
         raise InputError(f"{path}: MODEL.CLIP.NAME {cfg.MODEL.CLIP.NAME} is not a ViT; the attention maps "
                          f"need a CLIP ViT visual encoder")

@@ -133,28 +133,6 @@ def check_ranges(cfg, processes=1):
         need(len(size) == 2 and min(size) >= 1, f"INPUT.{key} must be [height, width] >= 1, got {size}")
 
 
-def check_clip_image_size(cfg):
-    """The image size against the CLIP tower: a ViT needs at least one patch, a ModifiedResNet a
-    size divisible by its output stride (32, or 16 with MODEL.BACKBONE.LAST_STRIDE 1)."""
-    from ..modeling.clip_weights import RESNET_STRIDE_BEFORE_LAYER4, _model_config
-
-    vision = _model_config(cfg.MODEL.CLIP.NAME)["vision_cfg"]
-    size = list(cfg.INPUT.SIZE_TRAIN)
-    if isinstance(vision.get("layers"), (list, tuple)):   # ModifiedResNet
-        stride = RESNET_STRIDE_BEFORE_LAYER4 * (2 if cfg.MODEL.BACKBONE.LAST_STRIDE != 1 else 1)
-        if size[0] % stride or size[1] % stride:
-            raise InputError(f"INPUT.SIZE_TRAIN {size} must be divisible by {stride}, the output stride of "
-                             f"{cfg.MODEL.CLIP.NAME} at MODEL.BACKBONE.LAST_STRIDE {cfg.MODEL.BACKBONE.LAST_STRIDE}")
-    else:
-        patch = vision.get("patch_size", 16)
-        if min(size) < patch:
-            raise InputError(f"INPUT.SIZE_TRAIN {size} is smaller than the {patch}-pixel patches of "
-                             f"{cfg.MODEL.CLIP.NAME}")
-        if not 1 <= cfg.MODEL.CLIP.STRIDE <= patch:
-            raise InputError(f"MODEL.CLIP.STRIDE must be in [1, {patch}] (the patch size of "
-                             f"{cfg.MODEL.CLIP.NAME}), got {cfg.MODEL.CLIP.STRIDE}")
-
-
 def check_config(cfg, processes=1):
     """Values that FastReID or PromptSG would only reject at model build or at the final
     evaluation (after every epoch has trained): one line naming the key. ``processes``: the
@@ -163,18 +141,11 @@ def check_config(cfg, processes=1):
     if cfg.TEST.METRIC not in METRICS:
         raise InputError(f"TEST.METRIC must be one of {list(METRICS)}, got {cfg.TEST.METRIC!r}")
     if cfg.MODEL.META_ARCHITECTURE in CLIP_ARCHITECTURES:
-        from ..modeling.clip_weights import ACTIVATIONS, _model_config
-
         validate = validate_promptsg_config if cfg.MODEL.META_ARCHITECTURE == "PromptSG" else validate_clipreid_config
         try:
-            validate(cfg)
-            _model_config(cfg.MODEL.CLIP.NAME)
+            validate(cfg)   # MODEL.CLIP, the image size against the tower and the model's own keys
         except ValueError as exc:
             raise InputError(str(exc)) from None
-        if cfg.MODEL.CLIP.ACTIVATION not in ACTIVATIONS:
-            raise InputError(f"MODEL.CLIP.ACTIVATION must be one of {list(ACTIVATIONS)}, "
-                             f"got {cfg.MODEL.CLIP.ACTIVATION!r}")
-        check_clip_image_size(cfg)
     else:
         unknown = [n for n in cfg.MODEL.LOSSES.NAME if n not in FASTREID_LOSSES]
         if unknown:

@@ -95,7 +95,7 @@ def create_clip_model(
         quick_gelu, source = True, "an OpenAI TorchScript archive"
     elif tag_quick_gelu is not None:
         quick_gelu, source = tag_quick_gelu, f"open_clip's entry for '{pretrained}'"
-    elif _model_config(name).get("quick_gelu", False):
+    elif model_config(name).get("quick_gelu", False):
         quick_gelu, source = True, f"the model name '{name}'"
     else:
         raise ValueError(
@@ -259,7 +259,8 @@ def _set_pos_embed(visual: nn.Module, pos_embed: torch.Tensor, grid: Grid) -> No
     owner.grid_size = tuple(grid)
 
 
-def _model_config(name: str) -> dict:
+def model_config(name: str) -> dict:
+    """open_clip's config dict of model ``name`` (a copy), or a ValueError naming MODEL.CLIP.NAME."""
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
         raise ValueError(
@@ -271,7 +272,7 @@ def _model_config(name: str) -> dict:
 
 def _build_model(name: str, quick_gelu: Optional[bool], last_stride: Optional[int] = None) -> open_clip.CLIP:
     """open_clip CLIP ``name``; quick_gelu None keeps the activation of the name's config."""
-    model_cfg = _model_config(name)
+    model_cfg = model_config(name)
     vision_cfg, text_cfg = model_cfg["vision_cfg"], model_cfg["text_cfg"]
     if model_cfg.pop("custom_text", False) or "timm_model_name" in vision_cfg or "hf_model_name" in text_cfg:
         raise ValueError(
