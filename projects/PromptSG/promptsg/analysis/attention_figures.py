@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 from matplotlib import pyplot as plt
+from PIL import Image
 
 from .attention_maps import head_mean, mask_at_input, mask_share, pixel_density
 from .attention_shares import LABELS
@@ -69,8 +70,6 @@ def draw_figure(path, indices, items, results, masks, per_head, dpi):
 def save_png(fig, path, dpi):
     """The figure as a 256-colour PNG, about a third of the size of an RGB one; the heatmaps lie over
     greyscale images, so 256 colours show them without visible banding."""
-    from PIL import Image
-
     fig.set_dpi(dpi)
     fig.canvas.draw()
     image = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import torch
+from tabulate import tabulate
 
 from ..data.synthetic import MANIFEST_NAME, PersonMasks
 from .attention_maps import head_mean, mask_share
@@ -115,8 +116,6 @@ def summarise(per_image):
 def share_table(summary):
     """The summary's shares as a table (tabulate's github format) under a paragraph saying what
     each column is."""
-    from tabulate import tabulate
-
     def against(r, b):
         if b not in r.get("against", {}):
             return "-"

@@ -5,6 +5,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 
 def make_inputs(cfg, batch_size):
@@ -25,8 +26,6 @@ def measure_speed(models, inputs, warmup, rounds):
     and its speed relative to the first model (the median over the rounds of the two batch times'
     ratio in the same round). The models take turns batch by batch, the starting one rotating,
     so a change in the machine's load falls on all of them and the paired ratios cancel it."""
-    from tqdm import tqdm
-
     seconds = [[] for _ in models]
     with torch.no_grad():
         for step in tqdm(range(warmup + rounds), desc="timing (batches per model)", file=sys.stderr):

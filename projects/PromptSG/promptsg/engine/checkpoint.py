@@ -18,12 +18,15 @@ import gc
 import itertools
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
+import zipfile
 
 import numpy as np
 import torch
+from numpy._core import multiarray
 from fastreid.engine.hooks import PeriodicCheckpointer
 from fastreid.engine.train_loop import HookBase
 from fastreid.utils import comm
@@ -233,9 +236,6 @@ def check_finite_losses(iteration, losses):
 def _numpy_globals():
     """The non-torch types a FastReID checkpoint may hold: NumPy arrays (FastReID converts them to
     tensors on load, ``Checkpointer._convert_ndarray_to_tensor``) and NumPy scalars."""
-    import numpy as np
-    from numpy._core import multiarray
-
     return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype,
             *{type(np.dtype(t)) for t in ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
                                           "uint8", "bool")}]
@@ -245,8 +245,6 @@ def verify_archive(path):
     """Raise CheckpointError unless every member of the ``torch.save`` zip at ``path`` matches the
     CRC-32 written with it: torch's reader never checks them, so bytes altered inside a tensor
     (the zip directory intact) would load as weights and evaluate to a wrong mAP."""
-    import zipfile
-
     try:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
@@ -262,8 +260,6 @@ def read_checkpoint(path):
     with only NumPy's array and scalar types allowed beyond torch's own (unpickling anything else
     could run code, so it is refused, naming the type), after ``verify_archive``. Every failure
     is one CheckpointError naming the file."""
-    import pickle
-
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path}: empty file, not a checkpoint")
     with open(path, "rb") as f:

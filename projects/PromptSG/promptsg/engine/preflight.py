@@ -10,10 +10,13 @@ import hashlib
 import json
 import math
 import os
+import zipfile
 
+import yaml
+from fastreid.config import get_cfg
 from PIL import Image
 
-from ..config import CLIP_ARCHITECTURES, validate_clipreid_config, validate_promptsg_config
+from ..config import CLIP_ARCHITECTURES, add_promptsg_config, validate_clipreid_config, validate_promptsg_config
 from ..data.real_datasets import check_real_dataset
 from ..utils.errors import InputError  # noqa: F401  (raised here; imported from here by the tools)
 
@@ -46,8 +49,6 @@ def check_duplicate_keys(config_file):
     """Refuse a YAML config (or one of its ``_BASE_`` files) that sets a key twice at any level:
     YAML loaders keep the last value silently, so a second ``SOLVER:`` section replaces the first
     whole. One line names the file, the dotted key and both lines."""
-    import yaml
-
     def walk(node, prefix):
         if not isinstance(node, yaml.MappingNode):
             for child in node.value if isinstance(node, yaml.SequenceNode) else ():
@@ -222,8 +223,6 @@ def check_torch_file(path, key):
 def zip_directory_intact(path):
     """Whether the zip archive at ``path`` (a ``torch.save`` file) has a readable, non-empty
     directory: a kill or a full disk mid-write leaves none."""
-    import zipfile
-
     try:
         with zipfile.ZipFile(path) as archive:
             return bool(archive.infolist())
@@ -234,10 +233,6 @@ def zip_directory_intact(path):
 def load_checkpoint_config(config_file, opts):
     """A PromptSG/FastReID config for a tool that reads a trained checkpoint: merged and checked
     like ``train_net.py --eval-only`` (MODEL.WEIGHTS required and present), not yet frozen."""
-    from fastreid.config import get_cfg
-
-    from ..config import add_promptsg_config
-
     cfg = load_config(add_promptsg_config(get_cfg()), config_file, opts)
     if not cfg.MODEL.WEIGHTS:
         raise InputError("MODEL.WEIGHTS is not set: give the trained checkpoint (MODEL.WEIGHTS FILE)")

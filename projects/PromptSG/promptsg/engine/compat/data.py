@@ -1,7 +1,11 @@
 """FastReID's data side: transforms, read_image, the loaders and the identity samplers."""
+import multiprocessing
+import os
 import types
 
+import numpy as np
 import torch
+from PIL import Image, ImageOps
 
 from .patch import _patch
 
@@ -37,9 +41,6 @@ def image_to_rgb(image):
     """Any PIL image as 8-bit RGB: palette (P, PA) through its palette, alpha dropped (RGBA, LA),
     CMYK and YCbCr converted, 16- and 32-bit grey scaled from its full range to 0-255 (a plain
     ``convert`` clips 16-bit values at 255), float grey clipped to 0-255."""
-    import numpy as np
-    from PIL import Image
-
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         array = np.asarray(image)
         if image.mode == "F":
@@ -62,7 +63,6 @@ def _read_image_rgb():
     crashes without naming the file. Every image is read as RGB (``image_to_rgb``), and an
     unreadable one raises an error that names it."""
     from fastreid.data import common, data_utils
-    from PIL import Image, ImageOps
 
     if getattr(data_utils.read_image, "_promptsg_patched", False):
         return
@@ -142,8 +142,6 @@ def worker_start_method():
     the first test batch of a 2-process run took about 26 s (0.1 s in one process). Forked
     workers start at once; they only read images and never touch CUDA or the process group.
     """
-    import multiprocessing
-
     return "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
@@ -242,8 +240,6 @@ def _msmt17_val_list_optional():
     """FastReID's MSMT17 reader opens ``list_val.txt`` whatever ``combineall`` says, so a folder
     without it fails with a traceback though no val image would be used. Without the file it now
     reads no val images; ``data.real_datasets`` refuses a missing one when COMBINEALL needs it."""
-    import os
-
     from fastreid.data.datasets.msmt17 import MSMT17
 
     if getattr(MSMT17.process_dir, "_promptsg_patched", False):
