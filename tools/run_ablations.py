@@ -102,12 +102,12 @@ def main(argv=None):
             print(json.dumps(records[-1]), flush=True)
     if args.guidance:
         guidance = PromptGuidance(root)
-        for record in records:
-            if "composed" in record["results"]:
-                baseline = os.path.join(work_dir, "clip_baseline", f"seed{record['seed']}")
-                record["guidance"] = guidance.measure(
-                    record["output_dir"], baseline if os.path.isfile(os.path.join(baseline, "model_final.pth")) else None)
-                print(json.dumps({"row": record["row"], "seed": record["seed"], "guidance": record["guidance"]}),
+        for run in records:
+            if "composed" in run["results"]:
+                baseline = os.path.join(work_dir, "clip_baseline", f"seed{run['seed']}")
+                run["guidance"] = guidance.measure(
+                    run["output_dir"], baseline if os.path.isfile(os.path.join(baseline, "model_final.pth")) else None)
+                print(json.dumps({"row": run["row"], "seed": run["seed"], "guidance": run["guidance"]}),
                       flush=True)
     summaries = {row[0]: summarise([r for r in records if r["row"] == row[0]]) for row in rows}
     text = markdown(args.table, summaries, args.seeds)

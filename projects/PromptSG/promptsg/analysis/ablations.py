@@ -61,10 +61,10 @@ TABLES = {
          fusion("learned_map")),
         ("clip_map", "clip_map: the same with CLIP's cosine map, contrast 4", PROMPTSG,
          fusion("clip_map") + ["MODEL.PROMPTSG.MIM.MAP_CONTRAST", "4.0"]),
-        ("learned_map_pool", "learned_map + L_SupCon on the map's pool of the patches (weight 0.5)", PROMPTSG,
-         fusion("learned_map") + ["MODEL.LOSSES.SUPCON.MAP_SCALE", "0.5"]),
-        ("learned_map_pool_0.15", "learned_map + L_SupCon on the map's pool (weight 0.15)", PROMPTSG,
-         fusion("learned_map") + ["MODEL.LOSSES.SUPCON.MAP_SCALE", "0.15"]),
+        ("learned_map_pool", "learned_map + L_SupCon on the map's pool of the patches, training the map only "
+         "(weight 0.5)", PROMPTSG, fusion("learned_map") + ["MODEL.LOSSES.SUPCON.MAP_SCALE", "0.5"]),
+        ("learned_map_pool_2", "the same, weight 2", PROMPTSG,
+         fusion("learned_map") + ["MODEL.LOSSES.SUPCON.MAP_SCALE", "2.0"]),
     ],
     # PromptSG beside the paper's main competitor, CLIP-ReID (two stages), and the CLIP baseline.
     "methods": [

@@ -117,7 +117,10 @@ class MultimodalInteraction(nn.Module):
         plain (a uniform map changes nothing). With ``with_map_pool`` also sum_m a_m p_m (B, E)."""
         log_map = self.log_prompt_map(query, patches)                            # (B, M)
         if with_map_pool:
-            pool = torch.einsum("bm,bme->be", log_map.exp(), patches)
+            # The map again from detached inputs, pooling detached patches: a loss on the pool
+            # trains the map's own parameters only, never the encoders.
+            query, patches_fixed = query.detach(), patches.detach()
+            pool = torch.einsum("bm,bme->be", self.log_prompt_map(query, patches_fixed).exp(), patches_fixed)
             return self._map_forward_biased(log_map, patches, visual), pool
         return self._map_forward_biased(log_map, patches, visual)
 

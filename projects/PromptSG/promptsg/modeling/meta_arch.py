@@ -291,5 +291,5 @@ def loss_terms(kw, outputs, visual, text, targets, batch_targets, has_mim):
         if "map_pool" in outputs:
             # Beyond the paper: the prompt's map pool of the patches tied to the prompt, likewise.
             loss_dict["loss_supcon_map"] = sc["map_scale"] * symmetric_supcon_loss(
-                outputs["map_pool"], text, batch_targets, sc["temperature"], sc["i2t"], sc["t2i"], sc["positives"])
+                outputs["map_pool"], text.detach(), batch_targets, sc["temperature"], sc["i2t"], sc["t2i"], sc["positives"])
     return loss_dict
