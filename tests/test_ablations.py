@@ -3,6 +3,7 @@ row is scored with, a finished row reused without training, the summary over see
 statistics written out here, and the README's copy of a table replaced between its markers."""
 import json
 import os
+import types
 
 import pytest
 
@@ -69,3 +70,49 @@ def test_readme_table_is_replaced_between_its_markers(tmp_path):
     readme.write_text(f"before\n{start}\nold table\n{end}\nafter\n")
     ablations.replace_between_markers(str(readme), "wiring", "| new |")
     assert readme.read_text() == f"before\n{start}\n| new |\n{end}\nafter\n"
+
+
+def test_the_tool_measures_guidance_and_writes_its_record(tmp_path, monkeypatch):
+    """``tools/run_ablations.py --guidance`` end to end, training and the measurement stubbed: each
+    run with a composed prompt gets its guidance (with the same seed's baseline where one has
+    finished), and the JSON and markdown carry the command and commit of the invocation."""
+    from tiny_runs import load_tool
+
+    tool = load_tool("tools/run_ablations.py")
+    monkeypatch.setattr(tool, "subprocess", types.SimpleNamespace(run=lambda *a, **k: None))   # no pretraining
+    monkeypatch.setattr(tool.DATASET_REGISTRY, "get", lambda name: lambda root: None)
+    baseline = tmp_path / "wiring" / "clip_baseline" / "seed3"
+    baseline.mkdir(parents=True)
+    (baseline / "model_final.pth").write_bytes(b"")
+
+    def run_one(row, seed, common, work_dir, threads):
+        results = {"visual": {"mAP": 60.0}} if row[0] == "clip_baseline" else {
+            "simplified": {"mAP": 67.0}, "composed": {"mAP": 67.5}}
+        return {"row": row[0], "seed": seed, "output_dir": f"{work_dir}/{row[0]}/seed{seed}",
+                "train_seconds": 60.0, "results": results, "alignment": {}}
+
+    measured = []
+
+    class Guidance:
+        def __init__(self, root):
+            pass
+
+        def measure(self, output_dir, baseline_dir):
+            measured.append((output_dir, baseline_dir))
+            figures = {key: {"mAP": 67.0, "Rank-1": 70.0} for key in
+                       ("simplified", "composed", "no_person", "own_words", "other_words")}
+            return dict(figures, other_identity={"mAP": 64.5, "Rank-1": 70.0}, attention_share=0.7,
+                        baseline_last_block_share=0.6)
+
+    monkeypatch.setattr(tool, "run_one", run_one)
+    monkeypatch.setattr(tool, "PromptGuidance", Guidance)
+    out = tmp_path / "wiring.json"
+    tool.main(["--table", "wiring", "--rows", "clip_baseline", "learned_map", "--seeds", "3", "--guidance",
+               "--work-dir", str(tmp_path), "--out", str(out), "--device", "cpu"])
+    assert measured == [(f"{tmp_path}/wiring/learned_map/seed3", str(baseline))]
+    written = json.loads(out.read_text())
+    assert written["command"].startswith("python tools/run_ablations.py --table wiring --seeds 3 --rows")
+    assert written["runs"][1]["guidance"]["other_identity"]["mAP"] == 64.5
+    markdown = out.with_suffix(".md").read_text()
+    assert f"commit {written['commit']}" in markdown
+    assert "| +2.5 ± 0.0 |" in markdown and "| +0.100 ± 0.000 |" in markdown   # 67.0 - 64.5; 0.7 - 0.6
