@@ -261,6 +261,7 @@ GUIDANCE_COLUMNS = [
     ("no_person_change", 'mAP change with "A photo of a car."', 1),
     ("attention_share", "simplified prompt's share in the person", 3),
     ("attention_margin", "... minus the baseline's last block", 3),
+    ("read_share", "v's last-block attention share in the person", 3),
     ("own_words_change", "mAP change, image + its words", 1),
     ("other_words_change", "mAP change, image + another's words", 1),
 ]
@@ -280,7 +281,7 @@ def guidance_markdown(table, summaries, seeds):
         for name, _, digits in GUIDANCE_COLUMNS:
             v = s.get(f"guidance/{name}")
             cells.append("-" if v is None else f"{v['mean']:+.{digits}f} ± {v['std']:.{digits}f}"
-                         if name not in ("simplified_mAP", "attention_share")
+                         if name not in ("simplified_mAP", "attention_share", "read_share")
                          else f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -37,6 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..modeling.clip_backbone import CLIPVisualBackbone
+from ..modeling.interaction import MAP_FUSIONS
 
 
 class PatchGrid(NamedTuple):
@@ -64,9 +65,12 @@ def patch_grid(backbone: CLIPVisualBackbone) -> PatchGrid:
 
 class PromptSGMaps(NamedTuple):
     """Cross-attention of the MIM's first block over the patches, per head: (B, H, gh, gw) each;
-    ``composed`` is None for a model without the inversion network f_theta."""
+    ``composed`` is None for a model without the inversion network f_theta. ``promptsg_read``: with
+    a map fusion, v's attention over the patches in the MIM's last block under the simplified
+    prompt's bias (renormalised over the patches, as the baseline's last block), None otherwise."""
     simplified: torch.Tensor
     composed: Optional[torch.Tensor]
+    promptsg_read: Optional[torch.Tensor] = None
 
 
 @torch.no_grad()
@@ -85,6 +89,10 @@ def promptsg_cross_attention(model, images, camids=None) -> PromptSGMaps:
         weights = mim.cross_attention_weights(prompt.query.to(visual.tokens.dtype), visual.tokens,
                                               visual.embedding)[0]
         maps[name] = weights[:, prompt.out_index].unflatten(-1, grid)   # the pooled query's row: (B, H, gh, gw)
+        if not composed and mim.fusion in MAP_FUSIONS:
+            query = prompt.query[:, prompt.out_index:prompt.out_index + 1].to(visual.tokens.dtype)
+            read = mim.read_attention_weights(query, visual.tokens, visual.embedding)[-1][..., 1:]   # (B, H, M)
+            maps["promptsg_read"] = (read / read.sum(dim=-1, keepdim=True)).unflatten(-1, grid)
     return PromptSGMaps(**maps)
 
 

@@ -18,7 +18,8 @@ LABELS = {"baseline": "CLIP baseline (CLS rollout)",
           "composed": 'PromptSG MIM, "A photo of a s* person"',
           "baseline_last_block": "CLIP baseline (last block's CLS attention)",
           "promptsg_rollout": "PromptSG's visual encoder (CLS rollout)",
-          "promptsg_last_block": "PromptSG's visual encoder (last block's CLS attention)"}
+          "promptsg_last_block": "PromptSG's visual encoder (last block's CLS attention)",
+          "promptsg_read": "PromptSG MIM, v's attention in its last block under the simplified prompt's map"}
 
 
 DEFINITIONS = {

@@ -14,7 +14,10 @@ For one run, by FastReID's test path and protocol (``embed_and_rank``, ``evaluat
   * ``attention_share``: the simplified prompt's map over the patches (the weights the forward
     uses, head mean), its mass inside the person (``attention_shares``), mean over the test images
     with a person; with a baseline run, the baseline's last-block CLS attention share on the same
-    images (``baseline_last_block_share``).
+    images (``baseline_last_block_share``);
+  * ``read_share``: where the feature looks, the prompt's map and the content together: v's
+    attention over the patches in the MIM's last block under the simplified prompt's bias (head
+    mean, renormalised over the patches as the baseline's last block is), its mass inside the person.
 """
 import json
 import os
@@ -79,18 +82,19 @@ class PromptGuidance:
         block) over the images of ``paths`` with a person."""
         items = [(p, c) for p, c in zip(paths, split.q_camids + split.g_camids)]
         masks = self.person_masks(paths)
-        models = [("attention_share", cfg, model, "promptsg", "simplified")]
+        models = [(cfg, model, "promptsg", {"attention_share": "simplified", "read_share": "promptsg_read"})]
         if baseline_dir:
             base_cfg = run_config_baseline(baseline_dir)
-            models.append(("baseline_last_block_share", base_cfg, build_model(base_cfg), "baseline",
-                           "baseline_last_block"))
+            models.append((base_cfg, build_model(base_cfg), "baseline", {"baseline_last_block_share": "baseline_last_block"}))
         out = {}
-        for key, c, m, kind, name in models:
-            maps = compute_maps(c, m, items, kind)[0][name]
-            grid = patch_grid(m.backbone)
-            values = [mask_share(head_mean(maps[i]), patch_coverage(mask_at_input(mask, c), grid)).item()
-                      for i, mask in enumerate(masks) if mask is not None]
-            out[key] = sum(values) / len(values)
+        for c, m, kind, keys in models:
+            maps, grid = compute_maps(c, m, items, kind)[0], patch_grid(m.backbone)
+            for key, name in keys.items():
+                if name not in maps:
+                    continue
+                values = [mask_share(head_mean(maps[name][i]), patch_coverage(mask_at_input(mask, c), grid)).item()
+                          for i, mask in enumerate(masks) if mask is not None]
+                out[key] = sum(values) / len(values)
         out["images_with_person"] = sum(mask is not None for mask in masks)
         return out
 
@@ -152,6 +156,8 @@ def guidance_figures(measured):
            "own_words_change": m["own_words"] - m["composed"],
            "other_words_change": m["other_words"] - m["composed"],
            "attention_share": measured["attention_share"]}
+    if "read_share" in measured:
+        out["read_share"] = measured["read_share"]
     if "baseline_last_block_share" in measured:
         out["baseline_last_block_share"] = measured["baseline_last_block_share"]
         out["attention_margin"] = measured["attention_share"] - measured["baseline_last_block_share"]

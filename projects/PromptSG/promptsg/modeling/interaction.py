@@ -143,6 +143,23 @@ class MultimodalInteraction(nn.Module):
         z = (logits - logits.mean(dim=-1, keepdim=True)) / (logits.std(dim=-1, keepdim=True) + 1e-6)
         return (self.map_contrast * z).log_softmax(dim=-1).to(patches.dtype)
 
+    def read_attention_weights(self, query, patches, visual):
+        """Map fusions: v's attention in each self-attention block, the prompt's bias included, as
+        ``forward`` computes it: one (B, H, 1 + M) tensor per block, over [v; patches]. The last is
+        where the feature looks: the weights its value mix is made with."""
+        if self.fusion not in MAP_FUSIONS:
+            raise ValueError(f"fusion {self.fusion!r} has no read row biased by a map")
+        log_map = self.log_prompt_map(query[:, :1], patches)
+        read_bias = torch.cat([torch.zeros_like(log_map[:, :1]), log_map + math.log(log_map.shape[1])], dim=1)
+        x = torch.cat([visual[:, None].to(patches.dtype), patches], dim=1)
+        weights = []
+        for i, blk in enumerate(self.blocks):
+            normed = blk.ln_1(x)
+            weights.append(few_query_attention_weights(blk.attn, normed[:, :1], normed, read_bias)[:, 0])
+            if i < len(self.blocks) - 1:
+                x = block_forward(blk, x, read_bias)
+        return weights
+
     def cross_attention_weights(self, query, patches, visual=None):
         """The prompt's weights over the M patches, as ``forward`` computes them: for the map
         fusions one (B, Q, 1, M) tensor, the map a of each query token; for "attention" a
