@@ -78,7 +78,7 @@ def test_attention_share_is_the_forwards_map_weighted_by_the_persons_coverage(ti
     # By hand: the map the MIM's forward uses for the simplified prompt, image by image, without
     # FastReID's loader (resize to the test size as its test transforms do).
     grid = patch_grid(model.backbone)
-    expected = []
+    expected, expected_read = [], []
     for path, mask in zip(paths, measurer.person_masks(paths)):
         if mask is None:
             continue
@@ -90,16 +90,23 @@ def test_attention_share_is_the_forwards_map_weighted_by_the_persons_coverage(ti
         weights = model.heads.mim.cross_attention_weights(query, visual.tokens, visual.embedding)[0][0, 0]
         coverage = patch_coverage(mask_at_input(mask, cfg), grid).flatten()
         expected.append(float((weights.mean(dim=0) * coverage).sum()))
+        # where the feature looks: v's row of the last MIM block, head mean over the patch keys, renormalised
+        read = model.heads.mim.read_attention_weights(query, visual.tokens, visual.embedding)[-1][0, :, 1:]
+        read = read / read.sum(dim=-1, keepdim=True)
+        expected_read.append(float((read.mean(dim=0) * coverage).sum()))
     assert shares["images_with_person"] == len(expected) > 0
     assert shares["attention_share"] == pytest.approx(sum(expected) / len(expected), abs=2e-3)
+    assert shares["read_share"] == pytest.approx(sum(expected_read) / len(expected_read), abs=2e-3)
 
 
 def test_figures_are_the_differences_the_targets_read():
     measured = {"simplified": {"mAP": 60.0}, "composed": {"mAP": 61.5}, "other_identity": {"mAP": 57.0},
                 "no_person": {"mAP": 59.25}, "own_words": {"mAP": 62.0}, "other_words": {"mAP": 60.0},
-                "attention_share": 0.7, "baseline_last_block_share": 0.65, "no_person_prompt": "A photo of a car."}
+                "attention_share": 0.7, "read_share": 0.75, "baseline_last_block_share": 0.65,
+                "no_person_prompt": "A photo of a car."}
     figures = guidance.guidance_figures(measured)
     assert figures == pytest.approx({"simplified_mAP": 60.0, "composed_minus_simplified": 1.5,
                                      "other_identity_drop": 4.5, "no_person_change": -0.75,
                                      "own_words_change": 0.5, "other_words_change": -1.5, "attention_share": 0.7,
+                                     "read_share": 0.75,
                                      "baseline_last_block_share": 0.65, "attention_margin": 0.05})

@@ -773,3 +773,91 @@ def test_concat_feature_is_the_mim_output_then_v():
     mim_only = PromptSGHead(feature="mim", **kwargs).eval()
     mim_only.mim.load_state_dict(head.mim.state_dict())
     torch.testing.assert_close(mim_only(visual, query), feat[:, :16])
+
+
+@pytest.mark.parametrize("fusion", MAP_FUSIONS)
+def test_read_attention_is_vs_biased_row_of_each_block_by_hand(fusion):
+    """``read_attention_weights``: per block and head, softmax over [v; patches] of v's logits
+    q_0 . k_n / sqrt(d) plus the map's bias [0, log(M a)], on the states the forward computes; its last
+    block is where the feature looks (``guidance`` read_share)."""
+    torch.manual_seed(0)
+    mim = MultimodalInteraction(32, heads=4, cross_layers=1, self_layers=2, fusion=fusion).eval()
+    randomise_biases(mim)
+    query, patches, v = torch.randn(3, 1, 32), torch.randn(3, 10, 32), torch.randn(3, 32)
+    a = reference_map(mim, query, patches)
+    bias = torch.cat([torch.zeros(3, 1), torch.log(10 * a)], dim=1)
+    x, expected = torch.cat([v[:, None], patches], dim=1), []
+    for block in mim.blocks:
+        attn, normed = block.attn, block.ln_1(x)
+        w_q, w_k, _ = attn.in_proj_weight.chunk(3)
+        b_q, b_k, _ = attn.in_proj_bias.chunk(3)
+        q, k = normed[:, 0] @ w_q.T + b_q, normed @ w_k.T + b_k
+        d = 32 // attn.num_heads
+        expected.append(torch.stack([
+            (torch.einsum("bd,bnd->bn", q[:, h * d:(h + 1) * d], k[..., h * d:(h + 1) * d]) / math.sqrt(d) + bias)
+            .softmax(dim=-1) for h in range(attn.num_heads)], dim=1))                      # (B, H, 1 + M)
+        x = reference_map_fusion_states(mim, block, x, bias)
+    with torch.no_grad():
+        got = mim.read_attention_weights(query, patches, v)
+    assert len(got) == 2
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="no read row"):
+        MultimodalInteraction(32, heads=4, fusion="attention").read_attention_weights(query, patches, v)
+
+
+def reference_map_fusion_states(mim, block, x, bias):
+    """One block of ``reference_map_fusion`` on the states x (B, 1 + M, E), the bias on v's row only."""
+    full = torch.zeros(x.shape[0], x.shape[1], x.shape[1])
+    full[:, 0] = bias
+    attn, normed = block.attn, block.ln_1(x)
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+    q, k, v = normed @ w_q.T + b_q, normed @ w_k.T + b_k, normed @ w_v.T + b_v
+    d = q.shape[-1] // attn.num_heads
+    heads = [((q[..., h * d:(h + 1) * d] @ k[..., h * d:(h + 1) * d].transpose(1, 2)) / math.sqrt(d) + full)
+             .softmax(dim=-1) @ v[..., h * d:(h + 1) * d] for h in range(attn.num_heads)]
+    x = x + attn.out_proj(torch.cat(heads, dim=-1))
+    return x + block.mlp(block.ln_2(x))
+
+
+def test_map_pool_is_the_maps_mix_of_the_patches_and_trains_the_map_only():
+    """MODEL.LOSSES.SUPCON.MAP_SCALE's pool: sum_m a_m p_m with the forward's map a, the feature
+    unchanged beside it; a loss on it reaches the map's parameters, never the patches, the query or
+    the blocks."""
+    torch.manual_seed(0)
+    mim = MultimodalInteraction(32, heads=4, cross_layers=1, self_layers=2, fusion="learned_map").train()
+    randomise_biases(mim)
+    query = torch.randn(3, 1, 32, requires_grad=True)
+    patches = torch.randn(3, 10, 32, requires_grad=True)
+    v = torch.randn(3, 32)
+    feat, pool = mim(query, patches, 0, v, with_map_pool=True)
+    with torch.no_grad():
+        torch.testing.assert_close(pool, torch.einsum("bm,bme->be", reference_map(mim, query, patches), patches),
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(feat, mim(query, patches, 0, v), rtol=0, atol=0)
+    pool.square().sum().backward()
+    assert query.grad is None and patches.grad is None
+    assert all(p.grad is None for p in mim.blocks.parameters())
+    assert mim.cross[0].q_proj.weight.grad.abs().sum() > 0 and mim.cross[0].k_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="no map"):
+        MultimodalInteraction(32, heads=4, fusion="attention")(query, patches, 0, v, with_map_pool=True)
+
+
+def test_the_map_pool_loss_is_supcon_between_the_pool_and_the_prompt():
+    """With MODEL.LOSSES.SUPCON.MAP_SCALE, the losses add scale x L_SupCon(pool, l_p) (Eq. 4-6 by
+    loops) beside the paper's terms, which stay as they were."""
+    cfg = tiny_cfg(**{"MODEL.LOSSES.SUPCON.TEMPERATURE": TAU, "MODEL.LOSSES.SUPCON.MAP_SCALE": 0.25})
+    model = build_model(cfg).train()
+    inputs = batch()
+    y = inputs["targets"]
+    losses, visual = run_capturing_visual(model, inputs)
+    with torch.no_grad():
+        l_p = model.text.compose(model.heads.inversion(visual.embedding))
+        a = reference_map(model.heads.mim, l_p[:, None], visual.tokens)
+        pool = torch.einsum("bm,bme->be", a, visual.tokens)
+    assert set(losses) == {"loss_cls", "loss_triplet", "loss_triplet_visual", "loss_supcon", "loss_supcon_map"}
+    assert float(losses["loss_supcon_map"].detach()) == pytest.approx(
+        0.25 * 2 * float(supcon_by_loops(pool, l_p, y)), rel=1e-5)
+    assert float(losses["loss_supcon"].detach()) == pytest.approx(float(supcon_by_loops(visual.embedding, l_p, y)),
+                                                                  rel=1e-5)
