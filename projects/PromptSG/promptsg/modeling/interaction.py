@@ -153,11 +153,11 @@ class MultimodalInteraction(nn.Module):
         read_bias = torch.cat([torch.zeros_like(log_map[:, :1]), log_map + math.log(log_map.shape[1])], dim=1)
         x = torch.cat([visual[:, None].to(patches.dtype), patches], dim=1)
         weights = []
-        for i, blk in enumerate(self.blocks):
-            normed = blk.ln_1(x)
-            weights.append(few_query_attention_weights(blk.attn, normed[:, :1], normed, read_bias)[:, 0])
+        for i, block in enumerate(self.blocks):
+            normed = block.ln_1(x)
+            weights.append(few_query_attention_weights(block.attn, normed[:, :1], normed, read_bias)[:, 0])
             if i < len(self.blocks) - 1:
-                x = block_forward(blk, x, read_bias)
+                x = block_forward(block, x, read_bias)
         return weights
 
     def cross_attention_weights(self, query, patches, visual=None):
