@@ -91,7 +91,7 @@ def test_cross_attention_weights_are_the_softmax_of_projected_queries_and_keys()
             q = x + blk.mlp(blk.ln_2(x))
 
 
-@pytest.mark.parametrize("fusion", ["learned_map", "clip_map", "attention"])
+@pytest.mark.parametrize("fusion", ["learned_map", "attention"])
 @pytest.mark.parametrize("prompt, query", [("simplified", "pooled"), ("composed", "tokens")])
 def test_promptsg_maps_are_the_weights_the_forward_used(monkeypatch, prompt, query, fusion):
     model = DefaultTrainer.build_model(tiny_cfg(**{"MODEL.PROMPTSG.INFERENCE_PROMPT": prompt,

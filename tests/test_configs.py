@@ -48,8 +48,8 @@ def test_there_is_a_config_per_dataset_backbone_and_ablation():
         assert paper_recipe.MODEL.PROMPTSG.MIM.FUSION == "attention"                  # Eq. 7 as written
         assert paper_recipe.MODEL.PROMPTSG.SIMPLIFIED_QUERY_SHARE == 0.0
         assert load(os.path.join(ROOT, f"projects/PromptSG/configs/{ds}/vit.yml")).MODEL.PROMPTSG.MIM.FUSION == "learned_map"
-        clip_map = load(os.path.join(ROOT, f"projects/PromptSG/configs/{ds}/ablations/clip_map.yml")).MODEL.PROMPTSG.MIM
-        assert (clip_map.FUSION, clip_map.MAP_CONTRAST) == ("clip_map", 4.0)
+        map_pool = load(os.path.join(ROOT, f"projects/PromptSG/configs/{ds}/ablations/map_pool.yml")).MODEL
+        assert (map_pool.PROMPTSG.MIM.FUSION, map_pool.LOSSES.SUPCON.MAP_SCALE) == ("learned_map", 0.5)
         for baseline in ("bagtricks_R50", "AGW_R50", "sbs_R50", "bagtricks_vit"):
             assert os.path.isfile(os.path.join(ROOT, "configs", ds, baseline + ".yml"))
     for ds in ("Market1501", "MSMT17"):

@@ -85,7 +85,7 @@ def test_checkpoint_of_another_or_a_removed_mim_fusion_is_refused_by_name(tmp_pa
         load_for_inference(build(PROMPTSG_CFG, *fusion("learned_map")), str(tmp_path / "older.pth"))
 
 
-@pytest.mark.parametrize("removed", ["reweight", "query_residual", "visual_residual"])
+@pytest.mark.parametrize("removed", ["reweight", "query_residual", "visual_residual", "clip_map"])
 def test_config_of_a_removed_fusion_is_one_line_naming_it(removed):
     with pytest.raises(ValueError, match=rf"^MODEL\.PROMPTSG\.MIM\.FUSION {removed} was removed \(docs/EXPERIMENTS\.md"):
         build(PROMPTSG_CFG, "MODEL.PROMPTSG.MIM.FUSION", removed)
@@ -94,7 +94,7 @@ def test_config_of_a_removed_fusion_is_one_line_naming_it(removed):
     assert baseline.heads.mim is None
 
 
-@pytest.mark.parametrize("fusion_name", ["learned_map", "clip_map"])
+@pytest.mark.parametrize("fusion_name", ["learned_map"])
 @pytest.mark.parametrize("cross, self_layers", [(2, 2), (1, 0)])
 def test_a_map_fusion_needs_one_cross_layer_and_a_self_block(fusion_name, cross, self_layers):
     """The prompt's map biases v's row in the self-attention blocks after one cross-attention."""

@@ -175,7 +175,7 @@ def test_cross_attention_is_softmax_qk_v_with_text_as_query():
         torch.testing.assert_close(mim(query, patches), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fusion, contrast", [(f, 2.0) for f in FUSIONS] + [("clip_map", 4.0), ("learned_map", 0.5)])
+@pytest.mark.parametrize("fusion, contrast", [(f, 2.0) for f in FUSIONS] + [("learned_map", 4.0), ("learned_map", 0.5)])
 @pytest.mark.parametrize("queries, out_index", [(1, 0), (4, 3)])
 def test_each_mim_fusion_equals_its_formula_on_full_length_blocks(fusion, contrast, queries, out_index):
     torch.manual_seed(0)
@@ -540,21 +540,16 @@ def reference_mim(mim, query, patches, out_index, visual):
 
 def reference_map(mim, query, patches):
     """The prompt's map a (B, M) by hand: logits z_m, the mean over heads of q_h . k_h,m / sqrt(d)
-    ("learned_map") or cos(q, p_m) ("clip_map"), standardised over the M patches (unbiased std),
-    then softmax(contrast * z)."""
+    ("learned_map"), standardised over the M patches (unbiased std), then softmax(contrast * z)."""
     batch, m = patches.shape[:2]
-    if mim.fusion == "learned_map":
-        blk = mim.cross[0]
-        heads, d = blk.num_heads, patches.shape[-1] // blk.num_heads
-        q = blk.q_proj(blk.ln_1(query))[:, 0]                                        # (B, E)
-        k = blk.ln_1_kv(patches) @ blk.k_proj.weight.t()                             # (B, M, E)
-        logits = torch.zeros(batch, m)
-        for h in range(heads):
-            part = slice(h * d, (h + 1) * d)
-            logits += (k[..., part] @ q[:, part, None])[..., 0] / math.sqrt(d) / heads
-    else:
-        logits = torch.stack([torch.stack([F.cosine_similarity(query[b, 0], patches[b, j], dim=0) for j in range(m)])
-                              for b in range(batch)])
+    blk = mim.cross[0]
+    heads, d = blk.num_heads, patches.shape[-1] // blk.num_heads
+    q = blk.q_proj(blk.ln_1(query))[:, 0]                                            # (B, E)
+    k = blk.ln_1_kv(patches) @ blk.k_proj.weight.t()                                 # (B, M, E)
+    logits = torch.zeros(batch, m)
+    for h in range(heads):
+        part = slice(h * d, (h + 1) * d)
+        logits += (k[..., part] @ q[:, part, None])[..., 0] / math.sqrt(d) / heads
     mean = logits.mean(dim=1, keepdim=True)
     std = ((logits - mean) ** 2).sum(dim=1, keepdim=True).div(m - 1).sqrt()
     return torch.softmax(mim.map_contrast * (logits - mean) / (std + 1e-6), dim=1)

@@ -41,6 +41,8 @@ MUTATIONS = [
      "    x = block.ls_1(few_query_attention(", "    x = query + block.ls_1(few_query_attention("),
     ("the prompt's map cut from the blocks before the last (plain blocks)", "modeling/interaction.py",
      "x = block_forward(blk, x, read_bias)", "x = blk(x)"),
+    ("the map-pool loss reaches the encoders (patches not detached)", "modeling/interaction.py",
+     "query, patches_fixed = query.detach(), patches.detach()", "patches_fixed = patches"),
     ("the prompt's map cut from the read row of the last block", "modeling/interaction.py",
      "return query_row_forward(self.blocks[-1], x, 0, read_bias)", "return query_row_forward(self.blocks[-1], x, 0)"),
     ("the map's bias computed but v's row left unbiased", "modeling/interaction.py",

@@ -71,13 +71,12 @@ def add_promptsg_config(cfg):
     cfg.MODEL.PROMPTSG.MIM.QUERY = "pooled"
     # How the cross-attention's result reaches the feature (promptsg/modeling/interaction.py):
     # "learned_map" (the prompt's learned map over the patches biases v's attention logits in the
-    # self-attention blocks; the feature is read at v), "clip_map" (the same with CLIP's own
-    # prompt-patch cosine as the map: the prompt keeps acting at test) or "attention" (x = A(q, P),
-    # Eq. 7 as written). Removed wirings ("query_residual", "visual_residual", "reweight") are
+    # self-attention blocks; the feature is read at v) or "attention" (x = A(q, P), Eq. 7 as
+    # written). Removed wirings ("query_residual", "visual_residual", "reweight", "clip_map") are
     # refused; their results are in docs/EXPERIMENTS.md.
     cfg.MODEL.PROMPTSG.MIM.FUSION = "learned_map"
-    # The map fusions' contrast: the map is softmax(MAP_CONTRAST * z) of its logits z standardised
-    # over the patches (2.0 for learned_map; ablations/clip_map.yml uses 4.0).
+    # learned_map's contrast: the map is softmax(MAP_CONTRAST * z) of its logits z standardised
+    # over the patches.
     cfg.MODEL.PROMPTSG.MIM.MAP_CONTRAST = 2.0
     # Test feature: "mim" (MIM output) or "concat" (MIM output ++ global visual embedding).
     cfg.MODEL.PROMPTSG.FEATURE = "mim"
@@ -106,9 +105,10 @@ def add_promptsg_config(cfg):
     cfg.MODEL.LOSSES.SUPCON.I2T = True
     # Use the text-to-image term L_t2i (Table 3 row c turns it off).
     cfg.MODEL.LOSSES.SUPCON.T2I = True
-    # Beyond the paper, for the map fusions (MIM.FUSION learned_map / clip_map): the weight of a
-    # second L_SupCon between the prompt's map pool of the patch tokens, sum_m a_m p_m, and l_p,
-    # which asks the map to pick the patches the prompt describes (0: off).
+    # Beyond the paper, for MIM.FUSION learned_map: the weight of a second L_SupCon between the
+    # prompt's map pool of the patch tokens, sum_m a_m p_m, and l_p, which asks the map to pick the
+    # patches the prompt describes; it trains the map's own parameters only (0: off;
+    # ablations/map_pool.yml: 0.5, the prompt keeps acting at test).
     cfg.MODEL.LOSSES.SUPCON.MAP_SCALE = 0.0
 
     # ---- CLIP-ReID (promptsg/modeling/clip_reid.py, MODEL.META_ARCHITECTURE CLIPReID) ----

@@ -10,9 +10,9 @@ Design choices the paper leaves open (the project README, "Design choices"):
     visual embedding v, and log(M a) is added to v's attention logits over the patch keys in every
     block, so the prompt chooses which patch tokens v's feature is made of. A bias on the logits
     survives the blocks' LayerNorm, which removes any scale put on the tokens themselves (the
-    earlier "reweight" wiring, docs/EXPERIMENTS.md "Language guidance at test"). "clip_map" takes
-    the map from CLIP's own cosine between the prompt and each patch in the joint space, with no
-    parameter to learn it away. "attention" is Eq. 7 as written (x = A(q, P));
+    earlier "reweight" wiring, docs/EXPERIMENTS.md "Language guidance at test"). The map can be
+    tied to the prompt in training (MODEL.LOSSES.SUPCON.MAP_SCALE, ``with_map_pool``): the prompt
+    then keeps acting at test. "attention" is Eq. 7 as written (x = A(q, P));
   * width = CLIP's joint embedding width E (512 for ViT-B/16), the space both the text
     embedding l_p and the projected patch tokens live in;
   * query = the pooled EOT text embedding (one token), or every prompt token (``query="tokens"``,
@@ -34,10 +34,10 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 
-FUSIONS = ("learned_map", "clip_map", "attention")
+FUSIONS = ("learned_map", "attention")
 # The fusions in which the prompt acts only through its map over the patches, a bias on v's
 # attention logits in the self-attention blocks (no value path from the prompt to the feature).
-MAP_FUSIONS = ("learned_map", "clip_map")
+MAP_FUSIONS = ("learned_map",)
 # Every fusion a released checkpoint may hold, at the index saved in its ``fusion_index`` buffer
 # (append only). Those not in FUSIONS were removed; their checkpoints are refused by name
 # (engine/checkpoint.check_mim_fusion) and their results stay in docs/EXPERIMENTS.md.
@@ -59,8 +59,6 @@ class MultimodalInteraction(nn.Module):
                   ``map_contrast`` before the softmax (a map that training can move but not
                   flatten); [v; patches] runs through the blocks with log(M a_m) added to v's
                   attention logit over patch m in every block, and the feature is read at v.
-              "clip_map": the same, the logits being CLIP's cosine between the prompt and each
-                  patch in the joint space (no parameters).
               "attention": x = A(q, P) (Eq. 7 as written): the feature depends on the query only
                   through the attention weights; [x; patches] through the blocks, read at x.
         map_contrast: the scale of the standardised logits (MODEL.PROMPTSG.MIM.MAP_CONTRAST).
@@ -82,8 +80,6 @@ class MultimodalInteraction(nn.Module):
         self.register_buffer("fusion_index", torch.tensor(FUSION_HISTORY.index(fusion)))
         if fusion == "learned_map":
             self.cross = nn.ModuleList([PatchWeighting(width, heads)])
-        elif fusion == "clip_map":
-            self.cross = nn.ModuleList()                    # the map is CLIP's own: nothing to learn
         else:
             self.cross = nn.ModuleList(
                 [ResidualAttentionBlock(width, heads, is_cross_attention=True) for _ in range(cross_layers)])
@@ -135,11 +131,7 @@ class MultimodalInteraction(nn.Module):
     def log_prompt_map(self, query, patches):
         """log a (B, M): the prompt's (B, 1, E) map over the patches (B, M, E) in the map fusions,
         log_softmax(contrast * z) of logits z standardised over the patches, in float32."""
-        if self.fusion == "learned_map":
-            logits = self.cross[0](query, patches, logits=True)[:, 0].mean(dim=1)           # head mean (B, M)
-        else:
-            logits = torch.einsum("be,bme->bm", F.normalize(query[:, 0], dim=-1), F.normalize(patches, dim=-1))
-        logits = logits.float()
+        logits = self.cross[0](query, patches, logits=True)[:, 0].mean(dim=1).float()     # head mean (B, M)
         z = (logits - logits.mean(dim=-1, keepdim=True)) / (logits.std(dim=-1, keepdim=True) + 1e-6)
         return (self.map_contrast * z).log_softmax(dim=-1).to(patches.dtype)
 
