@@ -208,7 +208,7 @@ def validate_promptsg_config(cfg):
     if cfg.MODEL.LOSSES.SUPCON.MAP_SCALE < 0:
         fail(f"MODEL.LOSSES.SUPCON.MAP_SCALE must be >= 0, got {cfg.MODEL.LOSSES.SUPCON.MAP_SCALE}")
     if cfg.MODEL.LOSSES.SUPCON.MAP_SCALE > 0 and not (
-            "SupConLoss" in names and cfg.MODEL.PROMPTSG.MIM.CROSS_LAYERS > 0 and cfg.MODEL.PROMPTSG.MIM.FUSION in MAP_FUSIONS):
+            "SupConLoss" in names and p.MIM.CROSS_LAYERS > 0 and p.MIM.FUSION in MAP_FUSIONS):
         fail("MODEL.LOSSES.SUPCON.MAP_SCALE > 0 needs SupConLoss in MODEL.LOSSES.NAME and a MIM whose FUSION is one of "
              f"{list(MAP_FUSIONS)}")
     if "SupConLoss" in names and not (cfg.MODEL.LOSSES.SUPCON.I2T or cfg.MODEL.LOSSES.SUPCON.T2I):

@@ -68,9 +68,10 @@ class PromptSGHead(nn.Module):
         """
         feat, extra = visual.embedding, {}
         if self.mim is not None:
+            with_pool = self.map_pool and self.training
             fused = self.mim(query.to(visual.tokens.dtype), visual.tokens, out_index, visual.embedding,
-                             with_map_pool=self.map_pool and self.training)
-            if self.map_pool and self.training:
+                             with_map_pool=with_pool)
+            if with_pool:
                 fused, extra["map_pool"] = fused
             feat = torch.cat([fused, visual.embedding], dim=1) if self.feature == "concat" else fused
         neck = self.bottleneck(feat)

@@ -121,8 +121,7 @@ class MultimodalInteraction(nn.Module):
         return self._map_forward_biased(log_map, patches, visual)
 
     def _map_forward_biased(self, log_map, patches, visual):
-        zero = torch.zeros_like(log_map[:, :1])                                   # (B, 1), batch-agnostic for export
-        read_bias = torch.cat([zero, log_map + math.log(log_map.shape[1])], dim=1)   # (B, 1 + M): v's own key 0
+        read_bias = map_read_bias(log_map)
         x = torch.cat([visual[:, None].to(patches.dtype), patches], dim=1)          # (B, 1 + M, E)
         for blk in self.blocks[:-1]:
             x = block_forward(blk, x, read_bias)
@@ -141,8 +140,7 @@ class MultimodalInteraction(nn.Module):
         where the feature looks: the weights its value mix is made with."""
         if self.fusion not in MAP_FUSIONS:
             raise ValueError(f"fusion {self.fusion!r} has no read row biased by a map")
-        log_map = self.log_prompt_map(query[:, :1], patches)
-        read_bias = torch.cat([torch.zeros_like(log_map[:, :1]), log_map + math.log(log_map.shape[1])], dim=1)
+        read_bias = map_read_bias(self.log_prompt_map(query[:, :1], patches))
         x = torch.cat([visual[:, None].to(patches.dtype), patches], dim=1)
         weights = []
         for i, block in enumerate(self.blocks):
@@ -190,6 +188,13 @@ class PatchWeighting(nn.Module):
         q = torch.einsum("bqhd,hde->bqhe", q, self.k_proj.weight.view(self.num_heads, self.head_dim, width))
         scores = torch.einsum("bqhe,bme->bqhm", q, self.ln_1_kv(patches))
         return scores if logits else scores.softmax(dim=-1)
+
+
+def map_read_bias(log_map):
+    """v's attention-logit bias over [v; patches] (B, 1 + M) from the map's log a (B, M): 0 on v's own
+    key, log(M a_m) on patch m (zero where the map is uniform)."""
+    zero = torch.zeros_like(log_map[:, :1])                                   # (B, 1), batch-agnostic for export
+    return torch.cat([zero, log_map + math.log(log_map.shape[1])], dim=1)
 
 
 def query_row_forward(block, x, index, key_bias=None):
