@@ -10,8 +10,12 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import QuickGELU
 
+from fastreid.config import get_cfg
+
+from promptsg.config import add_promptsg_config
 from promptsg.modeling.clip_backbone import CLIPVisualBackbone
-from promptsg.modeling.clip_weights import create_clip_model, resize_grid_pos_embed, set_resnet_last_stride
+from promptsg.modeling.clip_weights import (
+    clip_model_from_config, create_clip_model, resize_grid_pos_embed, set_resnet_last_stride)
 
 TEXT = open_clip.tokenize(["a photo of a person.", "a photo of a red car."])
 
@@ -131,7 +135,7 @@ def test_resnet_last_stride_2_is_last_stride_1_average_pooled_before_the_last_re
 
 
 def test_resnet_last_stride_must_be_1_or_2():
-    with pytest.raises(ValueError, match="LAST_STRIDE must be 1 or 2"):
+    with pytest.raises(ValueError, match="last_stride must be 1 or 2 for a CLIP ModifiedResNet, got 3"):
         create_clip_model("tiny-RN", "", (256, 128), last_stride=3)
 
 
@@ -209,7 +213,7 @@ def test_plain_state_dict_of_a_plain_model_name_is_refused_until_the_activation_
     with pytest.raises(ValueError) as error:
         create_clip_model("tiny-ViT", path)
     message = str(error.value)
-    assert path in message and "MODEL.CLIP.ACTIVATION" in message and "\n" not in message
+    assert f"pretrained={path}" in message and "set activation quick_gelu" in message and "\n" not in message
 
 
 @pytest.mark.parametrize("quick_gelu", [True, False])
@@ -249,7 +253,7 @@ def test_quickgelu_model_name_needs_no_activation(tmp_path):
 
 
 def test_unknown_activation_is_refused():
-    with pytest.raises(ValueError, match="MODEL.CLIP.ACTIVATION must be one of"):
+    with pytest.raises(ValueError, match=r"activation must be one of \['', 'quick_gelu', 'gelu'\], got 'relu'"):
         create_clip_model("tiny-ViT", "", activation="relu")
 
 
@@ -269,7 +273,7 @@ def test_missing_file_raises_one_line_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         create_clip_model("tiny-ViT", path)
     message = str(error.value)
-    assert path in message and "MODEL.CLIP.PRETRAINED" in message and "\n" not in message
+    assert f"pretrained={path}" in message and "\n" not in message
 
 
 def test_mismatched_checkpoint_raises_value_error_naming_file_and_keys(tmp_path):
@@ -321,5 +325,63 @@ def test_empty_pretrained_warns_about_random_weights(caplog):
 
 
 def test_unknown_model_name_raises_value_error():
-    with pytest.raises(ValueError, match="MODEL.CLIP.NAME='tiny-nothing'"):
+    with pytest.raises(ValueError, match="name='tiny-nothing' is not an open_clip model config"):
         create_clip_model("tiny-nothing")
+
+
+# ---- the same errors in a config's words ----
+
+def _config(tmp_path, **keys):
+    """A PromptSG config on tiny-ViT at 64x32 with ``keys`` ({"MODEL.CLIP.NAME": value, ...}) set."""
+    cfg = add_promptsg_config(get_cfg())
+    cfg.MODEL.CLIP.NAME, cfg.INPUT.SIZE_TRAIN = "tiny-ViT", [64, 32]
+    cfg.merge_from_list([item for key, value in keys.items() for item in (key, str(value))])
+    return cfg
+
+
+def _plain_state_dict(tmp_path):
+    path = str(tmp_path / "state_dict.pt")
+    torch.save(_source_model("tiny-ViT", quick_gelu=True).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["activation", "undeclared", "missing", "name", "tag", "last_stride"])
+def test_an_error_names_the_argument_called_directly_and_the_config_key_built_from_a_config(case, tmp_path):
+    """create_clip_model speaks of its arguments; clip_model_from_config gives the same error with
+    the keys the arguments came from (MODEL.CLIP.*, MODEL.BACKBONE.LAST_STRIDE), and the same type."""
+    path = _plain_state_dict(tmp_path)
+    missing = str(tmp_path / "nowhere.pt")
+    arguments, keys, argument_words, key_words = {
+        "activation": ({"activation": "relu"}, {"MODEL.CLIP.ACTIVATION": "relu"},
+                       "activation must be one of", "MODEL.CLIP.ACTIVATION must be one of"),
+        "undeclared": ({"pretrained": path}, {"MODEL.CLIP.PRETRAINED": path},
+                       f"pretrained={path} is a state dict", f"MODEL.CLIP.PRETRAINED={path} is a state dict"),
+        "missing": ({"pretrained": missing}, {"MODEL.CLIP.PRETRAINED": missing},
+                    f"pretrained={missing}: no such file", f"MODEL.CLIP.PRETRAINED={missing}: no such file"),
+        "name": ({"name": "tiny-nothing"}, {"MODEL.CLIP.NAME": "tiny-nothing"},
+                 "name='tiny-nothing' is not", "MODEL.CLIP.NAME='tiny-nothing' is not"),
+        "tag": ({"pretrained": "laion-nope"}, {"MODEL.CLIP.PRETRAINED": "laion-nope"},
+                "pretrained='laion-nope' is neither", "MODEL.CLIP.PRETRAINED='laion-nope' is neither"),
+        "last_stride": ({"name": "tiny-RN", "last_stride": 3}, {"MODEL.CLIP.NAME": "tiny-RN", "MODEL.BACKBONE.LAST_STRIDE": 3},
+                        "last_stride must be 1 or 2", "MODEL.BACKBONE.LAST_STRIDE must be 1 or 2"),
+    }[case]
+    direct = {"name": "tiny-ViT", "image_size": (64, 32), **arguments}
+    with pytest.raises(Exception) as called:
+        create_clip_model(**direct)
+    with pytest.raises(Exception) as configured:
+        clip_model_from_config(_config(tmp_path, **keys))
+    assert argument_words in str(called.value) and "MODEL." not in str(called.value)
+    assert key_words in str(configured.value) and "\n" not in str(configured.value)
+    assert type(configured.value) is type(called.value)
+    assert isinstance(called.value, (ValueError, FileNotFoundError))
+
+
+def test_clip_model_from_config_builds_what_create_clip_model_builds(tmp_path):
+    path = _plain_state_dict(tmp_path)
+    cfg = _config(tmp_path, **{"MODEL.CLIP.PRETRAINED": path, "MODEL.CLIP.ACTIVATION": "quick_gelu",
+                               "MODEL.CLIP.STRIDE": 12})
+    configured = clip_model_from_config(cfg)
+    called = create_clip_model("tiny-ViT", path, (64, 32), patch_stride=12, activation="quick_gelu")
+    assert configured.visual.conv1.stride == (12, 12) and configured.visual.grid_size == called.visual.grid_size
+    for (key, a), (_, b) in zip(configured.state_dict().items(), called.state_dict().items()):
+        assert torch.equal(a, b), key

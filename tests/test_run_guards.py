@@ -245,6 +245,10 @@ def test_valid_queries_follow_the_market_protocol_by_hand():
      "INPUT.SIZE_TRAIN [64, 40] must be divisible by 16, the output stride of tiny-RN at MODEL.BACKBONE.LAST_STRIDE 1"),
     (["MODEL.CLIP.NAME", "tiny-RN", "MODEL.BACKBONE.LAST_STRIDE", "2", "INPUT.SIZE_TRAIN", "[64, 48]",
       "INPUT.SIZE_TEST", "[64, 48]"], "must be divisible by 32"),
+    (["MODEL.CLIP.NAME", "tiny-RN", "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
+      "MODEL.CLIP.SIE_CAMERA", "True", "MODEL.CLIP.NUM_CAMERAS", "6"],
+     "MODEL.CLIP.SIE_CAMERA needs a ViT visual tower; tiny-RN is a ModifiedResNet"),
+    (["MODEL.CLIP.NAME", "tiny-nothing"], "MODEL.CLIP.NAME='tiny-nothing' is not an open_clip model config"),
 ])
 def test_out_of_range_numbers_fail_naming_the_key(opts, fragment):
     with pytest.raises(InputError, match=None) as info:

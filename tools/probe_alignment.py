@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import promptsg  # noqa: F401  (patches FastReID, registers PromptSG)
+from fastreid.config import get_cfg
 from fastreid.data.build import build_transforms
 from fastreid.data.data_utils import read_image
 from fastreid.data.datasets import DATASET_REGISTRY
@@ -105,8 +106,7 @@ def probe(model, images, targets):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        cfg = load_config(promptsg.add_promptsg_config(__import__("fastreid.config").config.get_cfg()),
-                          args.config_file, args.opts)
+        cfg = load_config(promptsg.add_promptsg_config(get_cfg()), args.config_file, args.opts)
         check_weights(cfg, eval_only=False)
         cfg.MODEL.BACKBONE.PRETRAIN = False
         images, targets = fixed_batch(cfg, args.ids, args.per_id)

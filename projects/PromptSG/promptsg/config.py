@@ -1,7 +1,7 @@
 """Config keys added by the PromptSG project (paper symbols in brackets)."""
 from fastreid.config import CfgNode as CN
 
-from .modeling.clip_weights import ACTIVATIONS, RESNET_STRIDE_BEFORE_LAYER4, model_config
+from .modeling.clip_weights import ACTIVATIONS, CONFIG_KEYS, RESNET_STRIDE_BEFORE_LAYER4, ClipArgumentError, model_config
 from .modeling.interaction import FUSIONS, MAP_FUSIONS, REMOVED_FUSIONS
 from .modeling.supcon import POSITIVE_REDUCTIONS
 
@@ -251,7 +251,13 @@ def validate_clip_towers(cfg):
         raise ValueError("MODEL.CLIP.SIE_CAMERA needs MODEL.CLIP.NUM_CAMERAS > 0 (the dataset's camera count)")
     if cfg.MODEL.CLIP.ACTIVATION not in ACTIVATIONS:
         raise ValueError(f"MODEL.CLIP.ACTIVATION must be one of {list(ACTIVATIONS)}, got {cfg.MODEL.CLIP.ACTIVATION!r}")
-    validate_clip_image_size(cfg, model_config(cfg.MODEL.CLIP.NAME)["vision_cfg"])
+    try:
+        vision = model_config(cfg.MODEL.CLIP.NAME)["vision_cfg"]
+    except ClipArgumentError as exc:
+        raise exc.naming(CONFIG_KEYS) from None
+    if cfg.MODEL.CLIP.SIE_CAMERA and isinstance(vision.get("layers"), (list, tuple)):
+        raise ValueError(f"MODEL.CLIP.SIE_CAMERA needs a ViT visual tower; {cfg.MODEL.CLIP.NAME} is a ModifiedResNet")
+    validate_clip_image_size(cfg, vision)
 
 
 def validate_clip_image_size(cfg, vision):

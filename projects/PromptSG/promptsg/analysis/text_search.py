@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..modeling.clip_weights import create_clip_model
+from ..modeling.clip_weights import clip_model_from_config
 from ..modeling.prompt import build_prompt_composer, with_words
 
 
@@ -37,8 +37,7 @@ def text_tower(model, cfg):
     clip = cfg.MODEL.CLIP
     if not clip.PRETRAINED:
         raise ValueError("the model has no text tower and MODEL.CLIP.PRETRAINED is empty")
-    clip_model = create_clip_model(clip.NAME, clip.PRETRAINED, tuple(cfg.INPUT.SIZE_TRAIN), clip.STRIDE,
-                                   cfg.MODEL.BACKBONE.LAST_STRIDE, clip.ACTIVATION)
+    clip_model = clip_model_from_config(cfg)
     p = cfg.MODEL.PROMPTSG
     return build_prompt_composer(clip_model, clip.NAME, p.PROMPT, p.SIMPLE_PROMPT).to(model.device).eval()
 

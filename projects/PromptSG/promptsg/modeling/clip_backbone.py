@@ -14,7 +14,8 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from .clip_weights import create_clip_model, set_visual_resolution
+from ..config import validate_clip_towers
+from .clip_weights import clip_model_from_config, set_visual_resolution
 
 
 class CLIPVisualOutput(NamedTuple):
@@ -41,7 +42,7 @@ class CLIPVisualBackbone(nn.Module):
         image_size: (H, W) of the input images.
         stride: ViT patch stride; None = patch size, smaller = overlapping patches (CLIP-ReID).
             ModifiedResNet ignores it: its output stride is set when the model is created
-            (``create_clip_model(last_stride=...)``, MODEL.BACKBONE.LAST_STRIDE).
+            (``create_clip_model(last_stride=...)``).
         num_cameras: > 0 adds SIE, a learnable per-camera embedding (N_cam, C), truncated-normal
             init with std 0.02, added to the CLS token after the position embedding (ViT only).
         sie_coe: scale of the SIE camera embedding.
@@ -76,7 +77,7 @@ class CLIPVisualBackbone(nn.Module):
 
         if num_cameras > 0:
             if not self.is_vit:
-                raise ValueError("SIE (MODEL.CLIP.SIE_CAMERA) needs a ViT visual tower, not ModifiedResNet")
+                raise ValueError("num_cameras > 0 (SIE) needs a ViT visual tower, not ModifiedResNet")
             self.sie_embed = nn.Parameter(torch.zeros(num_cameras, self.width))  # (N_cam, C)
             nn.init.trunc_normal_(self.sie_embed, std=0.02, a=-0.04, b=0.04)  # cut at 2 std
         else:
@@ -189,13 +190,9 @@ def build_clip_backbone(cfg, clip_model=None):
     """
     clip_cfg = cfg.MODEL.CLIP
     image_size = tuple(cfg.INPUT.SIZE_TRAIN)
-    if clip_cfg.SIE_CAMERA and clip_cfg.NUM_CAMERAS <= 0:
-        raise ValueError(
-            "MODEL.CLIP.SIE_CAMERA needs MODEL.CLIP.NUM_CAMERAS > 0 (set it from the training set)"
-        )
+    validate_clip_towers(cfg)
     if clip_model is None:
-        clip_model = create_clip_model(clip_cfg.NAME, clip_cfg.PRETRAINED, image_size, clip_cfg.STRIDE,
-                                       cfg.MODEL.BACKBONE.LAST_STRIDE, cfg.MODEL.CLIP.ACTIVATION)
+        clip_model = clip_model_from_config(cfg)
     return CLIPVisualBackbone(
         clip_model.visual,
         image_size=image_size,

@@ -33,7 +33,7 @@ from torch import nn
 from ..config import validate_clipreid_config
 from ..utils.deferred_log import DeferredScalars
 from ..utils.distributed import GlobalBatchNorm1d, gather_batch, world_size
-from .clip_weights import create_clip_model
+from .clip_weights import clip_model_from_config
 from .losses import cross_entropy_loss, top1_accuracy, triplet_loss
 from .meta_arch import PromptSG
 from .prompt import build_prompt_composer
@@ -136,8 +136,7 @@ class CLIPReID(nn.Module):
     def from_config(cls, cfg):
         validate_clipreid_config(cfg)
         clip = cfg.MODEL.CLIP
-        clip_model = create_clip_model(clip.NAME, clip.PRETRAINED, tuple(cfg.INPUT.SIZE_TRAIN), clip.STRIDE,
-                                       cfg.MODEL.BACKBONE.LAST_STRIDE, clip.ACTIVATION)
+        clip_model = clip_model_from_config(cfg)
         backbone = BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)(cfg, clip_model=clip_model)
         text = build_prompt_composer(clip_model, clip.NAME, cfg.MODEL.PROMPTSG.PROMPT, cfg.MODEL.PROMPTSG.SIMPLE_PROMPT)
         prompts = IdentityPrompts(text, cfg.MODEL.CLIPREID.PROMPT, cfg.MODEL.HEADS.NUM_CLASSES)

@@ -38,7 +38,44 @@ _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 RESNET_STRIDE_BEFORE_LAYER4 = 16
 
 Grid = Tuple[int, int]
-ACTIVATIONS = ("", "quick_gelu", "gelu")  # MODEL.CLIP.ACTIVATION; "" = read it from the weights
+ACTIVATIONS = ("", "quick_gelu", "gelu")  # the activation argument; "" = read it from the weights
+
+# How create_clip_model's errors name its arguments: by themselves for a direct caller, by their
+# config keys for a model built from a config (clip_model_from_config, config.validate_clip_towers).
+ARGUMENTS = {a: a for a in ("name", "pretrained", "image_size", "patch_stride", "last_stride", "activation")}
+CONFIG_KEYS = {
+    "name": "MODEL.CLIP.NAME",
+    "pretrained": "MODEL.CLIP.PRETRAINED",
+    "image_size": "INPUT.SIZE_TRAIN",
+    "patch_stride": "MODEL.CLIP.STRIDE",
+    "last_stride": "MODEL.BACKBONE.LAST_STRIDE",
+    "activation": "MODEL.CLIP.ACTIVATION",
+}
+
+
+class ArgumentMessage(Exception):
+    """An error whose message names create_clip_model's arguments through ``{argument}`` fields
+    of ``template`` (values through the other fields), so that ``naming(CONFIG_KEYS)`` gives the
+    same error in the words of the config the arguments came from."""
+
+    def __init__(self, template: str, names: Optional[Dict[str, str]] = None, **values):
+        self.template, self.values = template, values
+        super().__init__(template.format(**(names or ARGUMENTS), **values))
+
+    def naming(self, names: Dict[str, str]) -> Exception:
+        return type(self)(self.template, names, **self.values)
+
+
+class ClipArgumentError(ArgumentMessage, ValueError):
+    """A value create_clip_model cannot use (model name, weights, activation, strides)."""
+
+
+class ClipFileNotFoundError(ArgumentMessage, FileNotFoundError):
+    """``pretrained`` names a file that does not exist."""
+
+
+class ClipDownloadError(ArgumentMessage, RuntimeError):
+    """open_clip could not download the weights of a pretrained tag."""
 
 
 def create_clip_model(
@@ -73,16 +110,17 @@ def create_clip_model(
     """
     image_size = (int(image_size[0]), int(image_size[1]))
     if activation not in ACTIVATIONS:
-        raise ValueError(f"MODEL.CLIP.ACTIVATION must be one of {list(ACTIVATIONS)}, got {activation!r}")
+        raise ClipArgumentError("{activation} must be one of {choices}, got {value!r}",
+                                choices=list(ACTIVATIONS), value=activation)
     forced = {"quick_gelu": True, "gelu": False}.get(activation)
     if not pretrained:
         model = _build_model(name, quick_gelu=forced, last_stride=last_stride)
         logger.warning(
             "\n" + "!" * 78 + "\n"
-            f"!! MODEL.CLIP.PRETRAINED is empty: CLIP model '{name}' starts from random weights.\n"
+            f"!! No pretrained CLIP weights: CLIP model '{name}' starts from random weights.\n"
             "!! PromptSG needs a pretrained CLIP (its text tower stays frozen); training from\n"
-            "!! random CLIP weights gives meaningless results. Set MODEL.CLIP.PRETRAINED to a\n"
-            "!! tag such as 'openai' or to a local CLIP checkpoint file.\n" + "!" * 78
+            "!! random CLIP weights gives meaningless results. Give a tag such as 'openai' or a\n"
+            "!! local CLIP checkpoint file (MODEL.CLIP.PRETRAINED in a config).\n" + "!" * 78
         )
         set_visual_resolution(model.visual, image_size, patch_stride)
         return model
@@ -90,7 +128,7 @@ def create_clip_model(
     path, tag_quick_gelu = _resolve_pretrained(name, pretrained)
     state_dict, is_torchscript = read_clip_state_dict(path)
     if forced is not None:
-        quick_gelu, source = forced, "MODEL.CLIP.ACTIVATION"
+        quick_gelu, source = forced, "as asked"
     elif is_torchscript:
         quick_gelu, source = True, "an OpenAI TorchScript archive"
     elif tag_quick_gelu is not None:
@@ -98,16 +136,27 @@ def create_clip_model(
     elif model_config(name).get("quick_gelu", False):
         quick_gelu, source = True, f"the model name '{name}'"
     else:
-        raise ValueError(
-            f"MODEL.CLIP.PRETRAINED={path} is a state dict that does not say which activation its CLIP "
-            f"was trained with: set MODEL.CLIP.ACTIVATION quick_gelu (OpenAI's weights) or gelu "
-            f"(e.g. open_clip models trained with GELU)")
+        raise ClipArgumentError(
+            "{pretrained}={path} is a state dict that does not say which activation its CLIP was trained "
+            "with: set {activation} quick_gelu (OpenAI's weights) or gelu (e.g. open_clip models trained "
+            "with GELU)", path=path)
     model = _build_model(name, quick_gelu=quick_gelu, last_stride=last_stride)
     _load_state_dict(model, state_dict, path, name, image_size, patch_stride)
     set_visual_resolution(model.visual, image_size, patch_stride)
     logger.info(f"Loaded CLIP weights for '{name}' from {path}, "
                 f"{'QuickGELU' if quick_gelu else 'GELU'} activation ({source})")
     return model
+
+
+def clip_model_from_config(cfg) -> open_clip.CLIP:
+    """``create_clip_model`` with its arguments read from a PromptSG config (MODEL.CLIP,
+    INPUT.SIZE_TRAIN, MODEL.BACKBONE.LAST_STRIDE); its errors name those keys."""
+    clip = cfg.MODEL.CLIP
+    try:
+        return create_clip_model(clip.NAME, clip.PRETRAINED, tuple(cfg.INPUT.SIZE_TRAIN), clip.STRIDE,
+                                 cfg.MODEL.BACKBONE.LAST_STRIDE, clip.ACTIVATION)
+    except ArgumentMessage as exc:
+        raise exc.naming(CONFIG_KEYS) from None
 
 
 def read_clip_state_dict(path: str) -> Tuple[Dict[str, torch.Tensor], bool]:
@@ -127,14 +176,12 @@ def read_clip_state_dict(path: str) -> Tuple[Dict[str, torch.Tensor], bool]:
             state_dict = load_state_dict(path, device="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(
-            f"Cannot read CLIP weights from MODEL.CLIP.PRETRAINED={path}: "
-            f"{type(e).__name__}: {first_line}"
-        ) from e
+        raise ClipArgumentError("Cannot read CLIP weights from {pretrained}={path}: {error}",
+                                path=path, error=f"{type(e).__name__}: {first_line}") from e
     if not isinstance(state_dict, dict) or not all(
         isinstance(v, torch.Tensor) for v in state_dict.values()
     ):
-        raise ValueError(f"MODEL.CLIP.PRETRAINED={path} does not hold a CLIP state dict")
+        raise ClipArgumentError("{pretrained}={path} does not hold a CLIP state dict", path=path)
     state_dict = {k: v for k, v in state_dict.items() if k not in _NON_WEIGHT_KEYS}
     return state_dict, is_torchscript
 
@@ -180,13 +227,14 @@ def visual_grid(visual: nn.Module, image_size: Sequence[int], patch_stride: Opti
         patch_h, patch_w = visual.patch_size
         stride = patch_stride or patch_h
         if not 0 < stride <= min(patch_h, patch_w):
-            raise ValueError(f"ViT patch stride must be in [1, {min(patch_h, patch_w)}], got {stride}")
+            raise ClipArgumentError("{patch_stride} must be in [1, {patch}] (the ViT's patch size), got {value}",
+                                    patch=min(patch_h, patch_w), value=stride)
         return ((height - patch_h) // stride + 1, (width - patch_w) // stride + 1)
     _pos_embed_owner(visual)  # type check
     stride = resnet_output_stride(visual)
     if height % stride or width % stride:
-        raise ValueError(f"ModifiedResNet at output stride {stride} needs an image size divisible by {stride}, "
-                         f"got {tuple(image_size)}")
+        raise ClipArgumentError("{image_size} {size} must be divisible by {stride}, the output stride of the "
+                                "ModifiedResNet", size=list(image_size), stride=stride)
     return (height // stride, width // stride)
 
 
@@ -202,7 +250,7 @@ def set_resnet_last_stride(visual: ModifiedResNet, stride: int) -> None:
     and before the 1x1 projection of the shortcut); stride 1 replaces both pools by identities.
     """
     if stride not in (1, 2):
-        raise ValueError(f"MODEL.BACKBONE.LAST_STRIDE must be 1 or 2 for a CLIP ModifiedResNet, got {stride}")
+        raise ClipArgumentError("{last_stride} must be 1 or 2 for a CLIP ModifiedResNet, got {value}", value=stride)
     block = visual.layer4[0]
     pool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
     block.avgpool = pool
@@ -260,13 +308,11 @@ def _set_pos_embed(visual: nn.Module, pos_embed: torch.Tensor, grid: Grid) -> No
 
 
 def model_config(name: str) -> dict:
-    """open_clip's config dict of model ``name`` (a copy), or a ValueError naming MODEL.CLIP.NAME."""
+    """open_clip's config dict of model ``name`` (a copy), or a ClipArgumentError naming it."""
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
-        raise ValueError(
-            f"MODEL.CLIP.NAME='{name}' is not an open_clip model config "
-            f"(e.g. ViT-B-16, RN50, tiny-ViT, tiny-RN)"
-        )
+        raise ClipArgumentError("{name}={value!r} is not an open_clip model config "
+                                "(e.g. ViT-B-16, RN50, tiny-ViT, tiny-RN)", value=name)
     return model_cfg
 
 
@@ -275,10 +321,8 @@ def _build_model(name: str, quick_gelu: Optional[bool], last_stride: Optional[in
     model_cfg = model_config(name)
     vision_cfg, text_cfg = model_cfg["vision_cfg"], model_cfg["text_cfg"]
     if model_cfg.pop("custom_text", False) or "timm_model_name" in vision_cfg or "hf_model_name" in text_cfg:
-        raise ValueError(
-            f"MODEL.CLIP.NAME='{name}' is not a standard CLIP (OpenAI-style ViT or ModifiedResNet "
-            f"visual tower with a CLIP text transformer)"
-        )
+        raise ClipArgumentError("{name}={value!r} is not a standard CLIP (OpenAI-style ViT or ModifiedResNet "
+                                "visual tower with a CLIP text transformer)", value=name)
     if quick_gelu is not None:
         model_cfg["quick_gelu"] = quick_gelu
     model = open_clip.CLIP(**model_cfg)  # float32, random init
@@ -289,28 +333,25 @@ def _build_model(name: str, quick_gelu: Optional[bool], last_stride: Optional[in
 
 
 def _resolve_pretrained(name: str, pretrained: str) -> Tuple[str, Optional[bool]]:
-    """Turn MODEL.CLIP.PRETRAINED into a local file; returns (path, QuickGELU or not for a tag,
+    """Turn ``pretrained`` into a local file; returns (path, QuickGELU or not for a tag,
     None for a file)."""
     path = os.path.expanduser(pretrained)
     if os.path.isfile(path):
         return path, None
     if os.sep in pretrained or "/" in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES):
-        raise FileNotFoundError(f"MODEL.CLIP.PRETRAINED={pretrained}: no such file")
+        raise ClipFileNotFoundError("{pretrained}={value}: no such file", value=pretrained)
     pretrained_cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if not pretrained_cfg:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
-        raise ValueError(
-            f"MODEL.CLIP.PRETRAINED='{pretrained}' is neither a file nor an open_clip pretrained tag "
-            f"of '{name}' (tags: {tags})"
-        )
+        raise ClipArgumentError("{pretrained}={value!r} is neither a file nor an open_clip pretrained tag "
+                                "of {model!r} (tags: {tags})", value=pretrained, model=name, tags=tags)
     try:
         path = open_clip.download_pretrained(pretrained_cfg)
     except Exception as e:
-        raise RuntimeError(
-            f"Could not download open_clip weights '{pretrained}' for '{name}' "
-            f"({type(e).__name__}); without network access set MODEL.CLIP.PRETRAINED to a local "
-            f"file (OpenAI TorchScript archive, state dict or open_clip checkpoint)"
-        ) from e
+        raise ClipDownloadError(
+            "Could not download open_clip weights {tag!r} for {model!r} ({error}); without network access "
+            "set {pretrained} to a local file (OpenAI TorchScript archive, state dict or open_clip checkpoint)",
+            tag=pretrained, model=name, error=type(e).__name__) from e
     return path, bool(pretrained_cfg.get("quick_gelu", False))
 
 
@@ -333,10 +374,8 @@ def _checkpoint_grid(num_positions: int, candidates: Sequence[Grid], path: str) 
             return tuple(grid)
     side = round((num_positions - 1) ** 0.5)
     if side * side != num_positions - 1:
-        raise ValueError(
-            f"Cannot infer the positional-embedding grid of {num_positions - 1} positions in "
-            f"MODEL.CLIP.PRETRAINED={path}"
-        )
+        raise ClipArgumentError("Cannot infer the positional-embedding grid of {positions} positions in "
+                                "{pretrained}={path}", positions=num_positions - 1, path=path)
     return (side, side)
 
 
@@ -366,9 +405,8 @@ def _load_state_dict(
             for label, keys in found
             if keys
         ]
-        raise ValueError(
-            f"MODEL.CLIP.PRETRAINED={path} does not match open_clip model '{name}': " + "; ".join(problems)
-        )
+        raise ClipArgumentError("{pretrained}={path} does not match open_clip model {model!r}: {problems}",
+                                path=path, model=name, problems="; ".join(problems))
     # Give the model the checkpoint's grid so that the load is exact; set_visual_resolution
     # then resizes once, from the checkpoint grid to the final one.
     candidates = (pos_embed_grid(model.visual), visual_grid(model.visual, image_size, patch_stride))

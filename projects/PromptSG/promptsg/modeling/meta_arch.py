@@ -25,7 +25,7 @@ from fastreid.modeling.meta_arch import META_ARCH_REGISTRY
 from torch import nn
 
 from .clip_backbone import CLIPVisualOutput
-from .clip_weights import create_clip_model
+from .clip_weights import clip_model_from_config
 from ..config import validate_promptsg_config
 from .heads import uses_text_tower
 from ..utils.deferred_log import DeferredScalars
@@ -78,9 +78,7 @@ class PromptSG(nn.Module):
     def from_config(cls, cfg):
         validate_promptsg_config(cfg)
         p, losses = cfg.MODEL.PROMPTSG, cfg.MODEL.LOSSES
-        clip_model = create_clip_model(cfg.MODEL.CLIP.NAME, cfg.MODEL.CLIP.PRETRAINED,
-                                       tuple(cfg.INPUT.SIZE_TRAIN), cfg.MODEL.CLIP.STRIDE,
-                                       cfg.MODEL.BACKBONE.LAST_STRIDE, cfg.MODEL.CLIP.ACTIVATION)
+        clip_model = clip_model_from_config(cfg)
         backbone = BACKBONE_REGISTRY.get(cfg.MODEL.BACKBONE.NAME)(cfg, clip_model=clip_model)
         text = (build_prompt_composer(clip_model, cfg.MODEL.CLIP.NAME, p.PROMPT, p.SIMPLE_PROMPT)
                 if uses_text_tower(cfg) else None)
