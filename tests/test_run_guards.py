@@ -320,3 +320,24 @@ def test_model_weights_naming_a_folder_says_so_and_lists_its_checkpoints(tmp_pat
     with pytest.raises(InputError, match=r"is a folder, not a checkpoint file: give one of its checkpoints "
                                          r"\(model_0001.pth, model_final.pth\)"):
         check_weights(cfg, eval_only=True)
+
+
+# ---- 8. CLIP weights that do not say their activation ----
+
+def test_clip_weights_without_their_activation_fail_at_start_up_naming_both_keys(tmp_path):
+    """A plain state dict under a name without "-quickgelu": QuickGELU or GELU is asked for at the
+    config check, before any model is built; a named activation, or a TorchScript archive, passes."""
+    import open_clip
+
+    plain = tmp_path / "clip_state_dict.pt"
+    torch.save(open_clip.create_model("tiny-ViT").state_dict(), plain)
+    cfg = promptsg_cfg("MODEL.CLIP.PRETRAINED", str(plain), "MODEL.CLIP.ACTIVATION", "")
+    with pytest.raises(InputError) as error:
+        check_weights(cfg, eval_only=False)
+    message = str(error.value)
+    assert message.startswith(f"MODEL.CLIP.PRETRAINED={plain} is a state dict that does not say")
+    assert "set MODEL.CLIP.ACTIVATION quick_gelu" in message and "\n" not in message
+    check_weights(promptsg_cfg("MODEL.CLIP.PRETRAINED", str(plain), "MODEL.CLIP.ACTIVATION", "gelu"), eval_only=False)
+    archive = tmp_path / "openai_archive.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), archive)        # a TorchScript archive's layout
+    check_weights(promptsg_cfg("MODEL.CLIP.PRETRAINED", str(archive), "MODEL.CLIP.ACTIVATION", ""), eval_only=False)

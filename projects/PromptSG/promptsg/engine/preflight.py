@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..config import CLIP_ARCHITECTURES, add_promptsg_config, validate_clipreid_config, validate_promptsg_config
 from ..data.real_datasets import check_real_dataset
+from ..modeling.clip_weights import CONFIG_KEYS, ClipArgumentError, weights_activation
 from ..utils.errors import InputError  # noqa: F401  (raised here; imported from here by the tools)
 
 
@@ -206,6 +207,11 @@ def check_weights(cfg, eval_only):
             if not os.path.isfile(pretrained):
                 raise InputError(f"MODEL.CLIP.PRETRAINED file not found: {pretrained}")
             check_torch_file(pretrained, "MODEL.CLIP.PRETRAINED")
+            if not cfg.MODEL.CLIP.ACTIVATION:       # weights that do not say QuickGELU or GELU
+                try:
+                    weights_activation(cfg.MODEL.CLIP.NAME, pretrained)
+                except ClipArgumentError as exc:
+                    raise InputError(str(exc.naming(CONFIG_KEYS))) from None
 
 
 def check_torch_file(path, key):

@@ -126,26 +126,33 @@ def create_clip_model(
         return model
 
     path, tag_quick_gelu = _resolve_pretrained(name, pretrained)
-    state_dict, is_torchscript = read_clip_state_dict(path)
-    if forced is not None:
-        quick_gelu, source = forced, "as asked"
-    elif is_torchscript:
-        quick_gelu, source = True, "an OpenAI TorchScript archive"
-    elif tag_quick_gelu is not None:
-        quick_gelu, source = tag_quick_gelu, f"open_clip's entry for '{pretrained}'"
-    elif model_config(name).get("quick_gelu", False):
-        quick_gelu, source = True, f"the model name '{name}'"
-    else:
-        raise ClipArgumentError(
-            "{pretrained}={path} is a state dict that does not say which activation its CLIP was trained "
-            "with: set {activation} quick_gelu (OpenAI's weights) or gelu (e.g. open_clip models trained "
-            "with GELU)", path=path)
+    quick_gelu, source = (forced, "as asked") if forced is not None else (
+        weights_activation(name, path, tag_quick_gelu, pretrained))
+    state_dict, _ = read_clip_state_dict(path)
     model = _build_model(name, quick_gelu=quick_gelu, last_stride=last_stride)
     _load_state_dict(model, state_dict, path, name, image_size, patch_stride)
     set_visual_resolution(model.visual, image_size, patch_stride)
     logger.info(f"Loaded CLIP weights for '{name}' from {path}, "
                 f"{'QuickGELU' if quick_gelu else 'GELU'} activation ({source})")
     return model
+
+
+def weights_activation(name: str, path: str, tag_quick_gelu: Optional[bool] = None,
+                       tag: str = "") -> Tuple[bool, str]:
+    """(QuickGELU or not, where that was read) for CLIP ``name``'s weights in the local file ``path``
+    (downloaded for ``tag``, whose open_clip entry says ``tag_quick_gelu``): an OpenAI TorchScript
+    archive, the tag's entry, or a "-quickgelu" model name. A plain state dict under any other
+    name does not say: a ClipArgumentError asks for ``activation``. Reads no tensor."""
+    if _is_torchscript_archive(path):
+        return True, "an OpenAI TorchScript archive"
+    if tag_quick_gelu is not None:
+        return tag_quick_gelu, f"open_clip's entry for '{tag}'"
+    if model_config(name).get("quick_gelu", False):
+        return True, f"the model name '{name}'"
+    raise ClipArgumentError(
+        "{pretrained}={path} is a state dict that does not say which activation its CLIP was trained "
+        "with: set {activation} quick_gelu (OpenAI's weights) or gelu (e.g. open_clip models trained "
+        "with GELU)", path=path)
 
 
 def clip_model_from_config(cfg) -> open_clip.CLIP:
