@@ -14,6 +14,7 @@ import promptsg
 from fastreid.config import get_cfg
 from fastreid.data.datasets import DATASET_REGISTRY
 from fastreid.utils.events import EventStorage
+from promptsg.config import validate_clipreid_config
 from promptsg.engine.prompt_stage import STAGE1_FILE, train_stage1
 from promptsg.engine.trainer import Trainer
 from promptsg.modeling.clip_backbone import CLIPVisualOutput
@@ -66,11 +67,19 @@ def test_the_context_tokens_take_the_four_placeholder_positions_and_the_prompt_i
     torch.testing.assert_close(got, expected.expand(2, -1), rtol=1e-5, atol=1e-5)
 
 
-def test_a_prompt_without_adjacent_placeholders_is_refused_naming_the_key():
+@pytest.mark.parametrize("bad", ["A photo of a person.", "A X photo of a X person.", "A photo of a Xavier person."])
+def test_a_prompt_without_adjacent_placeholders_is_refused_at_the_config_check_naming_the_key(bad):
     cfg, model = build()
-    for bad in ("A photo of a person.", "A X photo of a X person."):
-        with pytest.raises(ValueError, match="MODEL.CLIPREID.PROMPT"):
-            IdentityPrompts(model.text, bad, 3)
+    with pytest.raises(ValueError, match="prompt .* must hold its placeholder words 'X'"):
+        IdentityPrompts(model.text, bad, 3)                     # the module: its own argument
+    cfg.defrost()
+    cfg.MODEL.CLIPREID.PROMPT = bad
+    with pytest.raises(ValueError, match=r"^MODEL.CLIPREID.PROMPT .* must hold its placeholder words 'X' once"):
+        validate_clipreid_config(cfg)                         # the config check, before any model is built
+    for good in ("A photo of a X X X X person.", "a photo of a x person", "X X person"):
+        cfg.MODEL.CLIPREID.PROMPT = good
+        validate_clipreid_config(cfg)
+        IdentityPrompts(model.text, good, 3)
 
 
 # ---- what each stage trains ----

@@ -249,6 +249,8 @@ def test_valid_queries_follow_the_market_protocol_by_hand():
       "MODEL.CLIP.SIE_CAMERA", "True", "MODEL.CLIP.NUM_CAMERAS", "6"],
      "MODEL.CLIP.SIE_CAMERA needs a ViT visual tower; tiny-RN is a ModifiedResNet"),
     (["MODEL.CLIP.NAME", "tiny-nothing"], "MODEL.CLIP.NAME='tiny-nothing' is not an open_clip model config"),
+    (["MODEL.PROMPTSG.MIM.HEADS", "7"], "MODEL.PROMPTSG.MIM.HEADS must divide tiny-ViT's embedding width 64, got 7"),
+    (["MODEL.PROMPTSG.MIM.HEADS", "0"], "MODEL.PROMPTSG.MIM.HEADS must divide tiny-ViT's embedding width 64, got 0"),
 ])
 def test_out_of_range_numbers_fail_naming_the_key(opts, fragment):
     with pytest.raises(InputError, match=None) as info:

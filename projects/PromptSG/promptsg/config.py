@@ -1,4 +1,6 @@
 """Config keys added by the PromptSG project (paper symbols in brackets)."""
+import re
+
 from fastreid.config import CfgNode as CN
 
 from .modeling.clip_weights import ACTIVATIONS, CONFIG_KEYS, RESNET_STRIDE_BEFORE_LAYER4, ClipArgumentError, model_config
@@ -194,6 +196,11 @@ def validate_promptsg_config(cfg):
              "and MIM.QUERY pooled")
     if p.MIM.CROSS_LAYERS < 0 or p.MIM.SELF_LAYERS < 0:
         fail("MODEL.PROMPTSG.MIM.CROSS_LAYERS and SELF_LAYERS must be >= 0")
+    if p.MIM.CROSS_LAYERS > 0:
+        width = clip_model_config(cfg.MODEL.CLIP.NAME).get("embed_dim", 0)     # E, the MIM's token width
+        if not (isinstance(p.MIM.HEADS, int) and p.MIM.HEADS >= 1 and width % p.MIM.HEADS == 0):
+            fail(f"MODEL.PROMPTSG.MIM.HEADS must divide {cfg.MODEL.CLIP.NAME}'s embedding width {width}, "
+                 f"got {p.MIM.HEADS!r}")
     if p.MIM.CROSS_LAYERS == 0 and p.MIM.SELF_LAYERS > 0:
         fail("MODEL.PROMPTSG.MIM.SELF_LAYERS > 0 needs MIM.CROSS_LAYERS >= 1")
     if "SupConLoss" in names and not p.COMPOSE_TRAIN:
@@ -237,7 +244,20 @@ def validate_clipreid_config(cfg):
     for key in ("WARMUP_LR", "MIN_LR", "WEIGHT_DECAY", "WARMUP_EPOCHS"):
         if s1[key] < 0:
             raise ValueError(f"SOLVER.STAGE1.{key} must be >= 0, got {s1[key]!r}")
+    words = re.findall(r"[\w']+", cfg.MODEL.CLIPREID.PROMPT.lower())      # as CLIP's tokenizer splits them
+    marks = [i for i, word in enumerate(words) if word == "x"]
+    if not marks or marks != list(range(marks[0], marks[0] + len(marks))):
+        raise ValueError(f"MODEL.CLIPREID.PROMPT {cfg.MODEL.CLIPREID.PROMPT!r} must hold its placeholder words "
+                         f"'X' once, next to each other (\"A photo of a X X X X person.\")")
     validate_clip_towers(cfg)
+
+
+def clip_model_config(name):
+    """open_clip's config of MODEL.CLIP.NAME, or a ValueError naming that key."""
+    try:
+        return model_config(name)
+    except ClipArgumentError as exc:
+        raise exc.naming(CONFIG_KEYS) from None
 
 
 def validate_clip_towers(cfg):
@@ -251,10 +271,7 @@ def validate_clip_towers(cfg):
         raise ValueError("MODEL.CLIP.SIE_CAMERA needs MODEL.CLIP.NUM_CAMERAS > 0 (the dataset's camera count)")
     if cfg.MODEL.CLIP.ACTIVATION not in ACTIVATIONS:
         raise ValueError(f"MODEL.CLIP.ACTIVATION must be one of {list(ACTIVATIONS)}, got {cfg.MODEL.CLIP.ACTIVATION!r}")
-    try:
-        vision = model_config(cfg.MODEL.CLIP.NAME)["vision_cfg"]
-    except ClipArgumentError as exc:
-        raise exc.naming(CONFIG_KEYS) from None
+    vision = clip_model_config(cfg.MODEL.CLIP.NAME)["vision_cfg"]
     if cfg.MODEL.CLIP.SIE_CAMERA and isinstance(vision.get("layers"), (list, tuple)):
         raise ValueError(f"MODEL.CLIP.SIE_CAMERA needs a ViT visual tower; {cfg.MODEL.CLIP.NAME} is a ModifiedResNet")
     validate_clip_image_size(cfg, vision)

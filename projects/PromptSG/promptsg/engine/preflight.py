@@ -207,7 +207,9 @@ def check_weights(cfg, eval_only):
             if not os.path.isfile(pretrained):
                 raise InputError(f"MODEL.CLIP.PRETRAINED file not found: {pretrained}")
             check_torch_file(pretrained, "MODEL.CLIP.PRETRAINED")
-            if not cfg.MODEL.CLIP.ACTIVATION:       # weights that do not say QuickGELU or GELU
+            # Weights that do not say QuickGELU or GELU: checked here for torch.save's zip archives
+            # (other formats when the model reads them).
+            if not cfg.MODEL.CLIP.ACTIVATION and zipfile.is_zipfile(pretrained):
                 try:
                     weights_activation(cfg.MODEL.CLIP.NAME, pretrained)
                 except ClipArgumentError as exc:

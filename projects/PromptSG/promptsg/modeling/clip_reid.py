@@ -56,7 +56,7 @@ class IdentityPrompts(nn.Module):
         word = text.tokenizer([placeholder])[0][1]
         positions = (ids == word).nonzero().flatten().tolist()
         if not positions or positions != list(range(positions[0], positions[0] + len(positions))):
-            raise ValueError(f"MODEL.CLIPREID.PROMPT {prompt!r} must hold its placeholder words {placeholder!r} "
+            raise ValueError(f"prompt {prompt!r} must hold its placeholder words {placeholder!r} "
                              f"once, next to each other (\"A photo of a X X X X person.\")")
         self.start, self.length = positions[0], len(positions)
         self.register_buffer("ids", ids.clone(), persistent=False)

@@ -126,9 +126,9 @@ def create_clip_model(
         return model
 
     path, tag_quick_gelu = _resolve_pretrained(name, pretrained)
+    state_dict, _ = read_clip_state_dict(path)
     quick_gelu, source = (forced, "as asked") if forced is not None else (
         weights_activation(name, path, tag_quick_gelu, pretrained))
-    state_dict, _ = read_clip_state_dict(path)
     model = _build_model(name, quick_gelu=quick_gelu, last_stride=last_stride)
     _load_state_dict(model, state_dict, path, name, image_size, patch_stride)
     set_visual_resolution(model.visual, image_size, patch_stride)
