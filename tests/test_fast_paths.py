@@ -683,10 +683,12 @@ def test_benchmark_times_one_phase_alone_and_gives_its_ratios(capsys, flag, kind
     assert measured[0] in capsys.readouterr().out
 
 
-def test_benchmark_baseline_is_the_visual_only_model():
+@pytest.mark.parametrize("config", ["Base-PromptSG.yml", "Market1501/ablations/map_pool.yml"])
+def test_benchmark_baseline_is_the_visual_only_model(config):
+    """The baseline of any PromptSG config, map_pool's extra loss included, is the visual-only model."""
     from promptsg.analysis.baseline_benchmark import BASELINE_OVERRIDES, setup_cfg
 
-    cfg = setup_cfg(str(REPO / "projects/PromptSG/configs/Base-PromptSG.yml"), TINY_OPTS, "cpu",
+    cfg = setup_cfg(str(REPO / "projects/PromptSG/configs" / config), TINY_OPTS, "cpu",
                     extra_opts=BASELINE_OVERRIDES)
     cfg.MODEL.HEADS.NUM_CLASSES = 4
     model = build_model(cfg)

@@ -33,6 +33,7 @@ BASELINE_OVERRIDES = [
     "MODEL.PROMPTSG.MIM.CROSS_LAYERS", "0",
     "MODEL.PROMPTSG.MIM.SELF_LAYERS", "0",
     "MODEL.PROMPTSG.INFERENCE_PROMPT", "simplified",
+    "MODEL.LOSSES.SUPCON.MAP_SCALE", "0.0",      # no map to pool without a MIM (ablations/map_pool.yml)
 ]
 # What the PromptSG model must reach against the baseline (higher is better for "min").
 TARGETS = {
