@@ -331,7 +331,7 @@ def test_unknown_model_name_raises_value_error():
 
 # ---- the same errors in a config's words ----
 
-def _config(tmp_path, **keys):
+def _config(**keys):
     """A PromptSG config on tiny-ViT at 64x32 with ``keys`` ({"MODEL.CLIP.NAME": value, ...}) set."""
     cfg = add_promptsg_config(get_cfg())
     cfg.MODEL.CLIP.NAME, cfg.INPUT.SIZE_TRAIN = "tiny-ViT", [64, 32]
@@ -369,7 +369,7 @@ def test_an_error_names_the_argument_called_directly_and_the_config_key_built_fr
     with pytest.raises(Exception) as called:
         create_clip_model(**direct)
     with pytest.raises(Exception) as configured:
-        clip_model_from_config(_config(tmp_path, **keys))
+        clip_model_from_config(_config(**keys))
     assert argument_words in str(called.value) and "MODEL." not in str(called.value)
     assert key_words in str(configured.value) and "\n" not in str(configured.value)
     assert type(configured.value) is type(called.value)
@@ -378,7 +378,7 @@ def test_an_error_names_the_argument_called_directly_and_the_config_key_built_fr
 
 def test_clip_model_from_config_builds_what_create_clip_model_builds(tmp_path):
     path = _plain_state_dict(tmp_path)
-    cfg = _config(tmp_path, **{"MODEL.CLIP.PRETRAINED": path, "MODEL.CLIP.ACTIVATION": "quick_gelu",
+    cfg = _config(**{"MODEL.CLIP.PRETRAINED": path, "MODEL.CLIP.ACTIVATION": "quick_gelu",
                                "MODEL.CLIP.STRIDE": 12})
     configured = clip_model_from_config(cfg)
     called = create_clip_model("tiny-ViT", path, (64, 32), patch_stride=12, activation="quick_gelu")
