@@ -190,8 +190,8 @@ def build_clip_backbone(cfg, clip_model=None):
     """
     clip_cfg = cfg.MODEL.CLIP
     image_size = tuple(cfg.INPUT.SIZE_TRAIN)
-    validate_clip_towers(cfg)
-    if clip_model is None:
+    if clip_model is None:      # built on its own (a meta-architecture passing its model checked the config)
+        validate_clip_towers(cfg)
         clip_model = clip_model_from_config(cfg)
     return CLIPVisualBackbone(
         clip_model.visual,
