@@ -80,6 +80,10 @@ def add_promptsg_config(cfg):
     # learned_map's contrast: the map is softmax(MAP_CONTRAST * z) of its logits z standardised
     # over the patches.
     cfg.MODEL.PROMPTSG.MIM.MAP_CONTRAST = 2.0
+    # learned_map's prior: "" (none) or "cls_attention" (the map is softmax(MAP_CONTRAST * z + log c),
+    # c the ViT encoder's last-block CLS attention over the patches: the prompt re-weights where the
+    # encoder looks).
+    cfg.MODEL.PROMPTSG.MIM.MAP_PRIOR = ""
     # Test feature: "mim" (MIM output) or "concat" (MIM output ++ global visual embedding).
     cfg.MODEL.PROMPTSG.FEATURE = "mim"
     # Apply the triplet loss also to the visual encoder's last states (x_{L-1}, x_L, proj).
@@ -187,6 +191,11 @@ def validate_promptsg_config(cfg):
              f"after the self-attention blocks), got {p.MIM.CROSS_LAYERS} and {p.MIM.SELF_LAYERS}")
     if not (isinstance(p.MIM.MAP_CONTRAST, (int, float)) and 0 < p.MIM.MAP_CONTRAST < float("inf")):
         fail(f"MODEL.PROMPTSG.MIM.MAP_CONTRAST must be a positive number, got {p.MIM.MAP_CONTRAST!r}")
+    if p.MIM.MAP_PRIOR not in ("", "cls_attention"):
+        fail(f"MODEL.PROMPTSG.MIM.MAP_PRIOR must be '' or 'cls_attention', got {p.MIM.MAP_PRIOR!r}")
+    if p.MIM.MAP_PRIOR and p.MIM.CROSS_LAYERS > 0 and p.MIM.FUSION not in MAP_FUSIONS:
+        fail(f"MODEL.PROMPTSG.MIM.MAP_PRIOR {p.MIM.MAP_PRIOR} needs a map fusion ({', '.join(MAP_FUSIONS)}), "
+             f"got MIM.FUSION {p.MIM.FUSION}")
     if p.FEATURE not in ("mim", "concat"):
         fail(f"MODEL.PROMPTSG.FEATURE must be 'mim' or 'concat', got {p.FEATURE!r}")
     if not 0.0 <= p.SIMPLIFIED_QUERY_SHARE <= 1.0:
@@ -201,6 +210,10 @@ def validate_promptsg_config(cfg):
         if not (isinstance(p.MIM.HEADS, int) and p.MIM.HEADS >= 1 and width % p.MIM.HEADS == 0):
             fail(f"MODEL.PROMPTSG.MIM.HEADS must divide {cfg.MODEL.CLIP.NAME}'s embedding width {width}, "
                  f"got {p.MIM.HEADS!r}")
+        vision = clip_model_config(cfg.MODEL.CLIP.NAME).get("vision_cfg", {})
+        if p.MIM.MAP_PRIOR and isinstance(vision.get("layers"), (list, tuple)):
+            fail(f"MODEL.PROMPTSG.MIM.MAP_PRIOR {p.MIM.MAP_PRIOR} needs a ViT encoder's CLS attention; "
+                 f"MODEL.CLIP.NAME {cfg.MODEL.CLIP.NAME} is a ModifiedResNet")
     if p.MIM.CROSS_LAYERS == 0 and p.MIM.SELF_LAYERS > 0:
         fail("MODEL.PROMPTSG.MIM.SELF_LAYERS > 0 needs MIM.CROSS_LAYERS >= 1")
     if "SupConLoss" in names and not p.COMPOSE_TRAIN:

@@ -78,7 +78,8 @@ def promptsg_cross_attention(model, images, camids=None) -> PromptSGMaps:
     """The MIM's cross-attention maps of ``model`` (a PromptSG meta-architecture with a MIM) for
     ``images`` (B, 3, H, W) in FastReID's 0-255 units, with both test-time prompts."""
     mim = model.heads.mim
-    visual = model.backbone(model.preprocess_image(images), camids, with_tokens=True)
+    visual = model.backbone(model.preprocess_image(images), camids, with_tokens=True,
+                            with_cls_attention=model.heads.needs_cls_attention)
     grid = patch_grid(model.backbone).grid
     maps = {}
     for name, composed in (("simplified", False), ("composed", True)):
@@ -87,11 +88,12 @@ def promptsg_cross_attention(model, images, camids=None) -> PromptSGMaps:
             continue
         prompt = model.prompt_features(visual, composed)
         weights = mim.cross_attention_weights(prompt.query.to(visual.tokens.dtype), visual.tokens,
-                                              visual.embedding)[0]
+                                              visual.embedding, visual.log_cls_attention)[0]
         maps[name] = weights[:, prompt.out_index].unflatten(-1, grid)   # the pooled query's row: (B, H, gh, gw)
         if not composed and mim.fusion in MAP_FUSIONS:
             query = prompt.query[:, prompt.out_index:prompt.out_index + 1].to(visual.tokens.dtype)
-            read = mim.read_attention_weights(query, visual.tokens, visual.embedding)[-1][..., 1:]   # (B, H, M)
+            read = mim.read_attention_weights(query, visual.tokens, visual.embedding,
+                                              visual.log_cls_attention)[-1][..., 1:]            # (B, H, M)
             maps["promptsg_read"] = (read / read.sum(dim=-1, keepdim=True)).unflatten(-1, grid)
     return PromptSGMaps(**maps)
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import validate_clip_towers
 from .clip_weights import clip_model_from_config, set_visual_resolution
+from .interaction import few_query_attention_weights
 
 
 class CLIPVisualOutput(NamedTuple):
@@ -27,10 +28,20 @@ class CLIPVisualOutput(NamedTuple):
     states: three global states for the triplet loss, as CLIP-ReID's [x11, x12, proj]:
         ViT: [CLS after the second-to-last block (B, C), ln_post(CLS) (B, C), embedding (B, E)];
         RN:  [GAP of layer3 (B, C/2), GAP of layer4 (B, C), embedding (B, E)].
+    log_cls_attention: (B, M) log of where the ViT's CLS token looks in its last block: the head
+        mean of its attention weights over the M patches, renormalised over them. Only when asked
+        for (``with_cls_attention``); the prior of the MIM's map (MODEL.PROMPTSG.MIM.MAP_PRIOR).
     """
     embedding: torch.Tensor
     tokens: Optional[torch.Tensor]
     states: List[torch.Tensor]
+    log_cls_attention: Optional[torch.Tensor] = None
+
+    def rows(self, index):
+        """The outputs of the images at ``index`` (a (K,) long tensor)."""
+        pick = (lambda t: None if t is None else t[index])
+        return CLIPVisualOutput(self.embedding[index], pick(self.tokens), [s[index] for s in self.states],
+                                pick(self.log_cls_attention))
 
 
 class CLIPVisualBackbone(nn.Module):
@@ -86,16 +97,20 @@ class CLIPVisualBackbone(nn.Module):
 
     def forward(
         self, images: torch.Tensor, camids: Optional[torch.Tensor] = None, with_tokens: bool = True,
-        sie: bool = True,
+        sie: bool = True, with_cls_attention: bool = False,
     ) -> CLIPVisualOutput:
         """images: (B, 3, H, W) normalized; camids: (B,) long, needed with SIE; ``sie=False`` runs
-        the tower without its camera embedding (CLIP-ReID's stage-1 image features)."""
+        the tower without its camera embedding (CLIP-ReID's stage-1 image features);
+        ``with_cls_attention`` (ViT only) also gives the last block's CLS attention."""
         if self.is_vit:
-            return self._forward_vit(images, camids, with_tokens, sie)
+            return self._forward_vit(images, camids, with_tokens, sie, with_cls_attention)
+        if with_cls_attention:
+            raise ValueError("with_cls_attention needs a ViT visual tower, not ModifiedResNet")
         return self._forward_resnet(images, with_tokens)
 
     def _forward_vit(
-        self, images: torch.Tensor, camids: Optional[torch.Tensor], with_tokens: bool, sie: bool = True
+        self, images: torch.Tensor, camids: Optional[torch.Tensor], with_tokens: bool, sie: bool = True,
+        with_cls_attention: bool = False,
     ) -> CLIPVisualOutput:
         visual = self.visual
         x = visual.conv1(images)  # (B, C, gh, gw)
@@ -116,7 +131,8 @@ class CLIPVisualBackbone(nn.Module):
         x = visual.ln_post(x)  # (B, 1 + M, C)
         embedding = x[:, 0] @ visual.proj  # (B, E)
         tokens = x[:, 1:] @ visual.proj if with_tokens else None  # (B, M, E)
-        return CLIPVisualOutput(embedding, tokens, [x_prev[:, 0], x[:, 0], embedding])
+        log_cls = log_cls_attention(visual.transformer.resblocks[-1], x_prev) if with_cls_attention else None
+        return CLIPVisualOutput(embedding, tokens, [x_prev[:, 0], x[:, 0], embedding], log_cls)
 
     def _forward_resnet(self, images: torch.Tensor, with_tokens: bool) -> CLIPVisualOutput:
         visual = self.visual
@@ -131,6 +147,17 @@ class CLIPVisualBackbone(nn.Module):
         embedding = pooled[0]  # (B, E), the mean-token query: CLIP's image embedding
         tokens = pooled[1:].transpose(0, 1)  # (B, h*w, E)
         return CLIPVisualOutput(embedding, tokens, states + [embedding])
+
+
+def log_cls_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """log c (B, M): the CLS row of ``block``'s attention on its input ``x`` (B, 1 + M, C), averaged
+    over the heads and renormalised over the M patches (its weight on CLS itself left out), in
+    float32. Computed in log space, with the key projection folded into the CLS query
+    (``few_query_attention_weights``): one query row, as cheap as a few token projections."""
+    normed = block.ln_1(x)
+    weights = few_query_attention_weights(block.attn, normed[:, :1], normed)[:, 0].float()    # (B, H, 1 + M)
+    log_mean = weights.clamp_min(torch.finfo(torch.float32).tiny).log().logsumexp(dim=1)      # log sum_h (B, 1 + M)
+    return log_mean[:, 1:].log_softmax(dim=-1)
 
 
 def _attnpool_every_position(attnpool: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -62,9 +62,14 @@ class MultimodalInteraction(nn.Module):
               "attention": x = A(q, P) (Eq. 7 as written): the feature depends on the query only
                   through the attention weights; [x; patches] through the blocks, read at x.
         map_contrast: the scale of the standardised logits (MODEL.PROMPTSG.MIM.MAP_CONTRAST).
+        map_prior: (map fusions) the map is softmax(map_contrast * z + log c), c the visual
+            encoder's last-block CLS attention over the patches (MODEL.PROMPTSG.MIM.MAP_PRIOR
+            "cls_attention"): the prompt re-weights where the encoder already looks. ``forward``
+            then needs ``log_prior`` = log c.
     """
 
-    def __init__(self, width, heads=8, cross_layers=1, self_layers=2, fusion="learned_map", map_contrast=2.0):
+    def __init__(self, width, heads=8, cross_layers=1, self_layers=2, fusion="learned_map", map_contrast=2.0,
+                 map_prior=False):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"MultimodalInteraction fusion must be one of {list(FUSIONS)}, got {fusion!r}")
@@ -73,8 +78,11 @@ class MultimodalInteraction(nn.Module):
         if fusion in MAP_FUSIONS and (cross_layers != 1 or self_layers < 1):
             raise ValueError(f"fusion {fusion!r} needs exactly one cross-attention layer and self-attention "
                              "blocks to read v from")
+        if map_prior and fusion not in MAP_FUSIONS:
+            raise ValueError(f"fusion {fusion!r} has no map over the patches to give a prior")
         self.fusion = fusion
         self.map_contrast = float(map_contrast)
+        self.map_prior = bool(map_prior)
         # Saved with the weights, so that a checkpoint is never evaluated under another wiring
         # (checkpoint.check_mim_fusion).
         self.register_buffer("fusion_index", torch.tensor(FUSION_HISTORY.index(fusion)))
@@ -85,15 +93,17 @@ class MultimodalInteraction(nn.Module):
                 [ResidualAttentionBlock(width, heads, is_cross_attention=True) for _ in range(cross_layers)])
         self.blocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(self_layers)])
 
-    def forward(self, query, patches, out_index=0, visual=None, with_map_pool=False):
+    def forward(self, query, patches, out_index=0, visual=None, with_map_pool=False, log_prior=None):
         """query (B, Q, E), patches (B, M, E), visual v (B, E) (the map fusions) -> the output at
         query position ``out_index`` (B, E); the map fusions read v's position. With
         ``with_map_pool`` (map fusions only) also the map's pool of the patches, sum_m a_m p_m (B, E),
-        which MODEL.LOSSES.SUPCON.MAP_SCALE ties to the prompt."""
+        which MODEL.LOSSES.SUPCON.MAP_SCALE ties to the prompt. ``log_prior`` (B, M): log c of
+        ``map_prior``."""
         if self.fusion in MAP_FUSIONS:
             if visual is None:
                 raise ValueError(f"fusion {self.fusion!r} needs the global visual embedding v")
-            return self._map_forward(query[:, out_index:out_index + 1], patches, visual, with_map_pool)
+            self._check_prior(log_prior)
+            return self._map_forward(query[:, out_index:out_index + 1], patches, visual, with_map_pool, log_prior)
         if with_map_pool:
             raise ValueError(f"fusion {self.fusion!r} has no map over the patches to pool with")
         for blk in self.cross:
@@ -107,16 +117,25 @@ class MultimodalInteraction(nn.Module):
         # Only one output row of the last block is used: compute just that row.
         return query_row_forward(self.blocks[-1], x, out_index)
 
-    def _map_forward(self, query, patches, visual, with_map_pool=False):
+    def _check_prior(self, log_prior):
+        if self.map_prior and log_prior is None:
+            raise ValueError("MultimodalInteraction with map_prior needs log_prior, the encoder's log CLS attention")
+        if not self.map_prior and log_prior is not None:
+            raise ValueError("MultimodalInteraction without map_prior was given a log_prior")
+
+    def _map_forward(self, query, patches, visual, with_map_pool=False, log_prior=None):
         """query (B, 1, E), patches (B, M, E), v (B, E) -> the feature read at v (B, E): [v; patches]
         through the blocks, v's attention logit over patch m biased by log(M a_m), the other rows
-        plain (a uniform map changes nothing). With ``with_map_pool`` also sum_m a_m p_m (B, E)."""
-        log_map = self.log_prompt_map(query, patches)                            # (B, M)
+        plain (a uniform map changes nothing). With ``with_map_pool`` also sum_m a_m p_m (B, E).
+        The prior is read, not trained through: the encoder's attention stays the encoder's own."""
+        log_prior = None if log_prior is None else log_prior.detach()
+        log_map = self.log_prompt_map(query, patches, log_prior)                 # (B, M)
         if with_map_pool:
             # The map again from detached inputs, pooling detached patches: a loss on the pool
             # trains the map's own parameters only, never the encoders.
             query, patches_fixed = query.detach(), patches.detach()
-            pool = torch.einsum("bm,bme->be", self.log_prompt_map(query, patches_fixed).exp(), patches_fixed)
+            pool = torch.einsum("bm,bme->be", self.log_prompt_map(query, patches_fixed, log_prior).exp(),
+                                patches_fixed)
             return self._map_forward_biased(log_map, patches, visual), pool
         return self._map_forward_biased(log_map, patches, visual)
 
@@ -127,20 +146,25 @@ class MultimodalInteraction(nn.Module):
             x = block_forward(blk, x, read_bias)
         return query_row_forward(self.blocks[-1], x, 0, read_bias)
 
-    def log_prompt_map(self, query, patches):
+    def log_prompt_map(self, query, patches, log_prior=None):
         """log a (B, M): the prompt's (B, 1, E) map over the patches (B, M, E) in the map fusions,
-        log_softmax(contrast * z) of logits z standardised over the patches, in float32."""
+        log_softmax(contrast * z + log c) of logits z standardised over the patches (computed in
+        float32), with ``log_prior`` log c (B, M) added when the module has ``map_prior``."""
         logits = self.cross[0](query, patches, logits=True)[:, 0].mean(dim=1).float()     # head mean (B, M)
         z = (logits - logits.mean(dim=-1, keepdim=True)) / (logits.std(dim=-1, keepdim=True) + 1e-6)
-        return (self.map_contrast * z).log_softmax(dim=-1).to(patches.dtype)
+        z = self.map_contrast * z
+        if log_prior is not None:
+            z = z + log_prior.float()
+        return z.log_softmax(dim=-1).to(patches.dtype)
 
-    def read_attention_weights(self, query, patches, visual):
+    def read_attention_weights(self, query, patches, visual, log_prior=None):
         """Map fusions: v's attention in each self-attention block, the prompt's bias included, as
         ``forward`` computes it: one (B, H, 1 + M) tensor per block, over [v; patches]. The last is
         where the feature looks: the weights its value mix is made with."""
         if self.fusion not in MAP_FUSIONS:
             raise ValueError(f"fusion {self.fusion!r} has no read row biased by a map")
-        read_bias = map_read_bias(self.log_prompt_map(query[:, :1], patches))
+        self._check_prior(log_prior)
+        read_bias = map_read_bias(self.log_prompt_map(query[:, :1], patches, log_prior))
         x = torch.cat([visual[:, None].to(patches.dtype), patches], dim=1)
         weights = []
         for i, block in enumerate(self.blocks):
@@ -150,12 +174,14 @@ class MultimodalInteraction(nn.Module):
                 x = block_forward(block, x, read_bias)
         return weights
 
-    def cross_attention_weights(self, query, patches, visual=None):
+    def cross_attention_weights(self, query, patches, visual=None, log_prior=None):
         """The prompt's weights over the M patches, as ``forward`` computes them: for the map
-        fusions one (B, Q, 1, M) tensor, the map a of each query token; for "attention" a
-        (B, Q, H, M) tensor per cross-attention block, every query token's and head's weights."""
+        fusions one (B, Q, 1, M) tensor, the map a of each query token (with its prior, if any);
+        for "attention" a (B, Q, H, M) tensor per cross-attention block, every query token's and
+        head's weights."""
         if self.fusion in MAP_FUSIONS:
-            return [torch.stack([self.log_prompt_map(query[:, i:i + 1], patches).exp()
+            self._check_prior(log_prior)
+            return [torch.stack([self.log_prompt_map(query[:, i:i + 1], patches, log_prior).exp()
                                  for i in range(query.shape[1])], dim=1)[:, :, None]]
         weights = []
         for blk in self.cross:

@@ -24,7 +24,6 @@ from fastreid.modeling.heads import REID_HEADS_REGISTRY
 from fastreid.modeling.meta_arch import META_ARCH_REGISTRY
 from torch import nn
 
-from .clip_backbone import CLIPVisualOutput
 from .clip_weights import clip_model_from_config
 from ..config import validate_promptsg_config
 from .heads import uses_text_tower
@@ -122,7 +121,8 @@ class PromptSG(nn.Module):
             torch.compiler.cudagraph_mark_step_begin()
         images = self.preprocess_image(batched_inputs)
         camids = batched_inputs.get("camids") if isinstance(batched_inputs, dict) else None
-        visual = self.backbone(images, camids, with_tokens=self.heads.mim is not None)
+        visual = self.backbone(images, camids, with_tokens=self.heads.mim is not None,
+                               with_cls_attention=self.heads.needs_cls_attention)
         composed = self.compose_train if self.training else self.inference_prompt == "composed"
         prompt = self.prompt_features(visual, composed)
 
@@ -157,14 +157,14 @@ class PromptSG(nn.Module):
             raise ValueError("features_with_words needs the inversion network f_theta and the MIM")
         images = self.preprocess_image(batched_inputs)
         camids = batched_inputs.get("camids") if isinstance(batched_inputs, dict) else None
-        visual = self.backbone(images, camids, with_tokens=True)
+        visual = self.backbone(images, camids, with_tokens=True, with_cls_attention=self.heads.needs_cls_attention)
         if self.mim_query != "tokens":
             prompt = self.prompt_features(visual, composed=True, words=words)
             return self.heads(visual, prompt.query, prompt.out_index)
         feats = None
         for group in dict.fromkeys(words):
             rows = torch.tensor([i for i, w in enumerate(words) if w == group], device=images.device)
-            part = CLIPVisualOutput(visual.embedding[rows], visual.tokens[rows], [s[rows] for s in visual.states])
+            part = visual.rows(rows)
             prompt = self.prompt_features(part, composed=True, words=group)
             feat = self.heads(part, prompt.query, prompt.out_index)
             feats = feat.new_empty(len(words), feat.shape[1]) if feats is None else feats
