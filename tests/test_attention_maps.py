@@ -91,20 +91,22 @@ def test_cross_attention_weights_are_the_softmax_of_projected_queries_and_keys()
             q = x + blk.mlp(blk.ln_2(x))
 
 
-@pytest.mark.parametrize("fusion", ["learned_map", "attention"])
+@pytest.mark.parametrize("fusion, prior", [("learned_map", ""), ("learned_map", "cls_attention"), ("attention", "")])
 @pytest.mark.parametrize("prompt, query", [("simplified", "pooled"), ("composed", "tokens")])
-def test_promptsg_maps_are_the_weights_the_forward_used(monkeypatch, prompt, query, fusion):
+def test_promptsg_maps_are_the_weights_the_forward_used(monkeypatch, prompt, query, fusion, prior):
     model = DefaultTrainer.build_model(tiny_cfg(**{"MODEL.PROMPTSG.INFERENCE_PROMPT": prompt,
                                                    "MODEL.PROMPTSG.MIM.QUERY": query,
                                                    "MODEL.PROMPTSG.MIM.FUSION": fusion,
+                                                   "MODEL.PROMPTSG.MIM.MAP_PRIOR": prior,
                                                    "MODEL.CLIP.STRIDE": 8})).eval()
     randomise_norms_and_biases(model.heads.mim.cross)
     used = []
     if fusion != "attention":                           # the map whose log biases v's logits
         original = promptsg.modeling.interaction.MultimodalInteraction.log_prompt_map
 
-        def recording(self, q, patches):
-            used.append(original(self, q, patches))
+        def recording(self, q, patches, log_prior=None):
+            assert (log_prior is not None) == bool(prior)
+            used.append(original(self, q, patches, log_prior))
             return used[-1]
 
         target = (promptsg.modeling.interaction.MultimodalInteraction, "log_prompt_map")

@@ -63,6 +63,37 @@ def test_vit_tokens_and_states_equal_open_clip_intermediates():
     assert proj is out.embedding
 
 
+def test_cls_attention_is_pytorchs_head_mean_weights_of_the_last_block_on_the_patches():
+    """MIM.MAP_PRIOR's c: the last block's CLS row of nn.MultiheadAttention's own head-averaged
+    weights (need_weights=True) on that block's input, renormalised over the patches; asking for it
+    changes no other output."""
+    model = _model("tiny-ViT")
+    backbone = CLIPVisualBackbone(model.visual, image_size=(64, 32), stride=12).eval()
+    last = model.visual.transformer.resblocks[-1]
+    seen = {}
+    hook = last.register_forward_pre_hook(lambda module, args: seen.update(x=args[0]))
+    with torch.no_grad():
+        out = backbone(_images(64, 32, batch=3), with_cls_attention=True)
+        hook.remove()
+        plain = backbone(_images(64, 32, batch=3))
+        normed = last.ln_1(seen["x"])
+        weights = last.attn(normed, normed, normed, need_weights=True, average_attn_weights=True)[1]   # (B, N, N)
+    expected = weights[:, 0, 1:] / weights[:, 0, 1:].sum(dim=-1, keepdim=True)
+    assert out.log_cls_attention.shape == (3, expected.shape[1]) and plain.log_cls_attention is None
+    torch.testing.assert_close(out.log_cls_attention.exp(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.tokens, plain.tokens, rtol=0, atol=0)
+    torch.testing.assert_close(out.embedding, plain.embedding, rtol=0, atol=0)
+    picked = out.rows(torch.tensor([2, 0]))
+    torch.testing.assert_close(picked.log_cls_attention, out.log_cls_attention[[2, 0]], rtol=0, atol=0)
+    torch.testing.assert_close(picked.tokens, out.tokens[[2, 0]], rtol=0, atol=0)
+
+
+def test_cls_attention_needs_a_vit():
+    backbone = CLIPVisualBackbone(_model("tiny-RN").visual, image_size=(224, 224)).eval()
+    with pytest.raises(ValueError, match="with_cls_attention needs a ViT"):
+        backbone(_images(), with_cls_attention=True)
+
+
 def test_resnet_tokens_are_attnpool_queried_at_every_position():
     model = _model("tiny-RN")
     visual = model.visual

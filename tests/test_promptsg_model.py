@@ -801,6 +801,61 @@ def test_read_attention_is_vs_biased_row_of_each_block_by_hand(fusion):
         MultimodalInteraction(32, heads=4, fusion="attention").read_attention_weights(query, patches, v)
 
 
+def test_the_map_prior_weighs_the_prompts_map_by_the_encoders_cls_attention():
+    """MIM.MAP_PRIOR cls_attention: a is proportional to softmax(contrast * z)_m c_m, written out by
+    hand, and the feature is the map fusion with that a; a uniform prior gives the plain map; the
+    prior is read, not trained through; a module is refused the wrong inputs."""
+    torch.manual_seed(0)
+    mim = MultimodalInteraction(32, heads=4, cross_layers=1, self_layers=2, fusion="learned_map", map_prior=True)
+    randomise_biases(mim)
+    plain = MultimodalInteraction(32, heads=4, cross_layers=1, self_layers=2, fusion="learned_map")
+    plain.load_state_dict(mim.state_dict())
+    query, patches, v = torch.randn(3, 1, 32), torch.randn(3, 10, 32), torch.randn(3, 32)
+    c = torch.rand(3, 10) + 0.05
+    c = c / c.sum(dim=1, keepdim=True)
+    log_prior = c.log().requires_grad_()
+    with torch.no_grad():
+        expected = reference_map(mim, query, patches) * c
+        expected = expected / expected.sum(dim=1, keepdim=True)
+        torch.testing.assert_close(mim.cross_attention_weights(query, patches, v, log_prior)[0][:, 0, 0], expected,
+                                   rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(mim(query, patches, 0, v, log_prior=log_prior),
+                                   reference_map_fusion(mim, expected, patches, v), rtol=1e-4, atol=1e-5)
+        uniform = torch.full((3, 10), -math.log(10))
+        torch.testing.assert_close(mim(query, patches, 0, v, log_prior=uniform), plain(query, patches, 0, v),
+                                   rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(mim(query, patches, 0, v, log_prior=log_prior), plain(query, patches, 0, v), atol=1e-3)
+    mim.train()
+    feat, pool = mim(query, patches, 0, v, with_map_pool=True, log_prior=log_prior)
+    (feat.square().sum() + pool.square().sum()).backward()
+    assert log_prior.grad is None
+    with pytest.raises(ValueError, match="needs log_prior"):
+        mim(query, patches, 0, v)
+    with pytest.raises(ValueError, match="was given a log_prior"):
+        plain(query, patches, 0, v, log_prior=log_prior)
+    with pytest.raises(ValueError, match="no map"):
+        MultimodalInteraction(32, heads=4, fusion="attention", map_prior=True)
+
+
+def test_a_model_with_the_map_prior_gives_the_feature_of_its_encoders_cls_attention():
+    """End to end (MODEL.PROMPTSG.MIM.MAP_PRIOR cls_attention): the test feature is the map fusion
+    whose map is the simplified prompt's, weighted by the encoder's last-block CLS attention."""
+    model = build_model(tiny_cfg(**{"MODEL.PROMPTSG.MIM.MAP_PRIOR": "cls_attention"})).eval()
+    assert model.heads.needs_cls_attention
+    randomise_biases(model.heads.mim)
+    inputs = batch()
+    with torch.no_grad():
+        feat = model(inputs)
+        visual = model.backbone(model.preprocess_image(inputs), with_tokens=True, with_cls_attention=True)
+        l_p = model.text.simple(len(feat), feat.device)
+        c = visual.log_cls_attention.exp()
+        a = reference_map(model.heads.mim, l_p[:, None], visual.tokens) * c
+        expected = reference_map_fusion(model.heads.mim, a / a.sum(dim=1, keepdim=True), visual.tokens,
+                                        visual.embedding)
+    assert model.heads.neck_feat == "before"      # the test feature is the MIM's output itself
+    torch.testing.assert_close(feat, expected, rtol=1e-4, atol=1e-5)
+
+
 def reference_map_fusion_states(mim, block, x, bias):
     """One block of ``reference_map_fusion`` on the states x (B, 1 + M, E), the bias on v's row only."""
     full = torch.zeros(x.shape[0], x.shape[1], x.shape[1])

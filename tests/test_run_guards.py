@@ -251,6 +251,13 @@ def test_valid_queries_follow_the_market_protocol_by_hand():
     (["MODEL.CLIP.NAME", "tiny-nothing"], "MODEL.CLIP.NAME='tiny-nothing' is not an open_clip model config"),
     (["MODEL.PROMPTSG.MIM.HEADS", "7"], "MODEL.PROMPTSG.MIM.HEADS must divide tiny-ViT's embedding width 64, got 7"),
     (["MODEL.PROMPTSG.MIM.HEADS", "0"], "MODEL.PROMPTSG.MIM.HEADS must divide tiny-ViT's embedding width 64, got 0"),
+    (["MODEL.PROMPTSG.MIM.MAP_PRIOR", "rollout"], "MODEL.PROMPTSG.MIM.MAP_PRIOR must be '' or 'cls_attention', got 'rollout'"),
+    (["MODEL.PROMPTSG.MIM.MAP_PRIOR", "cls_attention", "MODEL.PROMPTSG.MIM.FUSION", "attention"],
+     "MODEL.PROMPTSG.MIM.MAP_PRIOR cls_attention needs a map fusion (learned_map), got MIM.FUSION attention"),
+    (["MODEL.CLIP.NAME", "tiny-RN", "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
+      "MODEL.PROMPTSG.MIM.MAP_PRIOR", "cls_attention"],
+     "MODEL.PROMPTSG.MIM.MAP_PRIOR cls_attention needs a ViT encoder's CLS attention; MODEL.CLIP.NAME tiny-RN "
+     "is a ModifiedResNet"),
 ])
 def test_out_of_range_numbers_fail_naming_the_key(opts, fragment):
     with pytest.raises(InputError, match=None) as info:

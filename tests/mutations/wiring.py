@@ -49,7 +49,11 @@ MUTATIONS = [
      "read = few_query_attention(block.attn, normed[:, :1], normed, read_bias)",
      "read = few_query_attention(block.attn, normed[:, :1], normed)"),
     ("the map's logits not standardised", "modeling/interaction.py",
-     "(self.map_contrast * z).log_softmax(dim=-1)", "(self.map_contrast * logits).log_softmax(dim=-1)"),
+     "z = self.map_contrast * z", "z = self.map_contrast * logits"),
+    ("the map's prior (MIM.MAP_PRIOR) not added to its logits", "modeling/interaction.py",
+     "z = z + log_prior.float()", "z = z"),
+    ("the map's prior trained through (the encoder's attention shaped by the MIM)", "modeling/interaction.py",
+     "log_prior = None if log_prior is None else log_prior.detach()", "pass"),
 ]
 
 

@@ -43,6 +43,8 @@ MAP_FUSIONS = ("learned_map",)
 # (engine/checkpoint.check_mim_fusion) and their results stay in docs/EXPERIMENTS.md.
 FUSION_HISTORY = ("query_residual", "attention", "visual_residual", "reweight", "learned_map", "clip_map")
 REMOVED_FUSIONS = tuple(f for f in FUSION_HISTORY if f not in FUSIONS)
+# MODEL.PROMPTSG.MIM.MAP_PRIOR's values, at the index saved in a checkpoint's ``map_prior_index``.
+MAP_PRIORS = ("", "cls_attention")
 
 
 class MultimodalInteraction(nn.Module):
@@ -86,6 +88,7 @@ class MultimodalInteraction(nn.Module):
         # Saved with the weights, so that a checkpoint is never evaluated under another wiring
         # (checkpoint.check_mim_fusion).
         self.register_buffer("fusion_index", torch.tensor(FUSION_HISTORY.index(fusion)))
+        self.register_buffer("map_prior_index", torch.tensor(int(self.map_prior)))
         if fusion == "learned_map":
             self.cross = nn.ModuleList([PatchWeighting(width, heads)])
         else:
