@@ -12,7 +12,9 @@ Design choices the paper leaves open (the project README, "Design choices"):
     survives the blocks' LayerNorm, which removes any scale put on the tokens themselves (the
     earlier "reweight" wiring, docs/EXPERIMENTS.md "Language guidance at test"). The map can be
     tied to the prompt in training (MODEL.LOSSES.SUPCON.MAP_SCALE, ``with_map_pool``): the prompt
-    then keeps acting at test. "attention" is Eq. 7 as written (x = A(q, P));
+    then keeps acting at test. The map may also take the visual encoder's last-block CLS attention
+    as a prior (MODEL.PROMPTSG.MIM.MAP_PRIOR, ``map_prior``): the prompt then re-weights where the
+    encoder looks. "attention" is Eq. 7 as written (x = A(q, P));
   * width = CLIP's joint embedding width E (512 for ViT-B/16), the space both the text
     embedding l_p and the projected patch tokens live in;
   * query = the pooled EOT text embedding (one token), or every prompt token (``query="tokens"``,
