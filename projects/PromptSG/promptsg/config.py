@@ -4,7 +4,7 @@ import re
 from fastreid.config import CfgNode as CN
 
 from .modeling.clip_weights import ACTIVATIONS, CONFIG_KEYS, RESNET_STRIDE_BEFORE_LAYER4, ClipArgumentError, model_config
-from .modeling.interaction import FUSIONS, MAP_FUSIONS, REMOVED_FUSIONS
+from .modeling.interaction import FUSIONS, MAP_FUSIONS, MAP_PRIORS, REMOVED_FUSIONS
 from .modeling.supcon import POSITIVE_REDUCTIONS
 
 
@@ -191,8 +191,8 @@ def validate_promptsg_config(cfg):
              f"after the self-attention blocks), got {p.MIM.CROSS_LAYERS} and {p.MIM.SELF_LAYERS}")
     if not (isinstance(p.MIM.MAP_CONTRAST, (int, float)) and 0 < p.MIM.MAP_CONTRAST < float("inf")):
         fail(f"MODEL.PROMPTSG.MIM.MAP_CONTRAST must be a positive number, got {p.MIM.MAP_CONTRAST!r}")
-    if p.MIM.MAP_PRIOR not in ("", "cls_attention"):
-        fail(f"MODEL.PROMPTSG.MIM.MAP_PRIOR must be '' or 'cls_attention', got {p.MIM.MAP_PRIOR!r}")
+    if p.MIM.MAP_PRIOR not in MAP_PRIORS:
+        fail(f"MODEL.PROMPTSG.MIM.MAP_PRIOR must be {' or '.join(map(repr, MAP_PRIORS))}, got {p.MIM.MAP_PRIOR!r}")
     if p.MIM.MAP_PRIOR and p.MIM.CROSS_LAYERS > 0 and p.MIM.FUSION not in MAP_FUSIONS:
         fail(f"MODEL.PROMPTSG.MIM.MAP_PRIOR {p.MIM.MAP_PRIOR} needs a map fusion ({', '.join(MAP_FUSIONS)}), "
              f"got MIM.FUSION {p.MIM.FUSION}")
@@ -206,12 +206,12 @@ def validate_promptsg_config(cfg):
     if p.MIM.CROSS_LAYERS < 0 or p.MIM.SELF_LAYERS < 0:
         fail("MODEL.PROMPTSG.MIM.CROSS_LAYERS and SELF_LAYERS must be >= 0")
     if p.MIM.CROSS_LAYERS > 0:
-        width = clip_model_config(cfg.MODEL.CLIP.NAME).get("embed_dim", 0)     # E, the MIM's token width
+        clip_config = clip_model_config(cfg.MODEL.CLIP.NAME)
+        width = clip_config.get("embed_dim", 0)                                  # E, the MIM's token width
         if not (isinstance(p.MIM.HEADS, int) and p.MIM.HEADS >= 1 and width % p.MIM.HEADS == 0):
             fail(f"MODEL.PROMPTSG.MIM.HEADS must divide {cfg.MODEL.CLIP.NAME}'s embedding width {width}, "
                  f"got {p.MIM.HEADS!r}")
-        vision = clip_model_config(cfg.MODEL.CLIP.NAME).get("vision_cfg", {})
-        if p.MIM.MAP_PRIOR and isinstance(vision.get("layers"), (list, tuple)):
+        if p.MIM.MAP_PRIOR and isinstance(clip_config.get("vision_cfg", {}).get("layers"), (list, tuple)):
             fail(f"MODEL.PROMPTSG.MIM.MAP_PRIOR {p.MIM.MAP_PRIOR} needs a ViT encoder's CLS attention; "
                  f"MODEL.CLIP.NAME {cfg.MODEL.CLIP.NAME} is a ModifiedResNet")
     if p.MIM.CROSS_LAYERS == 0 and p.MIM.SELF_LAYERS > 0:

@@ -78,8 +78,7 @@ def promptsg_cross_attention(model, images, camids=None) -> PromptSGMaps:
     """The MIM's cross-attention maps of ``model`` (a PromptSG meta-architecture with a MIM) for
     ``images`` (B, 3, H, W) in FastReID's 0-255 units, with both test-time prompts."""
     mim = model.heads.mim
-    visual = model.backbone(model.preprocess_image(images), camids, with_tokens=True,
-                            with_cls_attention=model.heads.needs_cls_attention)
+    visual = model.encode_visual(model.preprocess_image(images), camids)
     grid = patch_grid(model.backbone).grid
     maps = {}
     for name, composed in (("simplified", False), ("composed", True)):

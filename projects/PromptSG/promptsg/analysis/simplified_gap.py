@@ -69,7 +69,7 @@ class ComposedPrompts(nn.Module):
 def features_with_query(model, batched_inputs, query_of):
     """The retrieval features (B, D) of ``model`` whose MIM query (B, 1, E) is ``query_of(batched_inputs)``."""
     images = model.preprocess_image(batched_inputs)
-    visual = model.backbone(images, None, with_tokens=True, with_cls_attention=model.heads.needs_cls_attention)
+    visual = model.encode_visual(images)
     query = query_of(batched_inputs).to(device=images.device, dtype=visual.tokens.dtype)
     return model.heads(visual, query.expand(len(images), 1, -1), 0)
 

@@ -55,7 +55,7 @@ class PromptSGHead(nn.Module):
             "mim_heads": p.MIM.HEADS,
             "mim_fusion": p.MIM.FUSION,
             "mim_map_contrast": p.MIM.MAP_CONTRAST,
-            "mim_map_prior": p.MIM.MAP_PRIOR == "cls_attention",
+            "mim_map_prior": bool(p.MIM.MAP_PRIOR),           # "" (none) or "cls_attention", MAP_PRIORS
             "map_pool": cfg.MODEL.LOSSES.SUPCON.MAP_SCALE > 0,
             "feature": p.FEATURE,
             "neck_feat": cfg.MODEL.HEADS.NECK_FEAT,

@@ -121,8 +121,7 @@ class PromptSG(nn.Module):
             torch.compiler.cudagraph_mark_step_begin()
         images = self.preprocess_image(batched_inputs)
         camids = batched_inputs.get("camids") if isinstance(batched_inputs, dict) else None
-        visual = self.backbone(images, camids, with_tokens=self.heads.mim is not None,
-                               with_cls_attention=self.heads.needs_cls_attention)
+        visual = self.encode_visual(images, camids)
         composed = self.compose_train if self.training else self.inference_prompt == "composed"
         prompt = self.prompt_features(visual, composed)
 
@@ -157,7 +156,7 @@ class PromptSG(nn.Module):
             raise ValueError("features_with_words needs the inversion network f_theta and the MIM")
         images = self.preprocess_image(batched_inputs)
         camids = batched_inputs.get("camids") if isinstance(batched_inputs, dict) else None
-        visual = self.backbone(images, camids, with_tokens=True, with_cls_attention=self.heads.needs_cls_attention)
+        visual = self.encode_visual(images, camids)
         if self.mim_query != "tokens":
             prompt = self.prompt_features(visual, composed=True, words=words)
             return self.heads(visual, prompt.query, prompt.out_index)
@@ -197,6 +196,13 @@ class PromptSG(nn.Module):
             text, tokens = out
             return PromptFeatures(pseudo_tokens, text, tokens, tokens.shape[1] - 1)  # EOT: last token
         return PromptFeatures(pseudo_tokens, out, out[:, None, :], 0)
+
+    def encode_visual(self, images, camids=None):
+        """The visual encoder's outputs (CLIPVisualOutput) for normalised ``images``, with what the
+        head reads: the patch tokens if it has a MIM, the last block's CLS attention if its map
+        takes it as a prior (MIM.MAP_PRIOR)."""
+        return self.backbone(images, camids, with_tokens=self.heads.mim is not None,
+                             with_cls_attention=self.heads.needs_cls_attention)
 
     def preprocess_image(self, batched_inputs):
         images = batched_inputs["images"] if isinstance(batched_inputs, dict) else batched_inputs
