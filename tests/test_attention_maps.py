@@ -91,13 +91,15 @@ def test_cross_attention_weights_are_the_softmax_of_projected_queries_and_keys()
             q = x + blk.mlp(blk.ln_2(x))
 
 
-@pytest.mark.parametrize("fusion, prior", [("learned_map", ""), ("learned_map", "cls_attention"), ("attention", "")])
+@pytest.mark.parametrize("fusion, prior, keys", [("learned_map", "", ""), ("learned_map", "cls_attention", ""),
+                                                 ("learned_map", "", "penultimate"), ("attention", "", "")])
 @pytest.mark.parametrize("prompt, query", [("simplified", "pooled"), ("composed", "tokens")])
-def test_promptsg_maps_are_the_weights_the_forward_used(monkeypatch, prompt, query, fusion, prior):
+def test_promptsg_maps_are_the_weights_the_forward_used(monkeypatch, prompt, query, fusion, prior, keys):
     model = DefaultTrainer.build_model(tiny_cfg(**{"MODEL.PROMPTSG.INFERENCE_PROMPT": prompt,
                                                    "MODEL.PROMPTSG.MIM.QUERY": query,
                                                    "MODEL.PROMPTSG.MIM.FUSION": fusion,
                                                    "MODEL.PROMPTSG.MIM.MAP_PRIOR": prior,
+                                                   "MODEL.PROMPTSG.MIM.MAP_KEYS": keys,
                                                    "MODEL.CLIP.STRIDE": 8})).eval()
     randomise_norms_and_biases(model.heads.mim.cross)
     used = []

@@ -88,6 +88,30 @@ def test_cls_attention_is_pytorchs_head_mean_weights_of_the_last_block_on_the_pa
     torch.testing.assert_close(picked.tokens, out.tokens[[2, 0]], rtol=0, atol=0)
 
 
+def test_penultimate_tokens_are_the_last_blocks_input_patches_in_the_joint_space():
+    """MIM.MAP_KEYS's keys: ln_post(x_{L-1}) proj of the patches, x_{L-1} the last block's input
+    (taken by a hook); asking for them changes no other output; a ModifiedResNet has none."""
+    model = _model("tiny-ViT")
+    backbone = CLIPVisualBackbone(model.visual, image_size=(64, 32), stride=12).eval()
+    seen = {}
+    hook = model.visual.transformer.resblocks[-1].register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    with torch.no_grad():
+        out = backbone(_images(64, 32, batch=3), with_penultimate_tokens=True)
+        hook.remove()
+        plain = backbone(_images(64, 32, batch=3))
+        expected = model.visual.ln_post(seen["x"][:, 1:]) @ model.visual.proj
+    assert plain.penultimate_tokens is None and out.penultimate_tokens.shape == out.tokens.shape
+    torch.testing.assert_close(out.penultimate_tokens, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(out.penultimate_tokens, out.tokens, atol=1e-3)
+    torch.testing.assert_close(out.tokens, plain.tokens, rtol=0, atol=0)
+    torch.testing.assert_close(out.embedding, plain.embedding, rtol=0, atol=0)
+    torch.testing.assert_close(out.rows(torch.tensor([1])).penultimate_tokens, out.penultimate_tokens[[1]],
+                               rtol=0, atol=0)
+    resnet = CLIPVisualBackbone(_model("tiny-RN").visual, image_size=(64, 32))
+    with pytest.raises(ValueError, match="need a ViT"):
+        resnet(_images(64, 32), with_penultimate_tokens=True)
+
+
 def test_cls_attention_needs_a_vit():
     backbone = CLIPVisualBackbone(_model("tiny-RN").visual, image_size=(224, 224)).eval()
     with pytest.raises(ValueError, match="with_cls_attention needs a ViT"):

@@ -6,6 +6,7 @@ writes NaN weights, its read_image returns a palette PNG's indices as grey level
 trainer evaluates before it writes model_final.pth.
 """
 import os
+import re
 import shutil
 
 import numpy as np
@@ -85,30 +86,31 @@ def test_checkpoint_of_another_or_a_removed_mim_fusion_is_refused_by_name(tmp_pa
         load_for_inference(build(PROMPTSG_CFG, *fusion("learned_map")), str(tmp_path / "older.pth"))
 
 
-def test_checkpoint_of_another_map_prior_is_refused_by_name(tmp_path):
-    """MIM.MAP_PRIOR travels in the checkpoint (``map_prior_index``): a model with the prior is
-    refused one without it and back, naming both; a checkpoint older than the key had none."""
-    prior = ("MODEL.PROMPTSG.MIM.MAP_PRIOR", "cls_attention")
-    with_prior = save(build(PROMPTSG_CFG, *prior), tmp_path / "prior.pth")
+@pytest.mark.parametrize("option, value", [("MAP_PRIOR", "cls_attention"), ("MAP_KEYS", "penultimate")])
+def test_checkpoint_of_another_map_prior_or_keys_is_refused_by_name(tmp_path, option, value):
+    """MIM.MAP_PRIOR and MIM.MAP_KEYS travel in the checkpoint (``map_prior_index``, ``map_keys_index``):
+    a model with the option is refused one without it and back, naming both; a checkpoint older than
+    the key had none."""
+    key, setting = f"MODEL.PROMPTSG.MIM.{option}", (f"MODEL.PROMPTSG.MIM.{option}", value)
+    pattern = re.escape(key)
+    with_option = save(build(PROMPTSG_CFG, *setting), tmp_path / "option.pth")
     without = build(PROMPTSG_CFG)
     plain = save(without, tmp_path / "plain.pth")
-    with pytest.raises(CheckpointError, match=r"prior\.pth was trained with MODEL\.PROMPTSG\.MIM\.MAP_PRIOR "
-                                              r"'cls_attention', the config has '': set MODEL\.PROMPTSG\.MIM\."
-                                              r"MAP_PRIOR 'cls_attention'"):
-        load_for_inference(build(PROMPTSG_CFG), str(with_prior))
-    with pytest.raises(CheckpointError, match=r"plain\.pth was trained with MODEL\.PROMPTSG\.MIM\.MAP_PRIOR '', "
-                                              r"the config has 'cls_attention'"):
-        load_for_inference(build(PROMPTSG_CFG, *prior), str(plain))
-    load_for_inference(build(PROMPTSG_CFG, *prior), str(with_prior))
+    with pytest.raises(CheckpointError, match=rf"option\.pth was trained with {pattern} '{value}', the config has '': "
+                                              rf"set {pattern} '{value}'"):
+        load_for_inference(build(PROMPTSG_CFG), str(with_option))
+    with pytest.raises(CheckpointError, match=rf"plain\.pth was trained with {pattern} '', the config has '{value}'"):
+        load_for_inference(build(PROMPTSG_CFG, *setting), str(plain))
+    load_for_inference(build(PROMPTSG_CFG, *setting), str(with_option))
     state = without.state_dict()
-    del state["heads.mim.map_prior_index"]
+    del state[f"heads.mim.{'map_prior_index' if option == 'MAP_PRIOR' else 'map_keys_index'}"]
     torch.save({"model": state}, tmp_path / "older.pth")
     loaded = build(PROMPTSG_CFG)
     load_for_inference(loaded, str(tmp_path / "older.pth"))
     for (name, a), b in zip(loaded.state_dict().items(), without.state_dict().values()):
         assert torch.equal(a, b), name
-    with pytest.raises(CheckpointError, match=r"older\.pth was trained with MODEL\.PROMPTSG\.MIM\.MAP_PRIOR ''"):
-        load_for_inference(build(PROMPTSG_CFG, *prior), str(tmp_path / "older.pth"))
+    with pytest.raises(CheckpointError, match=rf"older\.pth was trained with {pattern} ''"):
+        load_for_inference(build(PROMPTSG_CFG, *setting), str(tmp_path / "older.pth"))
 
 
 @pytest.mark.parametrize("removed", ["reweight", "query_residual", "visual_residual", "clip_map"])

@@ -856,6 +856,63 @@ def test_a_model_with_the_map_prior_gives_the_feature_of_its_encoders_cls_attent
     torch.testing.assert_close(feat, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_penultimate_keys_make_the_prompts_map_from_the_keys_given_and_the_feature_from_the_patches():
+    """MIM.MAP_KEYS penultimate: the map is the one written out by hand on the keys given (not the
+    patches), the feature the map fusion of the patches with that map, and map_pool's pool the map's
+    mix of the patches; a module is refused the wrong inputs."""
+    torch.manual_seed(0)
+    mim = MultimodalInteraction(32, heads=4, cross_layers=1, self_layers=2, fusion="learned_map",
+                                penultimate_keys=True)
+    randomise_biases(mim)
+    plain = MultimodalInteraction(32, heads=4, cross_layers=1, self_layers=2, fusion="learned_map")
+    plain.load_state_dict(mim.state_dict(), strict=False)
+    query, patches, keys, v = torch.randn(3, 1, 32), torch.randn(3, 10, 32), torch.randn(3, 10, 32), torch.randn(3, 32)
+    with torch.no_grad():
+        expected = reference_map(mim, query, keys)
+        torch.testing.assert_close(mim.cross_attention_weights(query, patches, v, map_keys=keys)[0][:, 0, 0], expected,
+                                   rtol=1e-5, atol=1e-7)
+        feat = mim(query, patches, 0, v, map_keys=keys)
+        torch.testing.assert_close(feat, reference_map_fusion(mim, expected, patches, v), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(mim(query, patches, 0, v, map_keys=patches), plain(query, patches, 0, v),
+                                   rtol=0, atol=0)
+        assert not torch.allclose(feat, plain(query, patches, 0, v), atol=1e-3)
+    mim.train()
+    keys.requires_grad_()
+    _, pool = mim(query, patches, 0, v, with_map_pool=True, map_keys=keys)
+    torch.testing.assert_close(pool, torch.einsum("bm,bme->be", expected, patches), rtol=1e-5, atol=1e-6)
+    pool.square().sum().backward()
+    assert keys.grad is None                          # the pool's loss trains the map's own parameters only
+    with pytest.raises(ValueError, match="needs map_keys"):
+        mim(query, patches, 0, v)
+    with pytest.raises(ValueError, match="was given map_keys"):
+        plain(query, patches, 0, v, map_keys=keys)
+    with pytest.raises(ValueError, match="no map"):
+        MultimodalInteraction(32, heads=4, fusion="attention", penultimate_keys=True)
+
+
+def test_a_model_with_penultimate_keys_maps_the_patch_tokens_before_the_last_block():
+    """End to end (MODEL.PROMPTSG.MIM.MAP_KEYS penultimate): the simplified prompt's map is made from
+    ln_post(x_{L-1}) proj of the patches, x_{L-1} the last block's input taken by a hook, and the
+    feature from the final patch tokens with that map."""
+    model = build_model(tiny_cfg(**{"MODEL.PROMPTSG.MIM.MAP_KEYS": "penultimate"})).eval()
+    assert model.heads.needs_penultimate_tokens and not model.heads.needs_cls_attention
+    randomise_biases(model.heads.mim)
+    visual_tower = model.backbone.visual
+    seen = {}
+    hook = visual_tower.transformer.resblocks[-1].register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    inputs = batch()
+    with torch.no_grad():
+        feat = model(inputs)
+        hook.remove()
+        visual = model.backbone(model.preprocess_image(inputs), with_tokens=True)
+        keys = visual_tower.ln_post(seen["x"][:, 1:]) @ visual_tower.proj
+        l_p = model.text.simple(len(feat), feat.device)
+        expected = reference_map_fusion(model.heads.mim, reference_map(model.heads.mim, l_p[:, None], keys),
+                                        visual.tokens, visual.embedding)
+    assert not torch.allclose(keys, visual.tokens, atol=1e-3)
+    torch.testing.assert_close(feat, expected, rtol=1e-4, atol=1e-5)
+
+
 def reference_map_fusion_states(mim, block, x, bias):
     """One block of ``reference_map_fusion`` on the states x (B, 1 + M, E), the bias on v's row only."""
     full = torch.zeros(x.shape[0], x.shape[1], x.shape[1])

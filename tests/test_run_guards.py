@@ -258,6 +258,12 @@ def test_valid_queries_follow_the_market_protocol_by_hand():
       "MODEL.PROMPTSG.MIM.MAP_PRIOR", "cls_attention"],
      "MODEL.PROMPTSG.MIM.MAP_PRIOR cls_attention needs a ViT encoder's CLS attention; MODEL.CLIP.NAME tiny-RN "
      "is a ModifiedResNet"),
+    (["MODEL.PROMPTSG.MIM.MAP_KEYS", "first"], "MODEL.PROMPTSG.MIM.MAP_KEYS must be '' or 'penultimate', got 'first'"),
+    (["MODEL.PROMPTSG.MIM.MAP_KEYS", "penultimate", "MODEL.PROMPTSG.MIM.FUSION", "attention"],
+     "MODEL.PROMPTSG.MIM.MAP_KEYS penultimate needs a map fusion (learned_map), got MIM.FUSION attention"),
+    (["MODEL.CLIP.NAME", "tiny-RN", "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
+      "MODEL.PROMPTSG.MIM.MAP_KEYS", "penultimate"],
+     "MODEL.PROMPTSG.MIM.MAP_KEYS penultimate needs a ViT encoder's blocks; MODEL.CLIP.NAME tiny-RN is a ModifiedResNet"),
 ])
 def test_out_of_range_numbers_fail_naming_the_key(opts, fragment):
     with pytest.raises(InputError, match=None) as info:

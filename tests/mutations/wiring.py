@@ -54,6 +54,10 @@ MUTATIONS = [
      "z = z + log_prior.float()", "z = z"),
     ("the map's prior trained through (the encoder's attention shaped by the MIM)", "modeling/interaction.py",
      "log_prior = None if log_prior is None else log_prior.detach()", "pass"),
+    ("the map's keys (MIM.MAP_KEYS) ignored: the map made from the patches", "modeling/interaction.py",
+     "log_map = self.log_prompt_map(query, keys, log_prior)", "log_map = self.log_prompt_map(query, patches, log_prior)"),
+    ("the penultimate keys taken after the last block", "modeling/clip_backbone.py",
+     "visual.ln_post(x_prev[:, 1:]) @ visual.proj", "x[:, 1:] @ visual.proj"),
 ]
 
 

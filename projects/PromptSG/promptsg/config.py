@@ -4,7 +4,7 @@ import re
 from fastreid.config import CfgNode as CN
 
 from .modeling.clip_weights import ACTIVATIONS, CONFIG_KEYS, RESNET_STRIDE_BEFORE_LAYER4, ClipArgumentError, model_config
-from .modeling.interaction import FUSIONS, MAP_FUSIONS, MAP_PRIORS, REMOVED_FUSIONS
+from .modeling.interaction import FUSIONS, MAP_FUSIONS, MAP_KEYS, MAP_PRIORS, REMOVED_FUSIONS
 from .modeling.supcon import POSITIVE_REDUCTIONS
 
 
@@ -84,6 +84,9 @@ def add_promptsg_config(cfg):
     # c the ViT encoder's last-block CLS attention over the patches: the prompt re-weights where the
     # encoder looks).
     cfg.MODEL.PROMPTSG.MIM.MAP_PRIOR = ""
+    # learned_map's keys: "" (the patch tokens the self-attention blocks read) or "penultimate" (the
+    # ViT encoder's patch tokens before its last block, taken to the joint space by ln_post and proj).
+    cfg.MODEL.PROMPTSG.MIM.MAP_KEYS = ""
     # Test feature: "mim" (MIM output) or "concat" (MIM output ++ global visual embedding).
     cfg.MODEL.PROMPTSG.FEATURE = "mim"
     # Apply the triplet loss also to the visual encoder's last states (x_{L-1}, x_L, proj).
@@ -196,6 +199,11 @@ def validate_promptsg_config(cfg):
     if p.MIM.MAP_PRIOR and p.MIM.CROSS_LAYERS > 0 and p.MIM.FUSION not in MAP_FUSIONS:
         fail(f"MODEL.PROMPTSG.MIM.MAP_PRIOR {p.MIM.MAP_PRIOR} needs a map fusion ({', '.join(MAP_FUSIONS)}), "
              f"got MIM.FUSION {p.MIM.FUSION}")
+    if p.MIM.MAP_KEYS not in MAP_KEYS:
+        fail(f"MODEL.PROMPTSG.MIM.MAP_KEYS must be {' or '.join(map(repr, MAP_KEYS))}, got {p.MIM.MAP_KEYS!r}")
+    if p.MIM.MAP_KEYS and p.MIM.CROSS_LAYERS > 0 and p.MIM.FUSION not in MAP_FUSIONS:
+        fail(f"MODEL.PROMPTSG.MIM.MAP_KEYS {p.MIM.MAP_KEYS} needs a map fusion ({', '.join(MAP_FUSIONS)}), "
+             f"got MIM.FUSION {p.MIM.FUSION}")
     if p.FEATURE not in ("mim", "concat"):
         fail(f"MODEL.PROMPTSG.FEATURE must be 'mim' or 'concat', got {p.FEATURE!r}")
     if not 0.0 <= p.SIMPLIFIED_QUERY_SHARE <= 1.0:
@@ -213,6 +221,9 @@ def validate_promptsg_config(cfg):
                  f"got {p.MIM.HEADS!r}")
         if p.MIM.MAP_PRIOR and isinstance(clip_config.get("vision_cfg", {}).get("layers"), (list, tuple)):
             fail(f"MODEL.PROMPTSG.MIM.MAP_PRIOR {p.MIM.MAP_PRIOR} needs a ViT encoder's CLS attention; "
+                 f"MODEL.CLIP.NAME {cfg.MODEL.CLIP.NAME} is a ModifiedResNet")
+        if p.MIM.MAP_KEYS and isinstance(clip_config.get("vision_cfg", {}).get("layers"), (list, tuple)):
+            fail(f"MODEL.PROMPTSG.MIM.MAP_KEYS {p.MIM.MAP_KEYS} needs a ViT encoder's blocks; "
                  f"MODEL.CLIP.NAME {cfg.MODEL.CLIP.NAME} is a ModifiedResNet")
     if p.MIM.CROSS_LAYERS == 0 and p.MIM.SELF_LAYERS > 0:
         fail("MODEL.PROMPTSG.MIM.SELF_LAYERS > 0 needs MIM.CROSS_LAYERS >= 1")

@@ -62,6 +62,9 @@ TABLES = {
         ("learned_map_pool", "map_pool: learned_map + L_SupCon on the map's pool of the patches, training the "
          "map only (weight 0.5; ablations/map_pool.yml)", PROMPTSG,
          fusion("learned_map") + ["MODEL.LOSSES.SUPCON.MAP_SCALE", "0.5"]),
+        ("learned_map_penultimate", "learned_map with the map's keys the patch tokens before the encoder's last "
+         "block (MIM.MAP_KEYS penultimate)", PROMPTSG, fusion("learned_map") + ["MODEL.PROMPTSG.MIM.MAP_KEYS",
+                                                                                "penultimate"]),
     ],
     # PromptSG beside the paper's main competitor, CLIP-ReID (two stages), and the CLIP baseline.
     "methods": [

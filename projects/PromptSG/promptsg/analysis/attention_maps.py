@@ -87,12 +87,14 @@ def promptsg_cross_attention(model, images, camids=None) -> PromptSGMaps:
             continue
         prompt = model.prompt_features(visual, composed)
         weights = mim.cross_attention_weights(prompt.query.to(visual.tokens.dtype), visual.tokens,
-                                              visual.embedding, visual.log_cls_attention)[0]
+                                              visual.embedding, visual.log_cls_attention,
+                                              visual.penultimate_tokens)[0]
         maps[name] = weights[:, prompt.out_index].unflatten(-1, grid)   # the pooled query's row: (B, H, gh, gw)
         if not composed and mim.fusion in MAP_FUSIONS:
             query = prompt.query[:, prompt.out_index:prompt.out_index + 1].to(visual.tokens.dtype)
             read = mim.read_attention_weights(query, visual.tokens, visual.embedding,
-                                              visual.log_cls_attention)[-1][..., 1:]            # (B, H, M)
+                                              visual.log_cls_attention,
+                                              visual.penultimate_tokens)[-1][..., 1:]           # (B, H, M)
             maps["promptsg_read"] = (read / read.sum(dim=-1, keepdim=True)).unflatten(-1, grid)
     return PromptSGMaps(**maps)
 

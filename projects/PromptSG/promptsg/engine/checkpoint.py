@@ -32,7 +32,7 @@ from fastreid.engine.train_loop import HookBase
 from fastreid.utils import comm
 from fastreid.utils.checkpoint import Checkpointer, _IncompatibleKeys, _strip_prefix_if_present
 
-from ..modeling.interaction import FUSION_HISTORY, FUSIONS, MAP_PRIORS, REMOVED_FUSIONS
+from ..modeling.interaction import FUSION_HISTORY, FUSIONS, MAP_KEYS, MAP_PRIORS, REMOVED_FUSIONS
 from .preflight import InputError, zip_directory_intact
 
 logger = logging.getLogger(__name__)
@@ -94,10 +94,11 @@ def check_compatible(path, model_state, checkpoint_state, skip_classifier):
 
 FUSION_KEY = "heads.mim.fusion_index"
 PRIOR_KEY = "heads.mim.map_prior_index"
+KEYS_KEY = "heads.mim.map_keys_index"
 
 
 def check_mim_fusion(path, model_state, checkpoint_state):
-    """Refuse a checkpoint whose MIM was trained with another MODEL.PROMPTSG.MIM.FUSION or MAP_PRIOR
+    """Refuse a checkpoint whose MIM was trained with another MODEL.PROMPTSG.MIM.FUSION, MAP_PRIOR or MAP_KEYS
     than the model's, or with a wiring since removed: fusions can share parameter names, so it would load and
     silently compute another feature. ``fusion_index`` indexes FUSION_HISTORY. A checkpoint with a
     MIM but no ``fusion_index`` predates the key; its MIM added the query back ("query_residual")."""
@@ -116,13 +117,16 @@ def check_mim_fusion(path, model_state, checkpoint_state):
     if trained != configured:
         raise CheckpointError(f"{path} was trained with MODEL.PROMPTSG.MIM.FUSION {trained}, the config has "
                               f"{configured}: set MODEL.PROMPTSG.MIM.FUSION {trained} to evaluate or fine-tune it")
-    # The map's prior (MIM.MAP_PRIOR) likewise; a checkpoint older than the key had none.
-    index = int(checkpoint_state.setdefault(PRIOR_KEY, torch.tensor(0)))
-    trained = MAP_PRIORS[index] if 0 <= index < len(MAP_PRIORS) else f"unknown ({index})"
-    configured = MAP_PRIORS[int(model_state[PRIOR_KEY])]
-    if trained != configured:
-        raise CheckpointError(f"{path} was trained with MODEL.PROMPTSG.MIM.MAP_PRIOR {trained!r}, the config has "
-                              f"{configured!r}: set MODEL.PROMPTSG.MIM.MAP_PRIOR {trained!r} to evaluate or fine-tune it")
+    # The map's prior (MIM.MAP_PRIOR) and keys (MIM.MAP_KEYS) likewise; a checkpoint older than a
+    # key had none / the patch tokens.
+    for key, option, values in ((PRIOR_KEY, "MAP_PRIOR", MAP_PRIORS), (KEYS_KEY, "MAP_KEYS", MAP_KEYS)):
+        index = int(checkpoint_state.setdefault(key, torch.tensor(0)))
+        trained = values[index] if 0 <= index < len(values) else f"unknown ({index})"
+        configured = values[int(model_state[key])]
+        if trained != configured:
+            raise CheckpointError(f"{path} was trained with MODEL.PROMPTSG.MIM.{option} {trained!r}, the config has "
+                                  f"{configured!r}: set MODEL.PROMPTSG.MIM.{option} {trained!r} to evaluate or "
+                                  f"fine-tune it")
 
 
 def first_non_finite(named_tensors):

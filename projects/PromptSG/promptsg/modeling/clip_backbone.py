@@ -31,17 +31,21 @@ class CLIPVisualOutput(NamedTuple):
     log_cls_attention: (B, M) log of where the ViT's CLS token looks in its last block: the head
         mean of its attention weights over the M patches, renormalised over them. Only when asked
         for (``with_cls_attention``); the prior of the MIM's map (MODEL.PROMPTSG.MIM.MAP_PRIOR).
+    penultimate_tokens: (B, M, E) the patch tokens before the ViT's last block, taken to the joint
+        space as the final ones are (ln_post, proj). Only when asked for (``with_penultimate_tokens``);
+        the keys of the MIM's map under MODEL.PROMPTSG.MIM.MAP_KEYS penultimate.
     """
     embedding: torch.Tensor
     tokens: Optional[torch.Tensor]
     states: List[torch.Tensor]
     log_cls_attention: Optional[torch.Tensor] = None
+    penultimate_tokens: Optional[torch.Tensor] = None
 
     def rows(self, index):
         """The outputs of the images at ``index`` (a (K,) long tensor)."""
         pick = (lambda t: None if t is None else t[index])
         return CLIPVisualOutput(self.embedding[index], pick(self.tokens), [s[index] for s in self.states],
-                                pick(self.log_cls_attention))
+                                pick(self.log_cls_attention), pick(self.penultimate_tokens))
 
 
 class CLIPVisualBackbone(nn.Module):
@@ -97,20 +101,21 @@ class CLIPVisualBackbone(nn.Module):
 
     def forward(
         self, images: torch.Tensor, camids: Optional[torch.Tensor] = None, with_tokens: bool = True,
-        sie: bool = True, with_cls_attention: bool = False,
+        sie: bool = True, with_cls_attention: bool = False, with_penultimate_tokens: bool = False,
     ) -> CLIPVisualOutput:
         """images: (B, 3, H, W) normalized; camids: (B,) long, needed with SIE; ``sie=False`` runs
         the tower without its camera embedding (CLIP-ReID's stage-1 image features);
-        ``with_cls_attention`` (ViT only) also gives the last block's CLS attention."""
+        ``with_cls_attention`` and ``with_penultimate_tokens`` (ViT only) also give the last block's
+        CLS attention and the patch tokens before the last block."""
         if self.is_vit:
-            return self._forward_vit(images, camids, with_tokens, sie, with_cls_attention)
-        if with_cls_attention:
-            raise ValueError("with_cls_attention needs a ViT visual tower, not ModifiedResNet")
+            return self._forward_vit(images, camids, with_tokens, sie, with_cls_attention, with_penultimate_tokens)
+        if with_cls_attention or with_penultimate_tokens:
+            raise ValueError("with_cls_attention and with_penultimate_tokens need a ViT visual tower, not ModifiedResNet")
         return self._forward_resnet(images, with_tokens)
 
     def _forward_vit(
         self, images: torch.Tensor, camids: Optional[torch.Tensor], with_tokens: bool, sie: bool = True,
-        with_cls_attention: bool = False,
+        with_cls_attention: bool = False, with_penultimate_tokens: bool = False,
     ) -> CLIPVisualOutput:
         visual = self.visual
         x = visual.conv1(images)  # (B, C, gh, gw)
@@ -132,7 +137,8 @@ class CLIPVisualBackbone(nn.Module):
         embedding = x[:, 0] @ visual.proj  # (B, E)
         tokens = x[:, 1:] @ visual.proj if with_tokens else None  # (B, M, E)
         log_cls = log_cls_attention(visual.transformer.resblocks[-1], x_prev) if with_cls_attention else None
-        return CLIPVisualOutput(embedding, tokens, [x_prev[:, 0], x[:, 0], embedding], log_cls)
+        penultimate = visual.ln_post(x_prev[:, 1:]) @ visual.proj if with_penultimate_tokens else None   # (B, M, E)
+        return CLIPVisualOutput(embedding, tokens, [x_prev[:, 0], x[:, 0], embedding], log_cls, penultimate)
 
     def _forward_resnet(self, images: torch.Tensor, with_tokens: bool) -> CLIPVisualOutput:
         visual = self.visual

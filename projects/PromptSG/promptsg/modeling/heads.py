@@ -25,11 +25,12 @@ class PromptSGHead(nn.Module):
     @configurable
     def __init__(self, *, embed_dim, token_dim, num_classes, use_inversion, inversion_hidden,
                  mim_cross_layers, mim_self_layers, mim_heads, feature, neck_feat,
-                 mim_fusion="learned_map", mim_map_contrast=2.0, map_pool=False, mim_map_prior=False):
+                 mim_fusion="learned_map", mim_map_contrast=2.0, map_pool=False, mim_map_prior=False,
+                 mim_penultimate_keys=False):
         super().__init__()
         self.inversion = InversionNet(embed_dim, token_dim, inversion_hidden) if use_inversion else None
         self.mim = (MultimodalInteraction(embed_dim, mim_heads, mim_cross_layers, mim_self_layers, mim_fusion,
-                                          mim_map_contrast, mim_map_prior)
+                                          mim_map_contrast, mim_map_prior, mim_penultimate_keys)
                     if mim_cross_layers > 0 else None)
         self.feature = feature
         self.map_pool = map_pool   # training also returns the MIM map's pool of the patches
@@ -56,6 +57,7 @@ class PromptSGHead(nn.Module):
             "mim_fusion": p.MIM.FUSION,
             "mim_map_contrast": p.MIM.MAP_CONTRAST,
             "mim_map_prior": bool(p.MIM.MAP_PRIOR),           # "" (none) or "cls_attention", MAP_PRIORS
+            "mim_penultimate_keys": bool(p.MIM.MAP_KEYS),     # "" (the patch tokens) or "penultimate", MAP_KEYS
             "map_pool": cfg.MODEL.LOSSES.SUPCON.MAP_SCALE > 0,
             "feature": p.FEATURE,
             "neck_feat": cfg.MODEL.HEADS.NECK_FEAT,
@@ -65,6 +67,11 @@ class PromptSGHead(nn.Module):
     def needs_cls_attention(self):
         """Whether the MIM's map takes the encoder's last-block CLS attention as its prior (MIM.MAP_PRIOR)."""
         return self.mim is not None and self.mim.map_prior
+
+    @property
+    def needs_penultimate_tokens(self):
+        """Whether the MIM's map takes the patch tokens before the encoder's last block as its keys (MIM.MAP_KEYS)."""
+        return self.mim is not None and self.mim.penultimate_keys
 
     def forward(self, visual, query=None, out_index=0, targets=None):
         """visual: CLIPVisualOutput; query: (B, Q, E) text queries of the MIM.
@@ -76,7 +83,8 @@ class PromptSGHead(nn.Module):
         if self.mim is not None:
             with_pool = self.map_pool and self.training
             fused = self.mim(query.to(visual.tokens.dtype), visual.tokens, out_index, visual.embedding,
-                             with_map_pool=with_pool, log_prior=visual.log_cls_attention)
+                             with_map_pool=with_pool, log_prior=visual.log_cls_attention,
+                             map_keys=visual.penultimate_tokens)
             if with_pool:
                 fused, extra["map_pool"] = fused
             feat = torch.cat([fused, visual.embedding], dim=1) if self.feature == "concat" else fused

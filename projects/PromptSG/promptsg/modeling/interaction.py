@@ -14,7 +14,8 @@ Design choices the paper leaves open (the project README, "Design choices"):
     tied to the prompt in training (MODEL.LOSSES.SUPCON.MAP_SCALE, ``with_map_pool``): the prompt
     then keeps acting at test. The map may also take the visual encoder's last-block CLS attention
     as a prior (MODEL.PROMPTSG.MIM.MAP_PRIOR, ``map_prior``): the prompt then re-weights where the
-    encoder looks. "attention" is Eq. 7 as written (x = A(q, P));
+    encoder looks; and its keys may be the patch tokens before the encoder's last block
+    (MODEL.PROMPTSG.MIM.MAP_KEYS, ``penultimate_keys``). "attention" is Eq. 7 as written (x = A(q, P));
   * width = CLIP's joint embedding width E (512 for ViT-B/16), the space both the text
     embedding l_p and the projected patch tokens live in;
   * query = the pooled EOT text embedding (one token), or every prompt token (``query="tokens"``,
@@ -47,6 +48,9 @@ FUSION_HISTORY = ("query_residual", "attention", "visual_residual", "reweight", 
 REMOVED_FUSIONS = tuple(f for f in FUSION_HISTORY if f not in FUSIONS)
 # MODEL.PROMPTSG.MIM.MAP_PRIOR's values, at the index saved in a checkpoint's ``map_prior_index``.
 MAP_PRIORS = ("", "cls_attention")
+# MODEL.PROMPTSG.MIM.MAP_KEYS's values, at the index saved in a checkpoint's ``map_keys_index``: the
+# map's keys are the patch tokens ("") or the patch tokens before the encoder's last block.
+MAP_KEYS = ("", "penultimate")
 
 
 class MultimodalInteraction(nn.Module):
@@ -70,10 +74,13 @@ class MultimodalInteraction(nn.Module):
             encoder's last-block CLS attention over the patches (MODEL.PROMPTSG.MIM.MAP_PRIOR
             "cls_attention"): the prompt re-weights where the encoder already looks. ``forward``
             then needs ``log_prior`` = log c.
+        penultimate_keys: (map fusions) the map's keys are not the patch tokens the blocks read but
+            the patch tokens before the encoder's last block (MODEL.PROMPTSG.MIM.MAP_KEYS
+            "penultimate"), given to ``forward`` as ``map_keys``.
     """
 
     def __init__(self, width, heads=8, cross_layers=1, self_layers=2, fusion="learned_map", map_contrast=2.0,
-                 map_prior=False):
+                 map_prior=False, penultimate_keys=False):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"MultimodalInteraction fusion must be one of {list(FUSIONS)}, got {fusion!r}")
@@ -82,15 +89,17 @@ class MultimodalInteraction(nn.Module):
         if fusion in MAP_FUSIONS and (cross_layers != 1 or self_layers < 1):
             raise ValueError(f"fusion {fusion!r} needs exactly one cross-attention layer and self-attention "
                              "blocks to read v from")
-        if map_prior and fusion not in MAP_FUSIONS:
-            raise ValueError(f"fusion {fusion!r} has no map over the patches to give a prior")
+        if (map_prior or penultimate_keys) and fusion not in MAP_FUSIONS:
+            raise ValueError(f"fusion {fusion!r} has no map over the patches to give a prior or keys")
         self.fusion = fusion
         self.map_contrast = float(map_contrast)
         self.map_prior = bool(map_prior)
+        self.penultimate_keys = bool(penultimate_keys)
         # Saved with the weights, so that a checkpoint is never evaluated under another wiring
         # (checkpoint.check_mim_fusion).
         self.register_buffer("fusion_index", torch.tensor(FUSION_HISTORY.index(fusion)))
         self.register_buffer("map_prior_index", torch.tensor(int(self.map_prior)))
+        self.register_buffer("map_keys_index", torch.tensor(int(self.penultimate_keys)))
         if fusion == "learned_map":
             self.cross = nn.ModuleList([PatchWeighting(width, heads)])
         else:
@@ -98,17 +107,18 @@ class MultimodalInteraction(nn.Module):
                 [ResidualAttentionBlock(width, heads, is_cross_attention=True) for _ in range(cross_layers)])
         self.blocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(self_layers)])
 
-    def forward(self, query, patches, out_index=0, visual=None, with_map_pool=False, log_prior=None):
+    def forward(self, query, patches, out_index=0, visual=None, with_map_pool=False, log_prior=None, map_keys=None):
         """query (B, Q, E), patches (B, M, E), visual v (B, E) (the map fusions) -> the output at
         query position ``out_index`` (B, E); the map fusions read v's position. With
         ``with_map_pool`` (map fusions only) also the map's pool of the patches, sum_m a_m p_m (B, E),
         which MODEL.LOSSES.SUPCON.MAP_SCALE ties to the prompt. ``log_prior`` (B, M): log c of
-        ``map_prior``."""
+        ``map_prior``; ``map_keys`` (B, M, E): the map's keys under ``penultimate_keys``."""
         if self.fusion in MAP_FUSIONS:
             if visual is None:
                 raise ValueError(f"fusion {self.fusion!r} needs the global visual embedding v")
-            self._check_prior(log_prior)
-            return self._map_forward(query[:, out_index:out_index + 1], patches, visual, with_map_pool, log_prior)
+            self._check_map_inputs(log_prior, map_keys)
+            return self._map_forward(query[:, out_index:out_index + 1], patches, visual, with_map_pool, log_prior,
+                                     map_keys)
         if with_map_pool:
             raise ValueError(f"fusion {self.fusion!r} has no map over the patches to pool with")
         for blk in self.cross:
@@ -122,24 +132,32 @@ class MultimodalInteraction(nn.Module):
         # Only one output row of the last block is used: compute just that row.
         return query_row_forward(self.blocks[-1], x, out_index)
 
-    def _check_prior(self, log_prior):
+    def _check_map_inputs(self, log_prior, map_keys):
         if self.map_prior and log_prior is None:
             raise ValueError("MultimodalInteraction with map_prior needs log_prior, the encoder's log CLS attention")
         if not self.map_prior and log_prior is not None:
             raise ValueError("MultimodalInteraction without map_prior was given a log_prior")
+        if self.penultimate_keys and map_keys is None:
+            raise ValueError("MultimodalInteraction with penultimate_keys needs map_keys, the encoder's penultimate "
+                             "patch tokens")
+        if not self.penultimate_keys and map_keys is not None:
+            raise ValueError("MultimodalInteraction without penultimate_keys was given map_keys")
 
-    def _map_forward(self, query, patches, visual, with_map_pool=False, log_prior=None):
+    def _map_forward(self, query, patches, visual, with_map_pool=False, log_prior=None, map_keys=None):
         """query (B, 1, E), patches (B, M, E), v (B, E) -> the feature read at v (B, E): [v; patches]
         through the blocks, v's attention logit over patch m biased by log(M a_m), the other rows
         plain (a uniform map changes nothing). With ``with_map_pool`` also sum_m a_m p_m (B, E).
-        The prior is read, not trained through: the encoder's attention stays the encoder's own."""
+        The prior is read, not trained through: the encoder's attention stays the encoder's own.
+        The map's keys are ``map_keys`` if given, else the patches."""
         log_prior = None if log_prior is None else log_prior.detach()
-        log_map = self.log_prompt_map(query, patches, log_prior)                 # (B, M)
+        keys = patches if map_keys is None else map_keys
+        log_map = self.log_prompt_map(query, keys, log_prior)                     # (B, M)
         if with_map_pool:
             # The map again from detached inputs, pooling detached patches: a loss on the pool
             # trains the map's own parameters only, never the encoders.
             query, patches_fixed = query.detach(), patches.detach()
-            pool = torch.einsum("bm,bme->be", self.log_prompt_map(query, patches_fixed, log_prior).exp(),
+            keys_fixed = patches_fixed if map_keys is None else map_keys.detach()
+            pool = torch.einsum("bm,bme->be", self.log_prompt_map(query, keys_fixed, log_prior).exp(),
                                 patches_fixed)
             return self._map_forward_biased(log_map, patches, visual), pool
         return self._map_forward_biased(log_map, patches, visual)
@@ -162,14 +180,15 @@ class MultimodalInteraction(nn.Module):
             z = z + log_prior.float()
         return z.log_softmax(dim=-1).to(patches.dtype)
 
-    def read_attention_weights(self, query, patches, visual, log_prior=None):
+    def read_attention_weights(self, query, patches, visual, log_prior=None, map_keys=None):
         """Map fusions: v's attention in each self-attention block, the prompt's bias included, as
         ``forward`` computes it: one (B, H, 1 + M) tensor per block, over [v; patches]. The last is
         where the feature looks: the weights its value mix is made with."""
         if self.fusion not in MAP_FUSIONS:
             raise ValueError(f"fusion {self.fusion!r} has no read row biased by a map")
-        self._check_prior(log_prior)
-        read_bias = map_read_bias(self.log_prompt_map(query[:, :1], patches, log_prior))
+        self._check_map_inputs(log_prior, map_keys)
+        keys = patches if map_keys is None else map_keys
+        read_bias = map_read_bias(self.log_prompt_map(query[:, :1], keys, log_prior))
         x = torch.cat([visual[:, None].to(patches.dtype), patches], dim=1)
         weights = []
         for i, block in enumerate(self.blocks):
@@ -179,14 +198,15 @@ class MultimodalInteraction(nn.Module):
                 x = block_forward(block, x, read_bias)
         return weights
 
-    def cross_attention_weights(self, query, patches, visual=None, log_prior=None):
+    def cross_attention_weights(self, query, patches, visual=None, log_prior=None, map_keys=None):
         """The prompt's weights over the M patches, as ``forward`` computes them: for the map
-        fusions one (B, Q, 1, M) tensor, the map a of each query token (with its prior, if any);
-        for "attention" a (B, Q, H, M) tensor per cross-attention block, every query token's and
-        head's weights."""
+        fusions one (B, Q, 1, M) tensor, the map a of each query token (with its prior and keys, if
+        any); for "attention" a (B, Q, H, M) tensor per cross-attention block, every query token's
+        and head's weights."""
         if self.fusion in MAP_FUSIONS:
-            self._check_prior(log_prior)
-            return [torch.stack([self.log_prompt_map(query[:, i:i + 1], patches, log_prior).exp()
+            self._check_map_inputs(log_prior, map_keys)
+            keys = patches if map_keys is None else map_keys
+            return [torch.stack([self.log_prompt_map(query[:, i:i + 1], keys, log_prior).exp()
                                  for i in range(query.shape[1])], dim=1)[:, :, None]]
         weights = []
         for blk in self.cross:

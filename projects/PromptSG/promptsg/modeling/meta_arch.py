@@ -200,9 +200,11 @@ class PromptSG(nn.Module):
     def encode_visual(self, images, camids=None):
         """The visual encoder's outputs (CLIPVisualOutput) for normalised ``images``, with what the
         head reads: the patch tokens if it has a MIM, the last block's CLS attention if its map
-        takes it as a prior (MIM.MAP_PRIOR)."""
+        takes it as a prior (MIM.MAP_PRIOR), the penultimate patch tokens if its map takes them as
+        keys (MIM.MAP_KEYS)."""
         return self.backbone(images, camids, with_tokens=self.heads.mim is not None,
-                             with_cls_attention=self.heads.needs_cls_attention)
+                             with_cls_attention=self.heads.needs_cls_attention,
+                             with_penultimate_tokens=self.heads.needs_penultimate_tokens)
 
     def preprocess_image(self, batched_inputs):
         images = batched_inputs["images"] if isinstance(batched_inputs, dict) else batched_inputs
