@@ -108,7 +108,7 @@ def test_penultimate_tokens_are_the_last_blocks_input_patches_in_the_joint_space
     torch.testing.assert_close(out.rows(torch.tensor([1])).penultimate_tokens, out.penultimate_tokens[[1]],
                                rtol=0, atol=0)
     resnet = CLIPVisualBackbone(_model("tiny-RN").visual, image_size=(64, 32))
-    with pytest.raises(ValueError, match="need a ViT"):
+    with pytest.raises(ValueError, match="with_penultimate_tokens needs a ViT"):
         resnet(_images(64, 32), with_penultimate_tokens=True)
 
 

@@ -109,8 +109,9 @@ class CLIPVisualBackbone(nn.Module):
         CLS attention and the patch tokens before the last block."""
         if self.is_vit:
             return self._forward_vit(images, camids, with_tokens, sie, with_cls_attention, with_penultimate_tokens)
-        if with_cls_attention or with_penultimate_tokens:
-            raise ValueError("with_cls_attention and with_penultimate_tokens need a ViT visual tower, not ModifiedResNet")
+        for name, asked in (("with_cls_attention", with_cls_attention), ("with_penultimate_tokens", with_penultimate_tokens)):
+            if asked:
+                raise ValueError(f"{name} needs a ViT visual tower, not ModifiedResNet")
         return self._forward_resnet(images, with_tokens)
 
     def _forward_vit(
