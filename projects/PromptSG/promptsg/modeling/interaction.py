@@ -116,9 +116,8 @@ class MultimodalInteraction(nn.Module):
         if self.fusion in MAP_FUSIONS:
             if visual is None:
                 raise ValueError(f"fusion {self.fusion!r} needs the global visual embedding v")
-            self._check_map_inputs(log_prior, map_keys)
-            return self._map_forward(query[:, out_index:out_index + 1], patches, visual, with_map_pool, log_prior,
-                                     map_keys)
+            keys = self._map_keys(patches, log_prior, map_keys)
+            return self._map_forward(query[:, out_index:out_index + 1], patches, visual, with_map_pool, log_prior, keys)
         if with_map_pool:
             raise ValueError(f"fusion {self.fusion!r} has no map over the patches to pool with")
         for blk in self.cross:
@@ -132,7 +131,9 @@ class MultimodalInteraction(nn.Module):
         # Only one output row of the last block is used: compute just that row.
         return query_row_forward(self.blocks[-1], x, out_index)
 
-    def _check_map_inputs(self, log_prior, map_keys):
+    def _map_keys(self, patches, log_prior, map_keys):
+        """The keys of the map (``map_keys`` under ``penultimate_keys``, else the patches), once the
+        inputs the module's options need are checked."""
         if self.map_prior and log_prior is None:
             raise ValueError("MultimodalInteraction with map_prior needs log_prior, the encoder's log CLS attention")
         if not self.map_prior and log_prior is not None:
@@ -142,21 +143,22 @@ class MultimodalInteraction(nn.Module):
                              "patch tokens")
         if not self.penultimate_keys and map_keys is not None:
             raise ValueError("MultimodalInteraction without penultimate_keys was given map_keys")
+        return patches if map_keys is None else map_keys
 
-    def _map_forward(self, query, patches, visual, with_map_pool=False, log_prior=None, map_keys=None):
+    def _map_forward(self, query, patches, visual, with_map_pool=False, log_prior=None, keys=None):
         """query (B, 1, E), patches (B, M, E), v (B, E) -> the feature read at v (B, E): [v; patches]
         through the blocks, v's attention logit over patch m biased by log(M a_m), the other rows
         plain (a uniform map changes nothing). With ``with_map_pool`` also sum_m a_m p_m (B, E).
         The prior is read, not trained through: the encoder's attention stays the encoder's own.
-        The map's keys are ``map_keys`` if given, else the patches."""
+        The map's keys are ``keys`` if given, else the patches."""
         log_prior = None if log_prior is None else log_prior.detach()
-        keys = patches if map_keys is None else map_keys
+        keys = patches if keys is None else keys
         log_map = self.log_prompt_map(query, keys, log_prior)                     # (B, M)
         if with_map_pool:
             # The map again from detached inputs, pooling detached patches: a loss on the pool
             # trains the map's own parameters only, never the encoders.
             query, patches_fixed = query.detach(), patches.detach()
-            keys_fixed = patches_fixed if map_keys is None else map_keys.detach()
+            keys_fixed = patches_fixed if keys is patches else keys.detach()
             pool = torch.einsum("bm,bme->be", self.log_prompt_map(query, keys_fixed, log_prior).exp(),
                                 patches_fixed)
             return self._map_forward_biased(log_map, patches, visual), pool
@@ -186,8 +188,7 @@ class MultimodalInteraction(nn.Module):
         where the feature looks: the weights its value mix is made with."""
         if self.fusion not in MAP_FUSIONS:
             raise ValueError(f"fusion {self.fusion!r} has no read row biased by a map")
-        self._check_map_inputs(log_prior, map_keys)
-        keys = patches if map_keys is None else map_keys
+        keys = self._map_keys(patches, log_prior, map_keys)
         read_bias = map_read_bias(self.log_prompt_map(query[:, :1], keys, log_prior))
         x = torch.cat([visual[:, None].to(patches.dtype), patches], dim=1)
         weights = []
@@ -204,8 +205,7 @@ class MultimodalInteraction(nn.Module):
         any); for "attention" a (B, Q, H, M) tensor per cross-attention block, every query token's
         and head's weights."""
         if self.fusion in MAP_FUSIONS:
-            self._check_map_inputs(log_prior, map_keys)
-            keys = patches if map_keys is None else map_keys
+            keys = self._map_keys(patches, log_prior, map_keys)
             return [torch.stack([self.log_prompt_map(query[:, i:i + 1], keys, log_prior).exp()
                                  for i in range(query.shape[1])], dim=1)[:, :, None]]
         weights = []
