@@ -116,3 +116,85 @@ def test_the_tool_measures_guidance_and_writes_its_record(tmp_path, monkeypatch)
     markdown = out.with_suffix(".md").read_text()
     assert f"commit {written['commit']}" in markdown
     assert "| +2.5 ± 0.0 |" in markdown and "| +0.100 ± 0.000 |" in markdown   # 67.0 - 64.5; 0.7 - 0.6
+
+
+def ablation_json(path, runs, table="schedule", overrides=("SOLVER.IMS_PER_BATCH", "32"), commit="abc1234"):
+    """A JSON as tools/run_ablations.py writes it, with ``runs`` = [(row, seed, mAP)]."""
+    rows = {row: {"label": row, "config": "projects/PromptSG/configs/Synthetic/x.yml", "overrides": list(overrides)}
+            for row, _, _ in runs}
+    document = {"table": table, "seeds": sorted({seed for _, seed, _ in runs}), "date": "2026-12-07",
+                "commit": commit, "command": f"python tools/run_ablations.py --table {table}", "jobs": 2,
+                "torch_threads_per_run": 1, "overrides": [],
+                "machine": {"platform": "Linux", "processor": "x86_64", "cpus": 2},     # an older record: no cpu
+                "rows": rows,
+                "runs": [{"row": row, "seed": seed, "results": {"visual": {"mAP": m, "Rank-1": m + 5}},
+                          "alignment": {}} for row, seed, m in runs]}
+    path.write_text(json.dumps(document))
+    return str(path)
+
+
+def test_merge_makes_one_table_of_seeds_run_apart(tmp_path):
+    """``tools/run_ablations.py --merge``: the runs of two invocations become one table whose mean and
+    sample deviation are over all five seeds, in the table's row order, each source named."""
+    from tiny_runs import load_tool
+
+    first = ablation_json(tmp_path / "s012.json", [("clip_baseline_b32_e24", s, m) for s, m in
+                                                   ((0, 77.0), (1, 76.0), (2, 78.0))], commit="1111111")
+    second = ablation_json(tmp_path / "s34.json", [("learned_map_b32_e24", 3, 80.0),
+                                                   ("clip_baseline_b32_e24", 4, 75.0),
+                                                   ("clip_baseline_b32_e24", 3, 79.0)], commit="2222222")
+    out = tmp_path / "merged" / "s01234.json"
+    summaries = load_tool("tools/run_ablations.py").main(["--merge", first, second, "--out", str(out)])
+    baseline = summaries["clip_baseline_b32_e24"]["visual/mAP"]
+    assert baseline["runs"] == [77.0, 76.0, 78.0, 79.0, 75.0]                  # by seed
+    assert baseline["mean"] == pytest.approx(77.0)
+    assert baseline["std"] == pytest.approx((10 / 4) ** 0.5)                   # squares 0, 1, 1, 4, 4 over n - 1
+    written = json.loads(out.read_text())
+    assert written["seeds"] == [0, 1, 2, 3, 4]
+    assert [(r["row"], r["seed"]) for r in written["runs"]][:2] == [("clip_baseline_b32_e24", 0),
+                                                                   ("clip_baseline_b32_e24", 1)]
+    assert [(r["row"], r["seed"]) for r in written["runs"]][-1] == ("learned_map_b32_e24", 3)
+    assert [s["commit"] for s in written["merged_from"]] == ["1111111", "2222222"]
+    markdown = out.with_suffix(".md").read_text()
+    assert "| Row (5 seeds: 0, 1, 2, 3, 4) |" in markdown and "| 77.0 ± 1.6 |" in markdown
+    assert f"- {first}: `python tools/run_ablations.py --table schedule`; 2026-12-07, commit 1111111, " \
+           "2-CPU x86_64 machine, 1 torch thread(s) per run, 2 at a time" in markdown
+
+
+@pytest.mark.parametrize("case, message", [
+    ("same seed", "row 'clip_baseline_b32_e24' seed 1 is also in"),
+    ("other table", "table 'wiring', not 'schedule'"),
+    ("other overrides", "row 'clip_baseline_b32_e24' is defined otherwise than in"),
+    ("not a table", "not a JSON written by tools/run_ablations.py"),
+    ("unknown row", "row 'no_such_row' is not a row of table 'schedule'"),
+])
+def test_merge_refuses_runs_that_are_not_one_table_naming_the_file(tmp_path, case, message):
+    first = ablation_json(tmp_path / "a.json", [("clip_baseline_b32_e24", 0, 77.0), ("clip_baseline_b32_e24", 1, 76.0)])
+    second = tmp_path / "b.json"
+    if case == "same seed":
+        ablation_json(second, [("clip_baseline_b32_e24", 1, 70.0)])
+    elif case == "other table":
+        ablation_json(second, [("clip_baseline", 2, 60.0)], table="wiring")
+    elif case == "other overrides":
+        ablation_json(second, [("clip_baseline_b32_e24", 2, 70.0)], overrides=("SOLVER.IMS_PER_BATCH", "64"))
+    elif case == "not a table":
+        second.write_text(json.dumps({"mAP": 70.0}))
+    else:
+        ablation_json(second, [("no_such_row", 2, 70.0)])
+    documents = {path: json.loads(open(path).read()) for path in (first, str(second))}
+    with pytest.raises(ablations.InputError, match=message) as raised:
+        ablations.merge(documents)
+    assert str(raised.value).startswith(f"{second}: ")          # the file at fault, first
+
+
+def test_merge_takes_no_training_options_and_needs_an_output(tmp_path, capsys):
+    from tiny_runs import load_tool
+
+    tool = load_tool("tools/run_ablations.py")
+    for extra, message in ((["--rows", "clip_baseline_b32_e24", "--out", "x.json"], "--merge takes no --rows"),
+                           ([], "--merge needs --out")):
+        with pytest.raises(SystemExit):
+            tool.main(["--merge", "a.json", *extra])
+        assert message in capsys.readouterr().err
+    with pytest.raises(tool.InputError, match="missing.json: cannot be read as JSON"):
+        tool.main(["--merge", str(tmp_path / "missing.json"), "--out", str(tmp_path / "m.json")])

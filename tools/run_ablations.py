@@ -7,6 +7,7 @@
     python tools/run_ablations.py --table wiring --seeds 0 1 2                  # the MIM wiring table
     python tools/run_ablations.py --readme docs/EXPERIMENTS.md --out benchmarks/ablations.json
     python tools/run_ablations.py --table wiring --seeds 0 1 2 3 4 --jobs 2     # two runs at once
+    python tools/run_ablations.py --merge seeds012.json seeds34.json --out seeds01234.json   # one table
 
 Every row is ``tools/train_net.py`` on a config of ``projects/PromptSG/configs/Synthetic/`` with
 the row's overrides and ``SEED s``, from the small CLIP that ``tools/pretrain_synthetic_clip.py``
@@ -16,8 +17,10 @@ row: mean and standard deviation over the seeds of mAP and Rank-1 per prompt, an
 alignment at the end of training (``loss_supcon`` over its chance level, in-batch top-1, collapse
 monitors; ``promptsg.modeling.diagnostics``). Writes a JSON (every run and the summary) and a markdown
 table; ``--readme`` replaces the table between the README's ``<!-- ablations:TABLE:start -->`` and
-``<!-- ablations:TABLE:end -->`` markers. Runs already finished in ``--work-dir`` are reused. The
-tables, a row's runs and their summary are ``promptsg.analysis.ablations``.
+``<!-- ablations:TABLE:end -->`` markers. Runs already finished in ``--work-dir`` are reused.
+``--merge`` trains nothing: it makes one table of the runs in several of this tool's JSONs (seeds
+run at different times or on different machines), each source named with its command, date,
+commit and machine. The tables, a row's runs and their summary are ``promptsg.analysis.ablations``.
 """
 import argparse
 import json
@@ -31,10 +34,11 @@ import torch
 
 import promptsg  # noqa: F401  (patches FastReID, registers PromptSG and the synthetic dataset)
 from fastreid.data.datasets import DATASET_REGISTRY
-from promptsg.analysis.ablations import (TABLES, guidance_markdown, markdown, markers,
+from promptsg.analysis.ablations import (TABLES, guidance_markdown, markdown, markers, merge, read_json,
                                          replace_between_markers, run_one, summarise)
 from promptsg.analysis.guidance import PromptGuidance
-from promptsg.utils.records import machine_words, run_record
+from promptsg.engine.preflight import InputError
+from promptsg.utils.records import machine_words, run_record, tool_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +46,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--table", choices=sorted(TABLES), default="ablations")
+    parser.add_argument("--table", choices=sorted(TABLES), default=None, help="(default: ablations)")
     parser.add_argument("--rows", nargs="+", metavar="ROW", help="a subset of the table's rows (default: all)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--work-dir", default=os.path.join("logs", "synthetic", "ablations"))
@@ -56,8 +60,19 @@ def parse_args(argv=None):
                              "baseline's attention), and write that table too")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once, each with CPUs / JOBS torch threads (default 1: torch's own)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="train nothing: one table of the runs in these JSONs of this tool (needs --out)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = parser.parse_args(argv)
+    if args.merge:
+        given = [flag for flag, value in (("--rows", args.rows), ("--guidance", args.guidance),
+                                          ("--readme", args.readme), ("overrides", args.opts)) if value]
+        if given:
+            parser.error(f"--merge takes no {given[0]}: it trains and measures nothing")
+        if not args.out:
+            parser.error("--merge needs --out, the merged JSON")
+        return args
+    args.table = args.table or "ablations"
     rows = {key for key, *_ in TABLES[args.table]}
     unknown = [r for r in args.rows or [] if r not in rows]
     if unknown:
@@ -75,8 +90,45 @@ def parse_args(argv=None):
     return args
 
 
+def merge_main(args, argv):
+    """``--merge``: one table of the runs in several JSONs of this tool, written as ``--out`` (.json, .md)."""
+    documents = {}
+    for path in args.merge:
+        try:
+            documents[path] = read_json(path)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot be read as JSON ({exc})") from None
+    table, rows, records = merge(documents)
+    if args.table and args.table != table:
+        raise InputError(f"{args.merge[0]}: table {table!r}, not --table {args.table}")
+    seeds = sorted({r["seed"] for r in records})
+    summaries = {key: summarise([r for r in records if r["row"] == key]) for key in rows}
+    text = markdown(table, summaries, seeds)
+    if any("guidance" in r for r in records):
+        text += "\n\n" + guidance_markdown(table, summaries, seeds)
+    record = run_record(tool_command(__file__, sys.argv[1:] if argv is None else argv))
+    sources = [{"file": path, **{k: d.get(k) for k in ("command", "date", "commit", "machine", "jobs",
+                                                      "torch_threads_per_run", "overrides")},
+                "runs": [(r["row"], r["seed"]) for r in d["runs"]]} for path, d in documents.items()]
+    footer = "\n\nMerged by `{}` ({}, commit {}) from:\n{}".format(
+        record["command"], record["date"], record["commit"],
+        "\n".join(f"- {s['file']}: `{s['command']}`; {s['date']}, commit {s['commit']}, {machine_words(s)}, "
+                  f"{s['torch_threads_per_run']} torch thread(s) per run, {s['jobs']} at a time"
+                  + (f"; overrides {' '.join(s['overrides'])}" if s["overrides"] else "") for s in sources))
+    print("\n" + text + footer)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"table": table, "seeds": seeds, **record, "merged_from": sources, "rows": rows,
+                   "summary": summaries, "runs": records}, f, indent=1)
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
+        f.write(text + footer + "\n")
+    return summaries
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        return merge_main(args, argv)
     # the commit and machine the runs start from (training subprocesses import this checkout)
     record = run_record(" ".join(["python tools/run_ablations.py --table", args.table, "--seeds", *map(str, args.seeds),
                                   *(["--rows", *args.rows] if args.rows else []),
@@ -138,4 +190,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as exc:
+        sys.exit(f"error: {exc}")

@@ -14,6 +14,7 @@ import sys
 import time
 
 from ..modeling.diagnostics import alignment_report
+from ..utils.errors import InputError
 from .guidance import guidance_figures
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # projects/PromptSG
@@ -208,6 +209,44 @@ def summarise(records):
             values.setdefault(f"guidance/{k}", []).append(v)
     return {k: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "runs": v}
             for k, v in values.items()}
+
+
+def merge(documents):
+    """One table from the JSONs of several ``tools/run_ablations.py`` invocations (path -> its parsed
+    JSON), for seeds run at different times or on different machines: (table, rows, records), the
+    rows in their table's order and the records sorted by row and seed. The files must be of one
+    table, define each row alike (the same config and overrides, so that every seed of a row is the
+    same experiment) and hold each (row, seed) once. Raises InputError naming the file and the
+    table, row or seed at fault."""
+    table, rows, owner, records = None, {}, {}, []
+    for path, document in documents.items():
+        if not isinstance(document, dict) or not {"table", "rows", "runs"} <= set(document):
+            raise InputError(f"{path}: not a JSON written by tools/run_ablations.py (no table, rows and runs)")
+        if table is None:
+            table = document["table"]
+        elif document["table"] != table:
+            raise InputError(f"{path}: table {document['table']!r}, not {table!r} as in the files before it")
+        for key, definition in document["rows"].items():
+            if key in rows and rows[key] != definition:
+                raise InputError(f"{path}: row {key!r} is defined otherwise than in {owner[key]} "
+                                 f"(config or overrides differ)")
+            rows.setdefault(key, definition)
+            owner.setdefault(key, path)
+        for run in document["runs"]:
+            if run["row"] not in document["rows"]:
+                raise InputError(f"{path}: a run of row {run['row']!r}, which the file does not define")
+            same = [(p, r) for p, r in records if (r["row"], r["seed"]) == (run["row"], run["seed"])]
+            if same:
+                raise InputError(f"{path}: row {run['row']!r} seed {run['seed']} is also in {same[0][0]}")
+            records.append((path, run))
+    if table not in TABLES:
+        raise InputError(f"{next(iter(documents))}: unknown table {table!r}; the tables are {sorted(TABLES)}")
+    order = [key for key, *_ in TABLES[table]]
+    unknown = sorted(set(rows) - set(order))
+    if unknown:
+        raise InputError(f"{owner[unknown[0]]}: row {unknown[0]!r} is not a row of table {table!r}")
+    records.sort(key=lambda item: (order.index(item[1]["row"]), item[1]["seed"]))
+    return table, {key: rows[key] for key in order if key in rows}, [run for _, run in records]
 
 
 def cell(summary, key, scale=1.0, digits=1):

@@ -64,7 +64,8 @@ def tool_command(script, argv):
 def machine_words(record):
     """The record's machine in words: "2-CPU x86_64 machine (Intel Xeon ...)"."""
     m = record["machine"]
-    return f"{m['cpus']}-CPU {m['arch']} machine ({m['cpu']})" + (f", {m['gpu']}" if "gpu" in m else "")
+    words = f"{m['cpus']}-CPU {m.get('arch') or m.get('processor')} machine"   # records before 2026-12-07: no arch, cpu
+    return words + (f" ({m['cpu']})" if "cpu" in m else "") + (f", {m['gpu']}" if "gpu" in m else "")
 
 
 def write_record(stem, results, text):
