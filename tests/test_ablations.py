@@ -159,6 +159,12 @@ def test_merge_makes_one_table_of_seeds_run_apart(tmp_path):
     assert "| Row (5 seeds: 0, 1, 2, 3, 4) |" in markdown and "| 77.0 ± 1.6 |" in markdown
     assert f"- {first}: `python tools/run_ablations.py --table schedule`; 2026-12-07, commit 1111111, " \
            "2-CPU x86_64 machine, 1 torch thread(s) per run, 2 at a time" in markdown
+    assert "Row learned_map_b32_e24 has seeds 3 only." in markdown                # fewer than the heading's
+    assert "Row clip_baseline_b32_e24 has" not in markdown
+    # --rows picks rows of the merged table
+    picked = load_tool("tools/run_ablations.py").main(["--merge", first, second, "--rows", "learned_map_b32_e24",
+                                                       "--out", str(out)])
+    assert list(picked) == ["learned_map_b32_e24"] and json.loads(out.read_text())["seeds"] == [3]
 
 
 @pytest.mark.parametrize("case, message", [
@@ -191,10 +197,13 @@ def test_merge_takes_no_training_options_and_needs_an_output(tmp_path, capsys):
     from tiny_runs import load_tool
 
     tool = load_tool("tools/run_ablations.py")
-    for extra, message in ((["--rows", "clip_baseline_b32_e24", "--out", "x.json"], "--merge takes no --rows"),
+    for extra, message in ((["--guidance", "--out", "x.json"], "--merge takes no --guidance"),
                            ([], "--merge needs --out")):
         with pytest.raises(SystemExit):
             tool.main(["--merge", "a.json", *extra])
         assert message in capsys.readouterr().err
     with pytest.raises(tool.InputError, match="missing.json: cannot be read as JSON"):
         tool.main(["--merge", str(tmp_path / "missing.json"), "--out", str(tmp_path / "m.json")])
+    one = ablation_json(tmp_path / "a.json", [("clip_baseline_b32_e24", 0, 77.0)])
+    with pytest.raises(tool.InputError, match="--rows learned_map_b32_e24: no run of it in"):
+        tool.main(["--merge", one, "--rows", "learned_map_b32_e24", "--out", str(tmp_path / "m.json")])

@@ -61,11 +61,12 @@ def parse_args(argv=None):
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs trained at once, each with CPUs / JOBS torch threads (default 1: torch's own)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
-                        help="train nothing: one table of the runs in these JSONs of this tool (needs --out)")
+                        help="train nothing: one table of the runs in these JSONs of this tool (needs --out; "
+                             "--rows picks rows)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = parser.parse_args(argv)
     if args.merge:
-        given = [flag for flag, value in (("--rows", args.rows), ("--guidance", args.guidance),
+        given = [flag for flag, value in (("--guidance", args.guidance),
                                           ("--readme", args.readme), ("overrides", args.opts)) if value]
         if given:
             parser.error(f"--merge takes no {given[0]}: it trains and measures nothing")
@@ -101,7 +102,16 @@ def merge_main(args, argv):
     table, rows, records = merge(documents)
     if args.table and args.table != table:
         raise InputError(f"{args.merge[0]}: table {table!r}, not --table {args.table}")
+    if args.rows:
+        missing = [key for key in args.rows if key not in rows]
+        if missing:
+            raise InputError(f"--rows {missing[0]}: no run of it in {' '.join(args.merge)}")
+        rows = {key: value for key, value in rows.items() if key in args.rows}
+        records = [r for r in records if r["row"] in rows]
     seeds = sorted({r["seed"] for r in records})
+    # a row with fewer seeds than the table's heading says is named
+    fewer = {key: [r["seed"] for r in records if r["row"] == key] for key in rows}
+    fewer = {key: row_seeds for key, row_seeds in fewer.items() if row_seeds != seeds}
     summaries = {key: summarise([r for r in records if r["row"] == key]) for key in rows}
     text = markdown(table, summaries, seeds)
     if any("guidance" in r for r in records):
@@ -115,6 +125,8 @@ def merge_main(args, argv):
         "\n".join(f"- {s['file']}: `{s['command']}`; {s['date']}, commit {s['commit']}, {machine_words(s)}, "
                   f"{s['torch_threads_per_run']} torch thread(s) per run, {s['jobs']} at a time"
                   + (f"; overrides {' '.join(s['overrides'])}" if s["overrides"] else "") for s in sources))
+    footer += "".join(f"\n\nRow {key} has seeds {', '.join(map(str, row_seeds))} only."
+                      for key, row_seeds in fewer.items())
     print("\n" + text + footer)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
