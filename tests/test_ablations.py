@@ -129,6 +129,8 @@ def ablation_json(path, runs, table="schedule", overrides=("SOLVER.IMS_PER_BATCH
                 "rows": rows,
                 "runs": [{"row": row, "seed": seed, "results": {"visual": {"mAP": m, "Rank-1": m + 5}},
                           "alignment": {}} for row, seed, m in runs]}
+    if commit == "0000000":
+        del document["command"]                           # records before 2026-12-07 may lack it
     path.write_text(json.dumps(document))
     return str(path)
 
@@ -142,7 +144,7 @@ def test_merge_makes_one_table_of_seeds_run_apart(tmp_path):
                                                    ((0, 77.0), (1, 76.0), (2, 78.0))], commit="1111111")
     second = ablation_json(tmp_path / "s34.json", [("learned_map_b32_e24", 3, 80.0),
                                                    ("clip_baseline_b32_e24", 4, 75.0),
-                                                   ("clip_baseline_b32_e24", 3, 79.0)], commit="2222222")
+                                                   ("clip_baseline_b32_e24", 3, 79.0)], commit="0000000")
     out = tmp_path / "merged" / "s01234.json"
     summaries = load_tool("tools/run_ablations.py").main(["--merge", first, second, "--out", str(out)])
     baseline = summaries["clip_baseline_b32_e24"]["visual/mAP"]
@@ -154,11 +156,12 @@ def test_merge_makes_one_table_of_seeds_run_apart(tmp_path):
     assert [(r["row"], r["seed"]) for r in written["runs"]][:2] == [("clip_baseline_b32_e24", 0),
                                                                    ("clip_baseline_b32_e24", 1)]
     assert [(r["row"], r["seed"]) for r in written["runs"]][-1] == ("learned_map_b32_e24", 3)
-    assert [s["commit"] for s in written["merged_from"]] == ["1111111", "2222222"]
+    assert [s["commit"] for s in written["merged_from"]] == ["1111111", "0000000"]
     markdown = out.with_suffix(".md").read_text()
     assert "| Row (5 seeds: 0, 1, 2, 3, 4) |" in markdown and "| 77.0 ± 1.6 |" in markdown
     assert f"- {first}: `python tools/run_ablations.py --table schedule`; 2026-12-07, commit 1111111, " \
            "2-CPU x86_64 machine, 1 torch thread(s) per run, 2 at a time" in markdown
+    assert f"- {second}: (no command recorded); 2026-12-07, commit 0000000" in markdown
     assert "Row learned_map_b32_e24 has seeds 3 only." in markdown                # fewer than the heading's
     assert "Row clip_baseline_b32_e24 has" not in markdown
     # --rows picks rows of the merged table

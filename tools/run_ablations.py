@@ -122,7 +122,8 @@ def merge_main(args, argv):
                 "runs": [(r["row"], r["seed"]) for r in d["runs"]]} for path, d in documents.items()]
     footer = "\n\nMerged by `{}` ({}, commit {}) from:\n{}".format(
         record["command"], record["date"], record["commit"],
-        "\n".join(f"- {s['file']}: `{s['command']}`; {s['date']}, commit {s['commit']}, {machine_words(s)}, "
+        "\n".join(f"- {s['file']}: " + (f"`{s['command']}`" if s["command"] else "(no command recorded)")
+                  + f"; {s['date']}, commit {s['commit']}, {machine_words(s)}, "
                   f"{s['torch_threads_per_run']} torch thread(s) per run, {s['jobs']} at a time"
                   + (f"; overrides {' '.join(s['overrides'])}" if s["overrides"] else "") for s in sources))
     footer += "".join(f"\n\nRow {key} has seeds {', '.join(map(str, row_seeds))} only."
