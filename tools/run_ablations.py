@@ -34,11 +34,11 @@ import torch
 
 import promptsg  # noqa: F401  (patches FastReID, registers PromptSG and the synthetic dataset)
 from fastreid.data.datasets import DATASET_REGISTRY
-from promptsg.analysis.ablations import (TABLES, guidance_markdown, markdown, markers, merge, read_json,
-                                         replace_between_markers, run_one, summarise)
+from promptsg.analysis.ablations import (TABLES, markers, merged_table, replace_between_markers, run_one,
+                                         summarise, tables_text)
 from promptsg.analysis.guidance import PromptGuidance
 from promptsg.engine.preflight import InputError
-from promptsg.utils.records import machine_words, run_record, tool_command
+from promptsg.utils.records import machine_words, run_record, tool_command, write_record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,49 +93,15 @@ def parse_args(argv=None):
 
 def merge_main(args, argv):
     """``--merge``: one table of the runs in several JSONs of this tool, written as ``--out`` (.json, .md)."""
-    documents = {}
-    for path in args.merge:
-        try:
-            documents[path] = read_json(path)
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: cannot be read as JSON ({exc})") from None
-    table, rows, records = merge(documents)
-    if args.table and args.table != table:
-        raise InputError(f"{args.merge[0]}: table {table!r}, not --table {args.table}")
-    if args.rows:
-        missing = [key for key in args.rows if key not in rows]
-        if missing:
-            raise InputError(f"--rows {missing[0]}: no run of it in {' '.join(args.merge)}")
-        rows = {key: value for key, value in rows.items() if key in args.rows}
-        records = [r for r in records if r["row"] in rows]
-    seeds = sorted({r["seed"] for r in records})
-    # a row with fewer seeds than the table's heading says is named
-    fewer = {key: [r["seed"] for r in records if r["row"] == key] for key in rows}
-    fewer = {key: row_seeds for key, row_seeds in fewer.items() if row_seeds != seeds}
-    summaries = {key: summarise([r for r in records if r["row"] == key]) for key in rows}
-    text = markdown(table, summaries, seeds)
-    if any("guidance" in r for r in records):
-        text += "\n\n" + guidance_markdown(table, summaries, seeds)
+    merged = merged_table(args.merge, args.table, args.rows)
     record = run_record(tool_command(__file__, sys.argv[1:] if argv is None else argv))
-    sources = [{"file": path, **{k: d.get(k) for k in ("command", "date", "commit", "machine", "jobs",
-                                                      "torch_threads_per_run", "overrides")},
-                "runs": [(r["row"], r["seed"]) for r in d["runs"]]} for path, d in documents.items()]
-    footer = "\n\nMerged by `{}` ({}, commit {}) from:\n{}".format(
-        record["command"], record["date"], record["commit"],
-        "\n".join(f"- {s['file']}: " + (f"`{s['command']}`" if s["command"] else "(no command recorded)")
-                  + f"; {s['date']}, commit {s['commit']}, {machine_words(s)}, "
-                  f"{s['torch_threads_per_run']} torch thread(s) per run, {s['jobs']} at a time"
-                  + (f"; overrides {' '.join(s['overrides'])}" if s["overrides"] else "") for s in sources))
-    footer += "".join(f"\n\nRow {key} has seeds {', '.join(map(str, row_seeds))} only."
-                      for key, row_seeds in fewer.items())
-    print("\n" + text + footer)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"table": table, "seeds": seeds, **record, "merged_from": sources, "rows": rows,
-                   "summary": summaries, "runs": records}, f, indent=1)
-    with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-        f.write(text + footer + "\n")
-    return summaries
+    text = merged["text"] + "\n\nMerged by `{}` ({}, commit {}) from:\n{}".format(
+        record["command"], record["date"], record["commit"], merged["sources_text"])
+    print("\n" + text)
+    write_record(os.path.splitext(args.out)[0],
+                 {"table": merged["table"], "seeds": merged["seeds"], **record, "merged_from": merged["sources"],
+                  "rows": merged["rows"], "summary": merged["summaries"], "runs": merged["records"]}, text)
+    return merged["summaries"]
 
 
 def main(argv=None):
@@ -175,9 +141,7 @@ def main(argv=None):
                 print(json.dumps({"row": run["row"], "seed": run["seed"], "guidance": run["guidance"]}),
                       flush=True)
     summaries = {row[0]: summarise([r for r in records if r["row"] == row[0]]) for row in rows}
-    text = markdown(args.table, summaries, args.seeds)
-    if args.guidance:
-        text += "\n\n" + guidance_markdown(args.table, summaries, args.seeds)
+    text = tables_text(args.table, summaries, args.seeds, args.guidance)
     elapsed = time.perf_counter() - start
     run_seconds = sum(r["train_seconds"] + r.get("eval_seconds", 0.0) for r in records)
     footer = (f"\n\n`{record['command']}`; {record['date']}, commit {record['commit']}, "

@@ -15,6 +15,7 @@ import time
 
 from ..modeling.diagnostics import alignment_report
 from ..utils.errors import InputError
+from ..utils.records import machine_words
 from .guidance import guidance_figures
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # projects/PromptSG
@@ -247,6 +248,52 @@ def merge(documents):
         raise InputError(f"{owner[unknown[0]]}: row {unknown[0]!r} is not a row of table {table!r}")
     records.sort(key=lambda item: (order.index(item[1]["row"]), item[1]["seed"]))
     return table, {key: rows[key] for key in order if key in rows}, [run for _, run in records]
+
+
+def merged_table(paths, table=None, rows=None):
+    """``tools/run_ablations.py --merge``: the JSONs ``paths`` of several invocations as one table
+    (``merge``), restricted to ``rows`` if given; ``table`` if given must be theirs. Returns a dict:
+    table, seeds, rows, records, summaries, sources (each file's command, date, commit, machine and
+    runs), and text, the markdown tables with each source named under them (and any row with fewer
+    seeds than the heading). Raises InputError naming the file, row or option at fault."""
+    documents = {}
+    for path in paths:
+        try:
+            documents[path] = read_json(path)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{path}: cannot be read as JSON ({exc})") from None
+    found, definitions, records = merge(documents)
+    if table and table != found:
+        raise InputError(f"{paths[0]}: table {found!r}, not --table {table}")
+    if rows:
+        missing = [key for key in rows if key not in definitions]
+        if missing:
+            raise InputError(f"--rows {missing[0]}: no run of it in {' '.join(paths)}")
+        definitions = {key: value for key, value in definitions.items() if key in rows}
+        records = [r for r in records if r["row"] in definitions]
+    seeds = sorted({r["seed"] for r in records})
+    row_seeds = {key: [r["seed"] for r in records if r["row"] == key] for key in definitions}
+    summaries = {key: summarise([r for r in records if r["row"] == key]) for key in definitions}
+    sources = [{"file": path, **{k: d.get(k) for k in ("command", "date", "commit", "machine", "jobs",
+                                                      "torch_threads_per_run", "overrides")},
+                "runs": [(r["row"], r["seed"]) for r in d["runs"]]} for path, d in documents.items()]
+    named = "\n".join(f"- {s['file']}: " + (f"`{s['command']}`" if s["command"] else "(no command recorded)")
+                      + f"; {s['date']}, commit {s['commit']}, {machine_words(s)}, "
+                      f"{s['torch_threads_per_run']} torch thread(s) per run, {s['jobs']} at a time"
+                      + (f"; overrides {' '.join(s['overrides'])}" if s["overrides"] else "") for s in sources)
+    # a row with fewer seeds than the table's heading says is named
+    named += "".join(f"\n\nRow {key} has seeds {', '.join(map(str, got))} only."
+                     for key, got in row_seeds.items() if got != seeds)
+    return {"table": found, "seeds": seeds, "rows": definitions, "records": records, "summaries": summaries,
+            "sources": sources,
+            "text": tables_text(found, summaries, seeds, any("guidance" in r for r in records)),
+            "sources_text": named}
+
+
+def tables_text(table, summaries, seeds, with_guidance):
+    """The markdown of a table's summaries, with the guidance table after it when measured."""
+    text = markdown(table, summaries, seeds)
+    return text + "\n\n" + guidance_markdown(table, summaries, seeds) if with_guidance else text
 
 
 def cell(summary, key, scale=1.0, digits=1):
