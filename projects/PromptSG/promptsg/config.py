@@ -84,6 +84,9 @@ def add_promptsg_config(cfg):
     # c the ViT encoder's last-block CLS attention over the patches: the prompt re-weights where the
     # encoder looks).
     cfg.MODEL.PROMPTSG.MIM.MAP_PRIOR = ""
+    # The power of the prior: the map is softmax(MAP_CONTRAST * z + MAP_PRIOR_POWER * log c); above 1
+    # sharpens c onto where the encoder looks most. Only with MAP_PRIOR.
+    cfg.MODEL.PROMPTSG.MIM.MAP_PRIOR_POWER = 1.0
     # learned_map's keys: "" (the patch tokens the self-attention blocks read) or "penultimate" (the
     # ViT encoder's patch tokens before its last block, taken to the joint space by ln_post and proj).
     cfg.MODEL.PROMPTSG.MIM.MAP_KEYS = ""
@@ -199,6 +202,11 @@ def validate_promptsg_config(cfg):
     if p.MIM.MAP_PRIOR and p.MIM.CROSS_LAYERS > 0 and p.MIM.FUSION not in MAP_FUSIONS:
         fail(f"MODEL.PROMPTSG.MIM.MAP_PRIOR {p.MIM.MAP_PRIOR} needs a map fusion ({', '.join(MAP_FUSIONS)}), "
              f"got MIM.FUSION {p.MIM.FUSION}")
+    if not (isinstance(p.MIM.MAP_PRIOR_POWER, (int, float)) and 0 < p.MIM.MAP_PRIOR_POWER < float("inf")):
+        fail(f"MODEL.PROMPTSG.MIM.MAP_PRIOR_POWER must be a positive number, got {p.MIM.MAP_PRIOR_POWER!r}")
+    if p.MIM.MAP_PRIOR_POWER != 1.0 and not p.MIM.MAP_PRIOR:
+        fail(f"MODEL.PROMPTSG.MIM.MAP_PRIOR_POWER {p.MIM.MAP_PRIOR_POWER} needs MODEL.PROMPTSG.MIM.MAP_PRIOR "
+             f"cls_attention: there is no prior to raise to it")
     if p.MIM.MAP_KEYS not in MAP_KEYS:
         fail(f"MODEL.PROMPTSG.MIM.MAP_KEYS must be {' or '.join(map(repr, MAP_KEYS))}, got {p.MIM.MAP_KEYS!r}")
     if p.MIM.MAP_KEYS and p.MIM.CROSS_LAYERS > 0 and p.MIM.FUSION not in MAP_FUSIONS:

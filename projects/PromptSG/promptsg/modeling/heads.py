@@ -26,11 +26,12 @@ class PromptSGHead(nn.Module):
     def __init__(self, *, embed_dim, token_dim, num_classes, use_inversion, inversion_hidden,
                  mim_cross_layers, mim_self_layers, mim_heads, feature, neck_feat,
                  mim_fusion="learned_map", mim_map_contrast=2.0, map_pool=False, mim_map_prior=False,
-                 mim_penultimate_keys=False):
+                 mim_penultimate_keys=False, mim_prior_power=1.0):
         super().__init__()
         self.inversion = InversionNet(embed_dim, token_dim, inversion_hidden) if use_inversion else None
         self.mim = (MultimodalInteraction(embed_dim, mim_heads, mim_cross_layers, mim_self_layers, mim_fusion,
-                                          mim_map_contrast, mim_map_prior, mim_penultimate_keys)
+                                          mim_map_contrast, mim_map_prior, mim_penultimate_keys,
+                                          mim_prior_power)
                     if mim_cross_layers > 0 else None)
         self.feature = feature
         self.map_pool = map_pool   # training also returns the MIM map's pool of the patches
@@ -58,6 +59,7 @@ class PromptSGHead(nn.Module):
             "mim_map_contrast": p.MIM.MAP_CONTRAST,
             "mim_map_prior": bool(p.MIM.MAP_PRIOR),           # "" (none) or "cls_attention", MAP_PRIORS
             "mim_penultimate_keys": bool(p.MIM.MAP_KEYS),     # "" (the patch tokens) or "penultimate", MAP_KEYS
+            "mim_prior_power": p.MIM.MAP_PRIOR_POWER,
             "map_pool": cfg.MODEL.LOSSES.SUPCON.MAP_SCALE > 0,
             "feature": p.FEATURE,
             "neck_feat": cfg.MODEL.HEADS.NECK_FEAT,

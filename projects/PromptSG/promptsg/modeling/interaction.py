@@ -70,17 +70,19 @@ class MultimodalInteraction(nn.Module):
               "attention": x = A(q, P) (Eq. 7 as written): the feature depends on the query only
                   through the attention weights; [x; patches] through the blocks, read at x.
         map_contrast: the scale of the standardised logits (MODEL.PROMPTSG.MIM.MAP_CONTRAST).
-        map_prior: (map fusions) the map is softmax(map_contrast * z + log c), c the visual
-            encoder's last-block CLS attention over the patches (MODEL.PROMPTSG.MIM.MAP_PRIOR
+        map_prior: (map fusions) the map is softmax(map_contrast * z + prior_power * log c), c the
+            visual encoder's last-block CLS attention over the patches (MODEL.PROMPTSG.MIM.MAP_PRIOR
             "cls_attention"): the prompt re-weights where the encoder already looks. ``forward``
             then needs ``log_prior`` = log c.
+        prior_power: the power the prior is raised to, c^prior_power (MODEL.PROMPTSG.MIM.MAP_PRIOR_POWER;
+            1 is c itself, above 1 sharpens it onto where the encoder looks most).
         penultimate_keys: (map fusions) the map's keys are not the patch tokens the blocks read but
             the patch tokens before the encoder's last block (MODEL.PROMPTSG.MIM.MAP_KEYS
             "penultimate"), given to ``forward`` as ``map_keys``.
     """
 
     def __init__(self, width, heads=8, cross_layers=1, self_layers=2, fusion="learned_map", map_contrast=2.0,
-                 map_prior=False, penultimate_keys=False):
+                 map_prior=False, penultimate_keys=False, prior_power=1.0):
         super().__init__()
         if fusion not in FUSIONS:
             raise ValueError(f"MultimodalInteraction fusion must be one of {list(FUSIONS)}, got {fusion!r}")
@@ -91,9 +93,12 @@ class MultimodalInteraction(nn.Module):
                              "blocks to read v from")
         if (map_prior or penultimate_keys) and fusion not in MAP_FUSIONS:
             raise ValueError(f"fusion {fusion!r} has no map over the patches to give a prior or keys")
+        if float(prior_power) != 1.0 and not map_prior:
+            raise ValueError(f"prior_power {prior_power} needs map_prior: there is no prior to raise to it")
         self.fusion = fusion
         self.map_contrast = float(map_contrast)
         self.map_prior = bool(map_prior)
+        self.prior_power = float(prior_power)
         self.penultimate_keys = bool(penultimate_keys)
         # Saved with the weights, so that a checkpoint is never evaluated under another wiring
         # (checkpoint.check_mim_fusion).
@@ -173,13 +178,13 @@ class MultimodalInteraction(nn.Module):
 
     def log_prompt_map(self, query, patches, log_prior=None):
         """log a (B, M): the prompt's (B, 1, E) map over the patches (B, M, E) in the map fusions,
-        log_softmax(contrast * z + log c) of logits z standardised over the patches (computed in
-        float32), with ``log_prior`` log c (B, M) added when the module has ``map_prior``."""
+        log_softmax(contrast * z + power * log c) of logits z standardised over the patches (computed
+        in float32), with ``log_prior`` log c (B, M) when the module has ``map_prior``."""
         logits = self.cross[0](query, patches, logits=True)[:, 0].mean(dim=1).float()     # head mean (B, M)
         z = (logits - logits.mean(dim=-1, keepdim=True)) / (logits.std(dim=-1, keepdim=True) + 1e-6)
         z = self.map_contrast * z
         if log_prior is not None:
-            z = z + log_prior.float()
+            z = z + self.prior_power * log_prior.float()
         return z.log_softmax(dim=-1).to(patches.dtype)
 
     def read_attention_weights(self, query, patches, visual, log_prior=None, map_keys=None):
