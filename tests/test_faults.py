@@ -113,6 +113,37 @@ def test_checkpoint_of_another_map_prior_or_keys_is_refused_by_name(tmp_path, op
         load_for_inference(build(PROMPTSG_CFG, *setting), str(tmp_path / "older.pth"))
 
 
+@pytest.mark.parametrize("option, value, others", [("MAP_CONTRAST", "3.0", ()),
+                                                    ("MAP_PRIOR_POWER", "2.0", ("MODEL.PROMPTSG.MIM.MAP_PRIOR",
+                                                                                "cls_attention"))])
+def test_checkpoint_of_another_map_contrast_or_prior_power_is_refused_by_name(tmp_path, option, value, others):
+    """MIM.MAP_CONTRAST and MIM.MAP_PRIOR_POWER travel in the checkpoint (``map_scales``): another value
+    would compute another feature from the same weights, so it is refused naming both values; a
+    checkpoint older than the key had the defaults of the time (2 and 1)."""
+    key = f"MODEL.PROMPTSG.MIM.{option}"
+    default = {"MAP_CONTRAST": "2", "MAP_PRIOR_POWER": "1"}[option]
+    changed = save(build(PROMPTSG_CFG, *others, key, value), tmp_path / "changed.pth")
+    plain_model = build(PROMPTSG_CFG, *others)
+    plain = save(plain_model, tmp_path / "plain.pth")
+    with pytest.raises(CheckpointError, match=rf"changed\.pth was trained with {re.escape(key)} {value[0]}, the config "
+                                              rf"has {default}: set {re.escape(key)} {value[0]} to evaluate"):
+        load_for_inference(build(PROMPTSG_CFG, *others), str(changed))
+    with pytest.raises(CheckpointError, match=rf"plain\.pth was trained with {re.escape(key)} {default}, the config "
+                                              rf"has {value[0]}"):
+        load_for_inference(build(PROMPTSG_CFG, *others, key, value), str(plain))
+    load_for_inference(build(PROMPTSG_CFG, *others, key, value), str(changed))
+    state = plain_model.state_dict()
+    del state["heads.mim.map_scales"]
+    torch.save({"model": state}, tmp_path / "older.pth")
+    load_for_inference(build(PROMPTSG_CFG, *others), str(tmp_path / "older.pth"))
+    with pytest.raises(CheckpointError, match=rf"older\.pth was trained with {re.escape(key)} {default}, the config"):
+        load_for_inference(build(PROMPTSG_CFG, *others, key, value), str(tmp_path / "older.pth"))
+    # The "attention" fusion has no map: its checkpoints load whatever the map's settings.
+    attention = ("MODEL.PROMPTSG.MIM.FUSION", "attention")
+    load_for_inference(build(PROMPTSG_CFG, *attention, "MODEL.PROMPTSG.MIM.MAP_CONTRAST", "3.0"),
+                       str(save(build(PROMPTSG_CFG, *attention), tmp_path / "attention.pth")))
+
+
 @pytest.mark.parametrize("removed", ["reweight", "query_residual", "visual_residual", "clip_map"])
 def test_config_of_a_removed_fusion_is_one_line_naming_it(removed):
     with pytest.raises(ValueError, match=rf"^MODEL\.PROMPTSG\.MIM\.FUSION {removed} was removed \(docs/EXPERIMENTS\.md"):

@@ -837,6 +837,33 @@ def test_the_map_prior_weighs_the_prompts_map_by_the_encoders_cls_attention():
         MultimodalInteraction(32, heads=4, fusion="attention", map_prior=True)
 
 
+def test_the_prior_power_raises_the_encoders_attention_before_it_weighs_the_map():
+    """MIM.MAP_PRIOR_POWER p: a is proportional to softmax(contrast * z)_m c_m^p, written out by hand;
+    p = 1 is the prior as it was; a power without a prior is refused."""
+    torch.manual_seed(1)
+    sharp = MultimodalInteraction(32, heads=4, cross_layers=1, self_layers=2, fusion="learned_map", map_prior=True,
+                                  prior_power=2.5)
+    randomise_biases(sharp)
+    query, patches, v = torch.randn(3, 1, 32), torch.randn(3, 10, 32), torch.randn(3, 32)
+    c = torch.rand(3, 10) + 0.05
+    c = c / c.sum(dim=1, keepdim=True)
+    with torch.no_grad():
+        expected = reference_map(sharp, query, patches) * c ** 2.5
+        expected = expected / expected.sum(dim=1, keepdim=True)
+        torch.testing.assert_close(sharp.cross_attention_weights(query, patches, v, c.log())[0][:, 0, 0], expected,
+                                   rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(sharp(query, patches, 0, v, log_prior=c.log()),
+                                   reference_map_fusion(sharp, expected, patches, v), rtol=1e-4, atol=1e-5)
+        # The same module at power 1 weighs the map by c itself.
+        sharp.prior_power = 1.0
+        once = reference_map(sharp, query, patches) * c
+        torch.testing.assert_close(sharp.cross_attention_weights(query, patches, v, c.log())[0][:, 0, 0],
+                                   once / once.sum(dim=1, keepdim=True), rtol=1e-5, atol=1e-7)
+    assert sharp.map_scales.tolist() == [2.0, 2.5]          # saved with the weights (checkpoint.check_mim_fusion)
+    with pytest.raises(ValueError, match="prior_power 2.0 needs map_prior"):
+        MultimodalInteraction(32, heads=4, fusion="learned_map", prior_power=2.0)
+
+
 def test_a_model_with_the_map_prior_gives_the_feature_of_its_encoders_cls_attention():
     """End to end (MODEL.PROMPTSG.MIM.MAP_PRIOR cls_attention): the test feature is the map fusion
     whose map is the simplified prompt's, weighted by the encoder's last-block CLS attention."""

@@ -258,6 +258,10 @@ def test_valid_queries_follow_the_market_protocol_by_hand():
       "MODEL.PROMPTSG.MIM.MAP_PRIOR", "cls_attention"],
      "MODEL.PROMPTSG.MIM.MAP_PRIOR cls_attention needs a ViT encoder's CLS attention; MODEL.CLIP.NAME tiny-RN "
      "is a ModifiedResNet"),
+    (["MODEL.PROMPTSG.MIM.MAP_PRIOR", "cls_attention", "MODEL.PROMPTSG.MIM.MAP_PRIOR_POWER", "0.0"],
+     "MODEL.PROMPTSG.MIM.MAP_PRIOR_POWER must be a positive number, got 0.0"),
+    (["MODEL.PROMPTSG.MIM.MAP_PRIOR_POWER", "2.0"],
+     "MODEL.PROMPTSG.MIM.MAP_PRIOR_POWER 2.0 needs MODEL.PROMPTSG.MIM.MAP_PRIOR cls_attention"),
     (["MODEL.PROMPTSG.MIM.MAP_KEYS", "first"], "MODEL.PROMPTSG.MIM.MAP_KEYS must be '' or 'penultimate', got 'first'"),
     (["MODEL.PROMPTSG.MIM.MAP_KEYS", "penultimate", "MODEL.PROMPTSG.MIM.FUSION", "attention"],
      "MODEL.PROMPTSG.MIM.MAP_KEYS penultimate needs a map fusion (learned_map), got MIM.FUSION attention"),

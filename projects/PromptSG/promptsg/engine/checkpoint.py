@@ -32,7 +32,7 @@ from fastreid.engine.train_loop import HookBase
 from fastreid.utils import comm
 from fastreid.utils.checkpoint import Checkpointer, _IncompatibleKeys, _strip_prefix_if_present
 
-from ..modeling.interaction import FUSION_HISTORY, FUSIONS, MAP_KEYS, MAP_PRIORS, REMOVED_FUSIONS
+from ..modeling.interaction import FUSION_HISTORY, FUSIONS, MAP_FUSIONS, MAP_KEYS, MAP_PRIORS, REMOVED_FUSIONS
 from .preflight import InputError, zip_directory_intact
 
 logger = logging.getLogger(__name__)
@@ -95,12 +95,16 @@ def check_compatible(path, model_state, checkpoint_state, skip_classifier):
 FUSION_KEY = "heads.mim.fusion_index"
 PRIOR_KEY = "heads.mim.map_prior_index"
 KEYS_KEY = "heads.mim.map_keys_index"
+SCALES_KEY = "heads.mim.map_scales"
+# MIM.MAP_CONTRAST and MIM.MAP_PRIOR_POWER, in the order of ``map_scales``, and the values of a
+# checkpoint older than the key (the defaults then).
+SCALES = (("MAP_CONTRAST", 2.0), ("MAP_PRIOR_POWER", 1.0))
 
 
 def check_mim_fusion(path, model_state, checkpoint_state):
-    """Refuse a checkpoint whose MIM was trained with another MODEL.PROMPTSG.MIM.FUSION, MAP_PRIOR or MAP_KEYS
-    than the model's, or with a wiring since removed: fusions can share parameter names, so it would load and
-    silently compute another feature. ``fusion_index`` indexes FUSION_HISTORY. A checkpoint with a
+    """Refuse a checkpoint whose MIM was trained with another MODEL.PROMPTSG.MIM.FUSION, MAP_PRIOR,
+    MAP_KEYS, MAP_CONTRAST or MAP_PRIOR_POWER than the model's, or with a wiring since removed: fusions
+    can share parameter names, so it would load and silently compute another feature. ``fusion_index`` indexes FUSION_HISTORY. A checkpoint with a
     MIM but no ``fusion_index`` predates the key; its MIM added the query back ("query_residual")."""
     if FUSION_KEY not in model_state:
         return
@@ -108,15 +112,15 @@ def check_mim_fusion(path, model_state, checkpoint_state):
         if not any(k.startswith("heads.mim.") for k in checkpoint_state):
             return                                   # no MIM at all: check_compatible says so
         checkpoint_state[FUSION_KEY] = torch.tensor(FUSION_HISTORY.index("query_residual"))
-    index, configured = int(checkpoint_state[FUSION_KEY]), FUSION_HISTORY[int(model_state[FUSION_KEY])]
+    index, fusion = int(checkpoint_state[FUSION_KEY]), FUSION_HISTORY[int(model_state[FUSION_KEY])]
     trained = FUSION_HISTORY[index] if 0 <= index < len(FUSION_HISTORY) else f"unknown ({index})"
     if trained in REMOVED_FUSIONS:
         raise CheckpointError(f"{path} was trained with MODEL.PROMPTSG.MIM.FUSION {trained}, a wiring since removed "
                               f"(docs/EXPERIMENTS.md, \"Language guidance at test\"): evaluate it with the release "
                               f"that trained it, or train again with one of {list(FUSIONS)}")
-    if trained != configured:
+    if trained != fusion:
         raise CheckpointError(f"{path} was trained with MODEL.PROMPTSG.MIM.FUSION {trained}, the config has "
-                              f"{configured}: set MODEL.PROMPTSG.MIM.FUSION {trained} to evaluate or fine-tune it")
+                              f"{fusion}: set MODEL.PROMPTSG.MIM.FUSION {trained} to evaluate or fine-tune it")
     # The map's prior (MIM.MAP_PRIOR) and keys (MIM.MAP_KEYS) likewise; a checkpoint older than a
     # key had none / the patch tokens.
     for key, option, values in ((PRIOR_KEY, "MAP_PRIOR", MAP_PRIORS), (KEYS_KEY, "MAP_KEYS", MAP_KEYS)):
@@ -127,6 +131,14 @@ def check_mim_fusion(path, model_state, checkpoint_state):
             raise CheckpointError(f"{path} was trained with MODEL.PROMPTSG.MIM.{option} {trained!r}, the config has "
                                   f"{configured!r}: set MODEL.PROMPTSG.MIM.{option} {trained!r} to evaluate or "
                                   f"fine-tune it")
+    # The map's contrast and the prior's power (map fusions only: "attention" has no map to scale).
+    trained_scales = checkpoint_state.setdefault(SCALES_KEY, torch.tensor([value for _, value in SCALES]))
+    if fusion in MAP_FUSIONS:
+        for (option, _), trained, configured in zip(SCALES, trained_scales.tolist(), model_state[SCALES_KEY].tolist()):
+            if trained != configured:
+                raise CheckpointError(f"{path} was trained with MODEL.PROMPTSG.MIM.{option} {trained:g}, the config "
+                                      f"has {configured:g}: set MODEL.PROMPTSG.MIM.{option} {trained:g} to evaluate or "
+                                      f"fine-tune it")
 
 
 def first_non_finite(named_tensors):

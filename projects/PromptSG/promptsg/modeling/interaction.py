@@ -105,6 +105,8 @@ class MultimodalInteraction(nn.Module):
         self.register_buffer("fusion_index", torch.tensor(FUSION_HISTORY.index(fusion)))
         self.register_buffer("map_prior_index", torch.tensor(int(self.map_prior)))
         self.register_buffer("map_keys_index", torch.tensor(int(self.penultimate_keys)))
+        # The map's contrast and the prior's power likewise: another value computes another feature.
+        self.register_buffer("map_scales", torch.tensor([self.map_contrast, self.prior_power]))
         if fusion == "learned_map":
             self.cross = nn.ModuleList([PatchWeighting(width, heads)])
         else:
