@@ -349,7 +349,9 @@ def test_tool_draws_and_measures_the_tiny_split(datasets_root, tmp_path):
 BAD_INPUT = {
     "missing image": (PROMPTSG_CFG, ["--images", "nothing.jpg"], [], "no such file or folder: .*nothing.jpg"),
     "no MIM": (BASELINE_CFG, ["--images", "."], [], "clip_baseline_small_vit.yml: not a PromptSG model with a MIM"),
-    "not a ViT": (PROMPTSG_CFG, ["--images", "."], ["MODEL.CLIP.NAME", "tiny-RN"],
+    # The ResNet's map without the default's keys and prior (which need a ViT; test_run_guards).
+    "not a ViT": (PROMPTSG_CFG, ["--images", "."], ["MODEL.CLIP.NAME", "tiny-RN", "MODEL.PROMPTSG.MIM.MAP_KEYS", "",
+                                                    "MODEL.PROMPTSG.MIM.MAP_PRIOR", ""],
                   "MODEL.CLIP.NAME tiny-RN is not a ViT"),
 }
 

@@ -103,11 +103,13 @@ def initializer_elements(path):
     return sum(int(np.prod(t.dims)) for t in tensors), [tuple(t.dims) for t in tensors]
 
 
-# (overrides, flip test): tiny-ViT with the simplified prompt and the flip test; tiny-RN with
-# the composed prompt.
+# (overrides, flip test): tiny-ViT with the simplified prompt and the flip test (the default map:
+# penultimate keys, CLS-attention prior, power 2); tiny-RN with the composed prompt (its map from the
+# final patch tokens, no prior: a ResNet has neither, as in the rn50 configs).
 PROMPTSG_CASES = {
     "tiny-ViT-simplified": (["MODEL.CLIP.NAME", "tiny-ViT"], True),
-    "tiny-RN-composed": (["MODEL.CLIP.NAME", "tiny-RN", "MODEL.PROMPTSG.INFERENCE_PROMPT", "composed"], False),
+    "tiny-RN-composed": (["MODEL.CLIP.NAME", "tiny-RN", "MODEL.PROMPTSG.INFERENCE_PROMPT", "composed",
+                          "MODEL.PROMPTSG.MIM.MAP_KEYS", "", "MODEL.PROMPTSG.MIM.MAP_PRIOR", ""], False),
 }
 
 

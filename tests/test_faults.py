@@ -86,26 +86,31 @@ def test_checkpoint_of_another_or_a_removed_mim_fusion_is_refused_by_name(tmp_pa
         load_for_inference(build(PROMPTSG_CFG, *fusion("learned_map")), str(tmp_path / "older.pth"))
 
 
+# The map before the default's keys, prior and power (the checkpoints older than their keys).
+PLAIN_MAP = ("MODEL.PROMPTSG.MIM.MAP_KEYS", "", "MODEL.PROMPTSG.MIM.MAP_PRIOR", "", "MODEL.PROMPTSG.MIM.MAP_PRIOR_POWER",
+             "1.0")
+
+
 @pytest.mark.parametrize("option, value", [("MAP_PRIOR", "cls_attention"), ("MAP_KEYS", "penultimate")])
 def test_checkpoint_of_another_map_prior_or_keys_is_refused_by_name(tmp_path, option, value):
     """MIM.MAP_PRIOR and MIM.MAP_KEYS travel in the checkpoint (``map_prior_index``, ``map_keys_index``):
     a model with the option is refused one without it and back, naming both; a checkpoint older than
     the key had none."""
-    key, setting = f"MODEL.PROMPTSG.MIM.{option}", (f"MODEL.PROMPTSG.MIM.{option}", value)
+    key, setting = f"MODEL.PROMPTSG.MIM.{option}", (*PLAIN_MAP, f"MODEL.PROMPTSG.MIM.{option}", value)
     pattern = re.escape(key)
     with_option = save(build(PROMPTSG_CFG, *setting), tmp_path / "option.pth")
-    without = build(PROMPTSG_CFG)
+    without = build(PROMPTSG_CFG, *PLAIN_MAP)
     plain = save(without, tmp_path / "plain.pth")
     with pytest.raises(CheckpointError, match=rf"option\.pth was trained with {pattern} '{value}', the config has '': "
                                               rf"set {pattern} '{value}'"):
-        load_for_inference(build(PROMPTSG_CFG), str(with_option))
+        load_for_inference(build(PROMPTSG_CFG, *PLAIN_MAP), str(with_option))
     with pytest.raises(CheckpointError, match=rf"plain\.pth was trained with {pattern} '', the config has '{value}'"):
         load_for_inference(build(PROMPTSG_CFG, *setting), str(plain))
     load_for_inference(build(PROMPTSG_CFG, *setting), str(with_option))
     state = without.state_dict()
     del state[f"heads.mim.{'map_prior_index' if option == 'MAP_PRIOR' else 'map_keys_index'}"]
     torch.save({"model": state}, tmp_path / "older.pth")
-    loaded = build(PROMPTSG_CFG)
+    loaded = build(PROMPTSG_CFG, *PLAIN_MAP)
     load_for_inference(loaded, str(tmp_path / "older.pth"))
     for (name, a), b in zip(loaded.state_dict().items(), without.state_dict().values()):
         assert torch.equal(a, b), name
@@ -113,31 +118,31 @@ def test_checkpoint_of_another_map_prior_or_keys_is_refused_by_name(tmp_path, op
         load_for_inference(build(PROMPTSG_CFG, *setting), str(tmp_path / "older.pth"))
 
 
-@pytest.mark.parametrize("option, value, others", [("MAP_CONTRAST", "3.0", ()),
-                                                    ("MAP_PRIOR_POWER", "2.0", ("MODEL.PROMPTSG.MIM.MAP_PRIOR",
-                                                                                "cls_attention"))])
-def test_checkpoint_of_another_map_contrast_or_prior_power_is_refused_by_name(tmp_path, option, value, others):
+@pytest.mark.parametrize("option, value", [("MAP_CONTRAST", "3.0"), ("MAP_PRIOR_POWER", "3.0")])
+def test_checkpoint_of_another_map_contrast_or_prior_power_is_refused_by_name(tmp_path, option, value):
     """MIM.MAP_CONTRAST and MIM.MAP_PRIOR_POWER travel in the checkpoint (``map_scales``): another value
     would compute another feature from the same weights, so it is refused naming both values; a
-    checkpoint older than the key had the defaults of the time (2 and 1)."""
+    checkpoint older than the key had the values of its time (2 and 1: no power)."""
     key = f"MODEL.PROMPTSG.MIM.{option}"
-    default = {"MAP_CONTRAST": "2", "MAP_PRIOR_POWER": "1"}[option]
-    changed = save(build(PROMPTSG_CFG, *others, key, value), tmp_path / "changed.pth")
-    plain_model = build(PROMPTSG_CFG, *others)
+    default = "2"                                # Base-PromptSG.yml's contrast and power
+    changed = save(build(PROMPTSG_CFG, key, value), tmp_path / "changed.pth")
+    plain_model = build(PROMPTSG_CFG)
     plain = save(plain_model, tmp_path / "plain.pth")
     with pytest.raises(CheckpointError, match=rf"changed\.pth was trained with {re.escape(key)} {value[0]}, the config "
                                               rf"has {default}: set {re.escape(key)} {value[0]} to evaluate"):
-        load_for_inference(build(PROMPTSG_CFG, *others), str(changed))
+        load_for_inference(build(PROMPTSG_CFG), str(changed))
     with pytest.raises(CheckpointError, match=rf"plain\.pth was trained with {re.escape(key)} {default}, the config "
                                               rf"has {value[0]}"):
-        load_for_inference(build(PROMPTSG_CFG, *others, key, value), str(plain))
-    load_for_inference(build(PROMPTSG_CFG, *others, key, value), str(changed))
-    state = plain_model.state_dict()
+        load_for_inference(build(PROMPTSG_CFG, key, value), str(plain))
+    load_for_inference(build(PROMPTSG_CFG, key, value), str(changed))
+    unit_power = ("MODEL.PROMPTSG.MIM.MAP_PRIOR_POWER", "1.0")
+    state = build(PROMPTSG_CFG, *unit_power).state_dict()
     del state["heads.mim.map_scales"]
     torch.save({"model": state}, tmp_path / "older.pth")
-    load_for_inference(build(PROMPTSG_CFG, *others), str(tmp_path / "older.pth"))
-    with pytest.raises(CheckpointError, match=rf"older\.pth was trained with {re.escape(key)} {default}, the config"):
-        load_for_inference(build(PROMPTSG_CFG, *others, key, value), str(tmp_path / "older.pth"))
+    load_for_inference(build(PROMPTSG_CFG, *unit_power), str(tmp_path / "older.pth"))
+    old_value = {"MAP_CONTRAST": "2", "MAP_PRIOR_POWER": "1"}[option]
+    with pytest.raises(CheckpointError, match=rf"older\.pth was trained with {re.escape(key)} {old_value}, the config"):
+        load_for_inference(build(PROMPTSG_CFG, key, value), str(tmp_path / "older.pth"))
     # The "attention" fusion has no map: its checkpoints load whatever the map's settings.
     attention = ("MODEL.PROMPTSG.MIM.FUSION", "attention")
     load_for_inference(build(PROMPTSG_CFG, *attention, "MODEL.PROMPTSG.MIM.MAP_CONTRAST", "3.0"),

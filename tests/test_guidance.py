@@ -85,13 +85,17 @@ def test_attention_share_is_the_forwards_map_weighted_by_the_persons_coverage(ti
         height, width = cfg.INPUT.SIZE_TEST
         image = np.asarray(Image.open(path).convert("RGB").resize((width, height), Image.BICUBIC))
         image = torch.from_numpy(image.copy()).permute(2, 0, 1).float()
-        visual = model.backbone(model.preprocess_image(image[None]), None, with_tokens=True)
+        # The default map's inputs: the encoder's last-block CLS attention (prior), the patch tokens
+        # before its last block (keys).
+        visual = model.backbone(model.preprocess_image(image[None]), None, with_tokens=True, with_cls_attention=True,
+                                with_penultimate_tokens=True)
         query = model.text.simple(1, model.device)[:, None]
-        weights = model.heads.mim.cross_attention_weights(query, visual.tokens, visual.embedding)[0][0, 0]
+        inputs = dict(log_prior=visual.log_cls_attention, map_keys=visual.penultimate_tokens)
+        weights = model.heads.mim.cross_attention_weights(query, visual.tokens, visual.embedding, **inputs)[0][0, 0]
         coverage = patch_coverage(mask_at_input(mask, cfg), grid).flatten()
         expected.append(float((weights.mean(dim=0) * coverage).sum()))
         # where the feature looks: v's row of the last MIM block, head mean over the patch keys, renormalised
-        read = model.heads.mim.read_attention_weights(query, visual.tokens, visual.embedding)[-1][0, :, 1:]
+        read = model.heads.mim.read_attention_weights(query, visual.tokens, visual.embedding, **inputs)[-1][0, :, 1:]
         read = read / read.sum(dim=-1, keepdim=True)
         expected_read.append(float((read.mean(dim=0) * coverage).sum()))
     assert shares["images_with_person"] == len(expected) > 0

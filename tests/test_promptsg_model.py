@@ -321,9 +321,15 @@ def test_supcon_hand_computed_value():
 
 # ---- the meta-architecture ----
 
-def tiny_cfg(**overrides):
+def tiny_cfg(default_map=False, **overrides):
+    """A tiny-ViT PromptSG on Base-PromptSG.yml. The map's keys are the final patch tokens and it has
+    no prior, power 1 if one is set (the plain map the references below write out), unless
+    ``default_map``: then the default's keys, prior and power."""
     cfg = promptsg.add_promptsg_config(get_cfg())
     cfg.merge_from_file("projects/PromptSG/configs/Base-PromptSG.yml")
+    if not default_map:
+        cfg.MODEL.PROMPTSG.MIM.MAP_KEYS, cfg.MODEL.PROMPTSG.MIM.MAP_PRIOR = "", ""
+        cfg.MODEL.PROMPTSG.MIM.MAP_PRIOR_POWER = 1.0
     cfg.MODEL.CLIP.NAME = "tiny-ViT"
     cfg.MODEL.CLIP.PRETRAINED = ""
     cfg.MODEL.DEVICE = "cpu"
@@ -937,6 +943,34 @@ def test_a_model_with_penultimate_keys_maps_the_patch_tokens_before_the_last_blo
         expected = reference_map_fusion(model.heads.mim, reference_map(model.heads.mim, l_p[:, None], keys),
                                         visual.tokens, visual.embedding)
     assert not torch.allclose(keys, visual.tokens, atol=1e-3)
+    torch.testing.assert_close(feat, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_default_map_weighs_the_penultimate_keys_map_by_the_squared_cls_attention():
+    """End to end, Base-PromptSG.yml's wiring (MAP_KEYS penultimate, MAP_PRIOR cls_attention,
+    MAP_PRIOR_POWER 2): the simplified prompt's map is softmax(2 z) over the keys ln_post(x_{L-1})
+    proj, times c^2, c the last block's CLS attention, renormalised; the feature is the map fusion of
+    the final patch tokens with that map."""
+    cfg = tiny_cfg(default_map=True)
+    assert (cfg.MODEL.PROMPTSG.MIM.MAP_KEYS, cfg.MODEL.PROMPTSG.MIM.MAP_PRIOR,
+            cfg.MODEL.PROMPTSG.MIM.MAP_PRIOR_POWER) == ("penultimate", "cls_attention", 2.0)
+    model = build_model(cfg).eval()
+    assert model.heads.needs_penultimate_tokens and model.heads.needs_cls_attention
+    assert model.heads.mim.map_scales.tolist() == [2.0, 2.0]
+    randomise_biases(model.heads.mim)
+    visual_tower = model.backbone.visual
+    seen = {}
+    hook = visual_tower.transformer.resblocks[-1].register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    inputs = batch()
+    with torch.no_grad():
+        feat = model(inputs)
+        hook.remove()
+        visual = model.backbone(model.preprocess_image(inputs), with_tokens=True, with_cls_attention=True)
+        keys = visual_tower.ln_post(seen["x"][:, 1:]) @ visual_tower.proj
+        l_p = model.text.simple(len(feat), feat.device)
+        a = reference_map(model.heads.mim, l_p[:, None], keys) * visual.log_cls_attention.exp() ** 2
+        expected = reference_map_fusion(model.heads.mim, a / a.sum(dim=1, keepdim=True), visual.tokens,
+                                        visual.embedding)
     torch.testing.assert_close(feat, expected, rtol=1e-4, atol=1e-5)
 
 

@@ -226,6 +226,11 @@ def test_valid_queries_follow_the_market_protocol_by_hand():
 
 # ---- 5. numbers out of range, at start-up ----
 
+# A ResNet has no CLS attention or transformer blocks for the default map (Base-PromptSG.yml's keys
+# and prior): the rn50 configs turn both off, as here.
+RN_MAP = ["MODEL.PROMPTSG.MIM.MAP_KEYS", "", "MODEL.PROMPTSG.MIM.MAP_PRIOR", ""]
+
+
 @pytest.mark.parametrize("opts,fragment", [
     (["SOLVER.MAX_EPOCH", "0"], "SOLVER.MAX_EPOCH must be >= 1, got 0"),
     (["SOLVER.MAX_EPOCH", "-1"], "SOLVER.MAX_EPOCH must be >= 1, got -1"),
@@ -241,32 +246,26 @@ def test_valid_queries_follow_the_market_protocol_by_hand():
     (["TEST.RERANK.ENABLED", "True", "TEST.RERANK.LAMBDA", "1.5"], "TEST.RERANK.LAMBDA must be in [0, 1], got 1.5"),
     (["INPUT.SIZE_TRAIN", "[8, 8]", "INPUT.SIZE_TEST", "[8, 8]"], "smaller than the 16-pixel patches of tiny-ViT"),
     (["MODEL.CLIP.STRIDE", "0"], "MODEL.CLIP.STRIDE must be in [1, 16]"),
-    (["MODEL.CLIP.NAME", "tiny-RN", "INPUT.SIZE_TRAIN", "[64, 40]", "INPUT.SIZE_TEST", "[64, 40]"],
+    ([*RN_MAP, "MODEL.CLIP.NAME", "tiny-RN", "INPUT.SIZE_TRAIN", "[64, 40]", "INPUT.SIZE_TEST", "[64, 40]"],
      "INPUT.SIZE_TRAIN [64, 40] must be divisible by 16, the output stride of tiny-RN at MODEL.BACKBONE.LAST_STRIDE 1"),
-    (["MODEL.CLIP.NAME", "tiny-RN", "MODEL.BACKBONE.LAST_STRIDE", "2", "INPUT.SIZE_TRAIN", "[64, 48]",
+    ([*RN_MAP, "MODEL.CLIP.NAME", "tiny-RN", "MODEL.BACKBONE.LAST_STRIDE", "2", "INPUT.SIZE_TRAIN", "[64, 48]",
       "INPUT.SIZE_TEST", "[64, 48]"], "must be divisible by 32"),
-    (["MODEL.CLIP.NAME", "tiny-RN", "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
+    ([*RN_MAP, "MODEL.CLIP.NAME", "tiny-RN", "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
       "MODEL.CLIP.SIE_CAMERA", "True", "MODEL.CLIP.NUM_CAMERAS", "6"],
      "MODEL.CLIP.SIE_CAMERA needs a ViT visual tower; tiny-RN is a ModifiedResNet"),
     (["MODEL.CLIP.NAME", "tiny-nothing"], "MODEL.CLIP.NAME='tiny-nothing' is not an open_clip model config"),
     (["MODEL.PROMPTSG.MIM.HEADS", "7"], "MODEL.PROMPTSG.MIM.HEADS must divide tiny-ViT's embedding width 64, got 7"),
     (["MODEL.PROMPTSG.MIM.HEADS", "0"], "MODEL.PROMPTSG.MIM.HEADS must divide tiny-ViT's embedding width 64, got 0"),
     (["MODEL.PROMPTSG.MIM.MAP_PRIOR", "rollout"], "MODEL.PROMPTSG.MIM.MAP_PRIOR must be '' or 'cls_attention', got 'rollout'"),
-    (["MODEL.PROMPTSG.MIM.MAP_PRIOR", "cls_attention", "MODEL.PROMPTSG.MIM.FUSION", "attention"],
-     "MODEL.PROMPTSG.MIM.MAP_PRIOR cls_attention needs a map fusion (learned_map), got MIM.FUSION attention"),
     (["MODEL.CLIP.NAME", "tiny-RN", "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
       "MODEL.PROMPTSG.MIM.MAP_PRIOR", "cls_attention"],
      "MODEL.PROMPTSG.MIM.MAP_PRIOR cls_attention needs a ViT encoder's CLS attention; MODEL.CLIP.NAME tiny-RN "
      "is a ModifiedResNet"),
     (["MODEL.PROMPTSG.MIM.MAP_PRIOR", "cls_attention", "MODEL.PROMPTSG.MIM.MAP_PRIOR_POWER", "0.0"],
      "MODEL.PROMPTSG.MIM.MAP_PRIOR_POWER must be a positive number, got 0.0"),
-    (["MODEL.PROMPTSG.MIM.MAP_PRIOR_POWER", "2.0"],
-     "MODEL.PROMPTSG.MIM.MAP_PRIOR_POWER 2.0 needs MODEL.PROMPTSG.MIM.MAP_PRIOR cls_attention"),
     (["MODEL.PROMPTSG.MIM.MAP_KEYS", "first"], "MODEL.PROMPTSG.MIM.MAP_KEYS must be '' or 'penultimate', got 'first'"),
-    (["MODEL.PROMPTSG.MIM.MAP_KEYS", "penultimate", "MODEL.PROMPTSG.MIM.FUSION", "attention"],
-     "MODEL.PROMPTSG.MIM.MAP_KEYS penultimate needs a map fusion (learned_map), got MIM.FUSION attention"),
     (["MODEL.CLIP.NAME", "tiny-RN", "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST", "[64, 32]",
-      "MODEL.PROMPTSG.MIM.MAP_KEYS", "penultimate"],
+      "MODEL.PROMPTSG.MIM.MAP_KEYS", "penultimate", "MODEL.PROMPTSG.MIM.MAP_PRIOR", ""],
      "MODEL.PROMPTSG.MIM.MAP_KEYS penultimate needs a ViT encoder's blocks; MODEL.CLIP.NAME tiny-RN is a ModifiedResNet"),
 ])
 def test_out_of_range_numbers_fail_naming_the_key(opts, fragment):
@@ -277,7 +276,7 @@ def test_out_of_range_numbers_fail_naming_the_key(opts, fragment):
 
 def test_the_batch_must_split_evenly_over_the_processes_and_the_defaults_pass():
     check_config(promptsg_cfg(), processes=2)
-    check_config(promptsg_cfg("MODEL.CLIP.NAME", "tiny-RN", "INPUT.SIZE_TRAIN", "[64, 32]",
+    check_config(promptsg_cfg(*RN_MAP, "MODEL.CLIP.NAME", "tiny-RN", "INPUT.SIZE_TRAIN", "[64, 32]",
                               "INPUT.SIZE_TEST", "[64, 32]"))
     with pytest.raises(InputError, match="SOLVER.IMS_PER_BATCH 16 must be divisible by the number of processes 3"):
         check_config(promptsg_cfg(), processes=3)
@@ -360,3 +359,22 @@ def test_clip_weights_without_their_activation_fail_at_start_up_naming_both_keys
     archive = tmp_path / "openai_archive.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), archive)        # a TorchScript archive's layout
     check_weights(promptsg_cfg("MODEL.CLIP.PRETRAINED", str(archive), "MODEL.CLIP.ACTIVATION", ""), eval_only=False)
+
+
+def test_the_maps_options_are_the_map_fusions_and_a_resnet_needs_them_off():
+    """MIM.MAP_KEYS, MAP_PRIOR and MAP_PRIOR_POWER shape learned_map's map: the "attention" fusion has
+    none and builds without them; the default map on a ResNet is refused naming the prior; the power
+    is read only with a prior."""
+    from promptsg.modeling.heads import PromptSGHead
+    attention = promptsg_cfg("MODEL.PROMPTSG.MIM.FUSION", "attention")
+    check_config(attention)
+    head = PromptSGHead.from_config(attention, embed_dim=64, token_dim=64)
+    assert (head["mim_map_prior"], head["mim_penultimate_keys"], head["mim_prior_power"]) == (False, False, 1.0)
+    default = PromptSGHead.from_config(promptsg_cfg(), embed_dim=64, token_dim=64)
+    assert (default["mim_map_prior"], default["mim_penultimate_keys"], default["mim_prior_power"]) == (True, True, 2.0)
+    no_prior = PromptSGHead.from_config(promptsg_cfg("MODEL.PROMPTSG.MIM.MAP_PRIOR", ""), embed_dim=64, token_dim=64)
+    assert no_prior["mim_prior_power"] == 1.0
+    with pytest.raises(InputError, match="MAP_PRIOR cls_attention needs a ViT encoder's CLS attention; "
+                                         "MODEL.CLIP.NAME tiny-RN"):
+        check_config(promptsg_cfg("MODEL.CLIP.NAME", "tiny-RN", "INPUT.SIZE_TRAIN", "[64, 32]", "INPUT.SIZE_TEST",
+                                  "[64, 32]"))

@@ -85,10 +85,13 @@ def add_promptsg_config(cfg):
     # encoder looks).
     cfg.MODEL.PROMPTSG.MIM.MAP_PRIOR = ""
     # The power of the prior: the map is softmax(MAP_CONTRAST * z + MAP_PRIOR_POWER * log c); above 1
-    # sharpens c onto where the encoder looks most. Only with MAP_PRIOR.
+    # sharpens c onto where the encoder looks most. Read only with MAP_PRIOR.
     cfg.MODEL.PROMPTSG.MIM.MAP_PRIOR_POWER = 1.0
     # learned_map's keys: "" (the patch tokens the self-attention blocks read) or "penultimate" (the
     # ViT encoder's patch tokens before its last block, taken to the joint space by ln_post and proj).
+    # The MAP_* keys are the map fusions' (learned_map); "attention" has no map and does not read them.
+    # These code defaults are the wiring before the keys existed, so a run's config.yaml written then
+    # loads as it trained; Base-PromptSG.yml sets the default wiring (keys, prior and power).
     cfg.MODEL.PROMPTSG.MIM.MAP_KEYS = ""
     # Test feature: "mim" (MIM output) or "concat" (MIM output ++ global visual embedding).
     cfg.MODEL.PROMPTSG.FEATURE = "mim"
@@ -199,19 +202,10 @@ def validate_promptsg_config(cfg):
         fail(f"MODEL.PROMPTSG.MIM.MAP_CONTRAST must be a positive number, got {p.MIM.MAP_CONTRAST!r}")
     if p.MIM.MAP_PRIOR not in MAP_PRIORS:
         fail(f"MODEL.PROMPTSG.MIM.MAP_PRIOR must be {' or '.join(map(repr, MAP_PRIORS))}, got {p.MIM.MAP_PRIOR!r}")
-    if p.MIM.MAP_PRIOR and p.MIM.CROSS_LAYERS > 0 and p.MIM.FUSION not in MAP_FUSIONS:
-        fail(f"MODEL.PROMPTSG.MIM.MAP_PRIOR {p.MIM.MAP_PRIOR} needs a map fusion ({', '.join(MAP_FUSIONS)}), "
-             f"got MIM.FUSION {p.MIM.FUSION}")
     if not (isinstance(p.MIM.MAP_PRIOR_POWER, (int, float)) and 0 < p.MIM.MAP_PRIOR_POWER < float("inf")):
         fail(f"MODEL.PROMPTSG.MIM.MAP_PRIOR_POWER must be a positive number, got {p.MIM.MAP_PRIOR_POWER!r}")
-    if p.MIM.MAP_PRIOR_POWER != 1.0 and not p.MIM.MAP_PRIOR:
-        fail(f"MODEL.PROMPTSG.MIM.MAP_PRIOR_POWER {p.MIM.MAP_PRIOR_POWER} needs MODEL.PROMPTSG.MIM.MAP_PRIOR "
-             f"cls_attention: there is no prior to raise to it")
     if p.MIM.MAP_KEYS not in MAP_KEYS:
         fail(f"MODEL.PROMPTSG.MIM.MAP_KEYS must be {' or '.join(map(repr, MAP_KEYS))}, got {p.MIM.MAP_KEYS!r}")
-    if p.MIM.MAP_KEYS and p.MIM.CROSS_LAYERS > 0 and p.MIM.FUSION not in MAP_FUSIONS:
-        fail(f"MODEL.PROMPTSG.MIM.MAP_KEYS {p.MIM.MAP_KEYS} needs a map fusion ({', '.join(MAP_FUSIONS)}), "
-             f"got MIM.FUSION {p.MIM.FUSION}")
     if p.FEATURE not in ("mim", "concat"):
         fail(f"MODEL.PROMPTSG.FEATURE must be 'mim' or 'concat', got {p.FEATURE!r}")
     if not 0.0 <= p.SIMPLIFIED_QUERY_SHARE <= 1.0:
@@ -227,10 +221,11 @@ def validate_promptsg_config(cfg):
         if not (isinstance(p.MIM.HEADS, int) and p.MIM.HEADS >= 1 and width % p.MIM.HEADS == 0):
             fail(f"MODEL.PROMPTSG.MIM.HEADS must divide {cfg.MODEL.CLIP.NAME}'s embedding width {width}, "
                  f"got {p.MIM.HEADS!r}")
-        if p.MIM.MAP_PRIOR and isinstance(clip_config.get("vision_cfg", {}).get("layers"), (list, tuple)):
+        resnet = isinstance(clip_config.get("vision_cfg", {}).get("layers"), (list, tuple))
+        if p.MIM.FUSION in MAP_FUSIONS and p.MIM.MAP_PRIOR and resnet:
             fail(f"MODEL.PROMPTSG.MIM.MAP_PRIOR {p.MIM.MAP_PRIOR} needs a ViT encoder's CLS attention; "
                  f"MODEL.CLIP.NAME {cfg.MODEL.CLIP.NAME} is a ModifiedResNet")
-        if p.MIM.MAP_KEYS and isinstance(clip_config.get("vision_cfg", {}).get("layers"), (list, tuple)):
+        if p.MIM.FUSION in MAP_FUSIONS and p.MIM.MAP_KEYS and resnet:
             fail(f"MODEL.PROMPTSG.MIM.MAP_KEYS {p.MIM.MAP_KEYS} needs a ViT encoder's blocks; "
                  f"MODEL.CLIP.NAME {cfg.MODEL.CLIP.NAME} is a ModifiedResNet")
     if p.MIM.CROSS_LAYERS == 0 and p.MIM.SELF_LAYERS > 0:

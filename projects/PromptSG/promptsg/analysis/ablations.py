@@ -38,6 +38,9 @@ def fusion(name):
 
 
 # table -> [(row key, paper label, config, overrides)]
+# learned_map's map as it was until 2026-12-08 (Base-PromptSG.yml now sets keys, prior and power).
+PLAIN_MAP = ["MODEL.PROMPTSG.MIM.MAP_KEYS", "", "MODEL.PROMPTSG.MIM.MAP_PRIOR", "",
+             "MODEL.PROMPTSG.MIM.MAP_PRIOR_POWER", "1.0"]
 TABLES = {
     "ablations": [
         ("clip_baseline", "CLIP baseline (ID + triplet, no text)", BASELINE, []),
@@ -59,14 +62,13 @@ TABLES = {
     "wiring": [
         ("clip_baseline", "CLIP baseline (ID + triplet, no text)", BASELINE, []),
         ("attention", "attention: x = A(q, P) (Eq. 7)", PROMPTSG, fusion("attention")),
-        ("learned_map", "learned_map: log(M a) of the learned map on v's logits (default)", PROMPTSG,
-         fusion("learned_map")),
-        ("learned_map_pool", "map_pool: learned_map + L_SupCon on the map's pool of the patches, training the "
+        ("learned_map", "learned_map (default): log(M a) on v's logits, a from the keys before the encoder's last "
+         "block times its CLS attention squared", PROMPTSG, fusion("learned_map")),
+        ("learned_map_plain", "learned_map as the default was until 2026-12-08: a from the final patch tokens, no "
+         "prior", PROMPTSG, fusion("learned_map") + PLAIN_MAP),
+        ("learned_map_pool", "map_pool: learned_map_plain + L_SupCon on the map's pool of the patches, training the "
          "map only (weight 0.5; ablations/map_pool.yml)", PROMPTSG,
-         fusion("learned_map") + ["MODEL.LOSSES.SUPCON.MAP_SCALE", "0.5"]),
-        ("learned_map_penultimate", "learned_map with the map's keys the patch tokens before the encoder's last "
-         "block (MIM.MAP_KEYS penultimate)", PROMPTSG, fusion("learned_map") + ["MODEL.PROMPTSG.MIM.MAP_KEYS",
-                                                                                "penultimate"]),
+         fusion("learned_map") + PLAIN_MAP + ["MODEL.LOSSES.SUPCON.MAP_SCALE", "0.5"]),
     ],
     # PromptSG beside the paper's main competitor, CLIP-ReID (two stages), and the CLIP baseline.
     "methods": [

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..utils.distributed import GlobalBatchNorm1d
 from .inversion import InversionNet
-from .interaction import MultimodalInteraction
+from .interaction import MAP_FUSIONS, MultimodalInteraction
 
 
 @REID_HEADS_REGISTRY.register()
@@ -46,6 +46,7 @@ class PromptSGHead(nn.Module):
     @classmethod
     def from_config(cls, cfg, *, embed_dim, token_dim):
         p = cfg.MODEL.PROMPTSG
+        map_fusion = p.MIM.FUSION in MAP_FUSIONS
         return {
             "embed_dim": embed_dim,
             "token_dim": token_dim,
@@ -57,9 +58,10 @@ class PromptSGHead(nn.Module):
             "mim_heads": p.MIM.HEADS,
             "mim_fusion": p.MIM.FUSION,
             "mim_map_contrast": p.MIM.MAP_CONTRAST,
-            "mim_map_prior": bool(p.MIM.MAP_PRIOR),           # "" (none) or "cls_attention", MAP_PRIORS
-            "mim_penultimate_keys": bool(p.MIM.MAP_KEYS),     # "" (the patch tokens) or "penultimate", MAP_KEYS
-            "mim_prior_power": p.MIM.MAP_PRIOR_POWER,
+            # The map's options, read by the map fusions only ("attention" has no map).
+            "mim_map_prior": map_fusion and bool(p.MIM.MAP_PRIOR),        # "" or "cls_attention", MAP_PRIORS
+            "mim_penultimate_keys": map_fusion and bool(p.MIM.MAP_KEYS),  # "" or "penultimate", MAP_KEYS
+            "mim_prior_power": p.MIM.MAP_PRIOR_POWER if map_fusion and p.MIM.MAP_PRIOR else 1.0,
             "map_pool": cfg.MODEL.LOSSES.SUPCON.MAP_SCALE > 0,
             "feature": p.FEATURE,
             "neck_feat": cfg.MODEL.HEADS.NECK_FEAT,

@@ -13,9 +13,11 @@ Design choices the paper leaves open (the project README, "Design choices"):
     earlier "reweight" wiring, docs/EXPERIMENTS.md "Language guidance at test"). The map can be
     tied to the prompt in training (MODEL.LOSSES.SUPCON.MAP_SCALE, ``with_map_pool``): the prompt
     then keeps acting at test. The map may also take the visual encoder's last-block CLS attention
-    as a prior (MODEL.PROMPTSG.MIM.MAP_PRIOR, ``map_prior``): the prompt then re-weights where the
-    encoder looks; and its keys may be the patch tokens before the encoder's last block
-    (MODEL.PROMPTSG.MIM.MAP_KEYS, ``penultimate_keys``). "attention" is Eq. 7 as written (x = A(q, P));
+    as a prior (MODEL.PROMPTSG.MIM.MAP_PRIOR, ``map_prior``), raised to a power (MAP_PRIOR_POWER,
+    ``prior_power``): the prompt then re-weights where the encoder looks; and its keys may be the
+    patch tokens before the encoder's last block (MODEL.PROMPTSG.MIM.MAP_KEYS, ``penultimate_keys``).
+    Base-PromptSG.yml sets all three (keys penultimate, prior cls_attention, power 2): the default.
+    "attention" is Eq. 7 as written (x = A(q, P));
   * width = CLIP's joint embedding width E (512 for ViT-B/16), the space both the text
     embedding l_p and the projected patch tokens live in;
   * query = the pooled EOT text embedding (one token), or every prompt token (``query="tokens"``,
