@@ -923,12 +923,10 @@ def test_penultimate_keys_make_the_prompts_map_from_the_keys_given_and_the_featu
         MultimodalInteraction(32, heads=4, fusion="attention", penultimate_keys=True)
 
 
-def test_a_model_with_penultimate_keys_maps_the_patch_tokens_before_the_last_block():
-    """End to end (MODEL.PROMPTSG.MIM.MAP_KEYS penultimate): the simplified prompt's map is made from
-    ln_post(x_{L-1}) proj of the patches, x_{L-1} the last block's input taken by a hook, and the
-    feature from the final patch tokens with that map."""
-    model = build_model(tiny_cfg(**{"MODEL.PROMPTSG.MIM.MAP_KEYS": "penultimate"})).eval()
-    assert model.heads.needs_penultimate_tokens and not model.heads.needs_cls_attention
+def feature_with_penultimate_keys(model):
+    """The test feature of ``batch()`` after randomising the MIM's biases, the encoder's outputs (with
+    its CLS attention), the keys ln_post(x_{L-1}) proj written out from the last block's input
+    x_{L-1} (taken by a hook) and the simplified prompt's l_p."""
     randomise_biases(model.heads.mim)
     visual_tower = model.backbone.visual
     seen = {}
@@ -937,9 +935,19 @@ def test_a_model_with_penultimate_keys_maps_the_patch_tokens_before_the_last_blo
     with torch.no_grad():
         feat = model(inputs)
         hook.remove()
-        visual = model.backbone(model.preprocess_image(inputs), with_tokens=True)
+        visual = model.backbone(model.preprocess_image(inputs), with_tokens=True, with_cls_attention=True)
         keys = visual_tower.ln_post(seen["x"][:, 1:]) @ visual_tower.proj
-        l_p = model.text.simple(len(feat), feat.device)
+        return feat, visual, keys, model.text.simple(len(feat), feat.device)
+
+
+def test_a_model_with_penultimate_keys_maps_the_patch_tokens_before_the_last_block():
+    """End to end (MODEL.PROMPTSG.MIM.MAP_KEYS penultimate): the simplified prompt's map is made from
+    ln_post(x_{L-1}) proj of the patches, x_{L-1} the last block's input taken by a hook, and the
+    feature from the final patch tokens with that map."""
+    model = build_model(tiny_cfg(**{"MODEL.PROMPTSG.MIM.MAP_KEYS": "penultimate"})).eval()
+    assert model.heads.needs_penultimate_tokens and not model.heads.needs_cls_attention
+    feat, visual, keys, l_p = feature_with_penultimate_keys(model)
+    with torch.no_grad():
         expected = reference_map_fusion(model.heads.mim, reference_map(model.heads.mim, l_p[:, None], keys),
                                         visual.tokens, visual.embedding)
     assert not torch.allclose(keys, visual.tokens, atol=1e-3)
@@ -957,17 +965,8 @@ def test_the_default_map_weighs_the_penultimate_keys_map_by_the_squared_cls_atte
     model = build_model(cfg).eval()
     assert model.heads.needs_penultimate_tokens and model.heads.needs_cls_attention
     assert model.heads.mim.map_scales.tolist() == [2.0, 2.0]
-    randomise_biases(model.heads.mim)
-    visual_tower = model.backbone.visual
-    seen = {}
-    hook = visual_tower.transformer.resblocks[-1].register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
-    inputs = batch()
+    feat, visual, keys, l_p = feature_with_penultimate_keys(model)
     with torch.no_grad():
-        feat = model(inputs)
-        hook.remove()
-        visual = model.backbone(model.preprocess_image(inputs), with_tokens=True, with_cls_attention=True)
-        keys = visual_tower.ln_post(seen["x"][:, 1:]) @ visual_tower.proj
-        l_p = model.text.simple(len(feat), feat.device)
         a = reference_map(model.heads.mim, l_p[:, None], keys) * visual.log_cls_attention.exp() ** 2
         expected = reference_map_fusion(model.heads.mim, a / a.sum(dim=1, keepdim=True), visual.tokens,
                                         visual.embedding)
