@@ -104,8 +104,9 @@ SCALES = (("MAP_CONTRAST", 2.0), ("MAP_PRIOR_POWER", 1.0))
 def check_mim_fusion(path, model_state, checkpoint_state):
     """Refuse a checkpoint whose MIM was trained with another MODEL.PROMPTSG.MIM.FUSION, MAP_PRIOR,
     MAP_KEYS, MAP_CONTRAST or MAP_PRIOR_POWER than the model's, or with a wiring since removed: fusions
-    can share parameter names, so it would load and silently compute another feature. ``fusion_index`` indexes FUSION_HISTORY. A checkpoint with a
-    MIM but no ``fusion_index`` predates the key; its MIM added the query back ("query_residual")."""
+    can share parameter names, so it would load and silently compute another feature. ``fusion_index``
+    indexes FUSION_HISTORY. A checkpoint with a MIM but no ``fusion_index`` predates the key; its MIM
+    added the query back ("query_residual")."""
     if FUSION_KEY not in model_state:
         return
     if FUSION_KEY not in checkpoint_state:
