@@ -170,6 +170,27 @@ def test_merge_makes_one_table_of_seeds_run_apart(tmp_path):
     assert list(picked) == ["learned_map_b32_e24"] and json.loads(out.read_text())["seeds"] == [3]
 
 
+def test_merge_takes_a_row_of_an_older_file_beside_a_newer_run_of_its_other_row(tmp_path):
+    """``--merge old.json:ROW new.json``: a row re-run after a default changed is merged beside an older
+    file's other row. The older file's run of the re-run row (the same row and seed) is not read: not
+    averaged in, not refused, not named among the sources. Without the selection the clash is refused."""
+    older = ablation_json(tmp_path / "old.json", [("clip_baseline_b32_e24", 0, 77.0), ("learned_map_b32_e24", 0, 79.0),
+                                                  ("clip_baseline_b32_e24", 1, 75.0)], commit="1111111")
+    newer = ablation_json(tmp_path / "new.json", [("learned_map_b32_e24", 0, 83.0), ("learned_map_b32_e24", 1, 81.0)],
+                          commit="2222222")
+    merged = ablations.merged_table([older + ":clip_baseline_b32_e24", newer])
+    assert merged["summaries"]["learned_map_b32_e24"]["visual/mAP"]["runs"] == [83.0, 81.0]
+    assert merged["summaries"]["clip_baseline_b32_e24"]["visual/mAP"]["runs"] == [77.0, 75.0]
+    assert [s["file"] for s in merged["sources"]] == [older, newer]
+    assert merged["sources"][0]["runs"] == [("clip_baseline_b32_e24", 0), ("clip_baseline_b32_e24", 1)]
+    with pytest.raises(ablations.InputError, match="row 'learned_map_b32_e24' seed 0 is also in"):
+        ablations.merged_table([older, newer])
+    with pytest.raises(ablations.InputError, match=f"^{older}: no row 'full' to take"):
+        ablations.merged_table([older + ":full", newer])
+    assert ablations.split_taken("a/b.json:x,y") == ("a/b.json", ["x", "y"])
+    assert ablations.split_taken("a:b/c.json") == ("a:b/c.json", None)     # a colon in a directory name
+
+
 @pytest.mark.parametrize("case, message", [
     ("same seed", "row 'clip_baseline_b32_e24' seed 1 is also in"),
     ("other table", "table 'wiring', not 'schedule'"),

@@ -8,6 +8,7 @@
     python tools/run_ablations.py --readme docs/EXPERIMENTS.md --out benchmarks/ablations.json
     python tools/run_ablations.py --table wiring --seeds 0 1 2 3 4 --jobs 2     # two runs at once
     python tools/run_ablations.py --merge seeds012.json seeds34.json --out seeds01234.json   # one table
+    python tools/run_ablations.py --merge old.json:clip_baseline_b32_e24 new.json --out both.json  # a row of old.json
 
 Every row is ``tools/train_net.py`` on a config of ``projects/PromptSG/configs/Synthetic/`` with
 the row's overrides and ``SEED s``, from the small CLIP that ``tools/pretrain_synthetic_clip.py``
@@ -62,7 +63,7 @@ def parse_args(argv=None):
                         help="runs trained at once, each with CPUs / JOBS torch threads (default 1: torch's own)")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="train nothing: one table of the runs in these JSONs of this tool (needs --out; "
-                             "--rows picks rows)")
+                             "--rows picks rows; FILE.json:ROW,ROW takes only those rows of a file)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     args = parser.parse_args(argv)
     if args.merge:
