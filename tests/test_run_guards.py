@@ -313,6 +313,28 @@ def test_skipped_queries_are_counted_in_the_results_and_the_log(caplog):
     assert any("evaluated 2 of 3 queries; 1 skipped" in r.getMessage() for r in caplog.records)
 
 
+def test_an_unranked_block_counts_no_queries_and_warns_of_none(caplog):
+    """``ranked_distances(rank=False)`` (features of unlabelled images, each labelled by its position):
+    no query can match, but none was meant to be scored, so no "evaluated 0 of N" warning; after the
+    block an evaluation counts and warns again."""
+    from promptsg.engine.evaluation import ChunkedReidEvaluator as ReidEvaluator, ranked_distances
+
+    def evaluate(pids):          # 2 queries in camera 0, then 11 gallery images (FastReID reads CMC to 10)
+        evaluator = ReidEvaluator(get_cfg(), num_query=2)
+        evaluator.process({"targets": torch.tensor(pids), "camids": torch.tensor([0, 0, 1] + [0] * 10)},
+                          torch.randn(13, 4))
+        return evaluator.evaluate()
+
+    with caplog.at_level(logging.INFO, logger="promptsg.engine.evaluation"):
+        with ranked_distances(rank=False) as ranked:
+            results = evaluate(list(range(13)))                 # positions as labels: nothing can match
+        assert ranked["dist"].shape == (2, 11) and "queries_evaluated" not in results
+        assert not [r for r in caplog.records if "queries" in r.getMessage()]
+        results = evaluate([0, 1, 0] + list(range(2, 12)))      # query 0 matches in camera 1, query 1 nowhere
+    assert results["queries_evaluated"] == 1 and results["queries_skipped"] == 1
+    assert any("evaluated 1 of 2 queries; 1 skipped" in r.getMessage() for r in caplog.records)
+
+
 def test_results_json_holds_the_query_counts(tmp_path, datasets_root):
     out = tmp_path / "o"
     result = run(["--config-file", PROMPTSG_CFG, *TINY, "SOLVER.MAX_EPOCH", "1", "TEST.EVAL_PERIOD", "1",

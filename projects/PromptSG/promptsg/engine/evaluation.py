@@ -22,6 +22,7 @@ from .sparse_rerank import SparseReranker
 
 logger = logging.getLogger(__name__)
 _dense_readers = 0     # open ranked_distances() blocks: their callers read the whole matrix
+_unranked_blocks = 0   # open rank=False blocks: the labels are not identities, so no query is counted
 
 
 def chance_level(q_pids, q_camids, g_pids, g_camids):
@@ -54,16 +55,18 @@ def ranked_distances(rank=True):
     ``fastreid.evaluation.rank.evaluate_rank``; a stand-in for that function records them in the
     dict this yields (``dist``, ``q_pids``, ``g_pids``, ``q_camids``, ``g_camids``, and ``all_ap``
     when ranked). ``rank=False`` skips the ranking itself, for images without identity labels; the
-    evaluator's metrics are then zeros. Inside the block the evaluator takes FastReID's dense path
+    evaluator's metrics are then zeros, and it neither counts nor logs scored and skipped queries. Inside the block the evaluator takes FastReID's dense path
     (the caller wants the whole matrix), not the query chunks of ``evaluate_in_query_chunks``.
     """
-    global _dense_readers
+    global _dense_readers, _unranked_blocks
     _dense_readers += 1
+    _unranked_blocks += not rank
     try:
         with recorded_ranking(rank) as ranked:
             yield ranked
     finally:
         _dense_readers -= 1
+        _unranked_blocks -= not rank
 
 
 @contextlib.contextmanager
@@ -134,7 +137,7 @@ class ChunkedReidEvaluator(ReidEvaluator):
             predictions = list(itertools.chain(*comm.gather(
                 [{k: p[k] for k in ("pids", "camids")} for p in predictions], dst=0)))
         results = super().evaluate()
-        if comm.is_main_process() and results:
+        if comm.is_main_process() and results and not _unranked_blocks:
             pids = torch.cat([p["pids"] for p in predictions]).numpy()
             camids = torch.cat([p["camids"] for p in predictions]).numpy()
             n = self._num_query
