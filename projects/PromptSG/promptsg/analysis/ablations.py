@@ -214,15 +214,13 @@ def summarise(records):
             for k, v in values.items()}
 
 
-def merge(documents, taken=None):
+def merge(documents):
     """One table from the JSONs of several ``tools/run_ablations.py`` invocations (path -> its parsed
     JSON), for seeds run at different times or on different machines: (table, rows, records), the
     rows in their table's order and the records sorted by row and seed. The files must be of one
     table, define each row alike (the same config and overrides, so that every seed of a row is the
-    same experiment) and hold each (row, seed) once. ``taken`` (path -> row names) reads only those
-    rows of a file; its other rows are neither merged nor checked, so that a row re-run after a
-    default changed can be merged beside an older file's other rows. Raises InputError naming the
-    file and the table, row or seed at fault."""
+    same experiment) and hold each (row, seed) once. Raises InputError naming the file and the
+    table, row or seed at fault."""
     table, rows, owner, records = None, {}, {}, []
     for path, document in documents.items():
         if not isinstance(document, dict) or not {"table", "rows", "runs"} <= set(document):
@@ -231,13 +229,6 @@ def merge(documents, taken=None):
             table = document["table"]
         elif document["table"] != table:
             raise InputError(f"{path}: table {document['table']!r}, not {table!r} as in the files before it")
-        only = (taken or {}).get(path)
-        if only:
-            absent = [key for key in only if key not in document["rows"]]
-            if absent:
-                raise InputError(f"{path}: no row {absent[0]!r} to take (its rows: {', '.join(document['rows'])})")
-            document = {**document, "rows": {k: v for k, v in document["rows"].items() if k in only},
-                        "runs": [run for run in document["runs"] if run["row"] in only]}
         for key, definition in document["rows"].items():
             if key in rows and rows[key] != definition:
                 raise InputError(f"{path}: row {key!r} is defined otherwise than in {owner[key]} "
@@ -269,21 +260,34 @@ def split_taken(spec):
     return path, [name for name in names.split(",") if name]
 
 
+def taking(path, document, names):
+    """``document`` (a JSON of this tool, read from ``path``) with only the rows ``names`` and their
+    runs: its other rows are neither merged nor checked, so that a row re-run after a default
+    changed can be merged beside an older file's other rows. Raises InputError for a name it lacks."""
+    absent = [key for key in names if key not in document.get("rows", {})]
+    if absent:
+        raise InputError(f"{path}: no row {absent[0]!r} to take (its rows: {', '.join(document.get('rows', {}))})")
+    return {**document, "rows": {k: v for k, v in document["rows"].items() if k in names},
+            "runs": [run for run in document.get("runs", []) if run["row"] in names]}
+
+
 def merged_table(paths, table=None, rows=None):
     """``tools/run_ablations.py --merge``: the JSONs ``paths`` of several invocations as one table
-    (``merge``; ``FILE.json:ROW,ROW`` takes only those rows of a file), restricted to ``rows`` if given; ``table`` if given must be theirs. Returns a dict:
-    table, seeds, rows, records, summaries, sources (each file's command, date, commit, machine and
-    runs), and text, the markdown tables with each source named under them (and any row with fewer
-    seeds than the heading). Raises InputError naming the file, row or option at fault."""
-    documents, taken = {}, {}
+    (``merge``; ``FILE.json:ROW,ROW`` takes only those rows of a file, ``taking``), restricted to
+    ``rows`` if given; ``table`` if given must be theirs. Returns a dict: table, seeds, rows,
+    records, summaries, sources (each file's command, date, commit, machine and runs), and text,
+    the markdown tables with each source named under them (and any row with fewer seeds than the
+    heading). Raises InputError naming the file, row or option at fault."""
+    documents = {}
     for spec in paths:
-        path, only = split_taken(spec)
+        path, names = split_taken(spec)
         try:
-            documents[path] = read_json(path)
+            document = read_json(path)
         except (OSError, ValueError) as exc:
             raise InputError(f"{path}: cannot be read as JSON ({exc})") from None
-        taken[path] = only
-    found, definitions, records = merge(documents, taken)
+        documents[path] = taking(path, document, names) if names and isinstance(document, dict) and "rows" in document \
+            else document
+    found, definitions, records = merge(documents)
     if table and table != found:
         raise InputError(f"{paths[0]}: table {found!r}, not --table {table}")
     if rows:
@@ -297,8 +301,7 @@ def merged_table(paths, table=None, rows=None):
     summaries = {key: summarise([r for r in records if r["row"] == key]) for key in definitions}
     sources = [{"file": path, **{k: d.get(k) for k in ("command", "date", "commit", "machine", "jobs",
                                                       "torch_threads_per_run", "overrides")},
-                "runs": [(r["row"], r["seed"]) for r in d["runs"] if not taken[path] or r["row"] in taken[path]]}
-               for path, d in documents.items()]
+                "runs": [(r["row"], r["seed"]) for r in d["runs"]]} for path, d in documents.items()]
     named = "\n".join(f"- {s['file']}: " + (f"`{s['command']}`" if s["command"] else "(no command recorded)")
                       + f"; {s['date']}, commit {s['commit']}, {machine_words(s)}, "
                       f"{s['torch_threads_per_run']} torch thread(s) per run, {s['jobs']} at a time"

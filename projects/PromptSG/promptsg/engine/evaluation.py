@@ -55,8 +55,9 @@ def ranked_distances(rank=True):
     ``fastreid.evaluation.rank.evaluate_rank``; a stand-in for that function records them in the
     dict this yields (``dist``, ``q_pids``, ``g_pids``, ``q_camids``, ``g_camids``, and ``all_ap``
     when ranked). ``rank=False`` skips the ranking itself, for images without identity labels; the
-    evaluator's metrics are then zeros, and it neither counts nor logs scored and skipped queries. Inside the block the evaluator takes FastReID's dense path
-    (the caller wants the whole matrix), not the query chunks of ``evaluate_in_query_chunks``.
+    evaluator's metrics are then zeros, and it neither gathers the labels nor counts or logs scored
+    and skipped queries. Inside the block the evaluator takes FastReID's dense path (the caller
+    wants the whole matrix), not the query chunks of ``evaluate_in_query_chunks``.
     """
     global _dense_readers, _unranked_blocks
     _dense_readers += 1
@@ -132,12 +133,13 @@ class ChunkedReidEvaluator(ReidEvaluator):
             check_finite_features(torch.cat([p["feats"] for p in self._predictions]), "test features")
         if uses_query_chunks(self.cfg):
             return evaluate_in_query_chunks(self)
+        counted = not _unranked_blocks      # the same on every process: the gather stays collective
         predictions = self._predictions
-        if comm.get_world_size() > 1:       # the labels, gathered as FastReID gathers the predictions
+        if counted and comm.get_world_size() > 1:   # the labels, gathered as FastReID gathers the predictions
             predictions = list(itertools.chain(*comm.gather(
                 [{k: p[k] for k in ("pids", "camids")} for p in predictions], dst=0)))
         results = super().evaluate()
-        if comm.is_main_process() and results and not _unranked_blocks:
+        if counted and comm.is_main_process() and results:
             pids = torch.cat([p["pids"] for p in predictions]).numpy()
             camids = torch.cat([p["camids"] for p in predictions]).numpy()
             n = self._num_query
